@@ -1,0 +1,77 @@
+"""Command line: `python -m pipeline run CONFIG.yaml [--set k=v ...]` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)  # the laptop default: a local Ray instance
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.job import OutputExists, run
+    from pipeline.models import ModelUnavailable
+    from pipeline.sources import SourceError
+
+    try:
+        cfg = load_config(args.config, args.set)
+        _init_ray(args.address)
+        result = run(cfg)
+    except (ConfigError, ModelUnavailable, OutputExists, SourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from pipeline.tiny import make_tiny
+
+    paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from pipeline.schema import write_schema_files
+
+    for path in write_schema_files(args.dir):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="ControlNet dataset pipeline on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a job config")
+    p.add_argument("config", help="job config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    p.set_defaults(fn=cmd_run)
+
+    models = sub.add_parser("models", help="model utilities").add_subparsers(dest="models_command", required=True)
+    p = models.add_parser("make-tiny", help="write tiny random-weight models for offline runs and tests")
+    p.add_argument("dir")
+    p.add_argument("--conditions", default="canny,hed", help="comma-separated ControlNet conditions")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_tiny)
+
+    p = sub.add_parser("schemas", help="write the job-config and output schemas")
+    p.add_argument("dir", nargs="?", default="schemas")
+    p.set_defaults(fn=cmd_schemas)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)

@@ -1,0 +1,240 @@
+"""Job configuration: a YAML file validated by pydantic.
+
+Unknown keys and wrong types are rejected with the key path in the message; `--set a.b=c`
+overrides any key. `load_config` is the one entry point.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+SCHEDULERS = ("unipc", "dpmpp_2m", "ddim", "euler_a")
+
+
+class ConfigError(ValueError):
+    """A job config that cannot be used; the message names the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(Strict):
+    """Where the photos come from: a directory, a glob, or Parquet files."""
+
+    type: Literal["images", "parquet"] = "images"
+    path: str | list[str] = Field(description="Directory, glob or file(s); local path or fsspec URL (s3://…).")
+    image_column: str = Field("image", description="Parquet: column with image bytes, a path, or an {bytes, path} struct.")
+    caption_column: str | None = Field(None, description="Parquet: optional caption column.")
+    extensions: list[str] = Field(list(IMAGE_EXTENSIONS), description="Images: file extensions to read.")
+    storage_options: dict[str, Any] = Field({}, description="fsspec storage options (endpoint_url, key, secret, …).")
+    limit: int | None = Field(None, gt=0, description="Read at most this many inputs.")
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class ImageConfig(Strict):
+    """Size policy applied at decode time."""
+
+    resolution: int = Field(512, ge=64, le=4096, description="Target length of the short side in pixels.")
+    multiple_of: int = Field(8, ge=1, description="Both sides are rounded to a multiple of this.")
+    max_pixels: int = Field(64_000_000, gt=0, description="Inputs with more pixels are rejected (decompression bombs).")
+    min_side: int = Field(16, ge=1, description="Inputs whose short side is smaller are rejected.")
+
+
+class AnnotatorConfig(Strict):
+    """One control condition, computed by a registered annotator."""
+
+    name: str = Field(description="Registered annotator name, e.g. canny, hed.")
+    id: str | None = Field(None, description="Column suffix; defaults to the name. Needed to run one annotator twice.")
+    params: dict[str, Any] = Field({}, description="Annotator parameters, checked against the annotator's own model.")
+    model: str | None = Field(None, description="Weights: hub repo id or local directory with the same layout.")
+    revision: str | None = None
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor for neural annotators, used when the cluster has GPUs.")
+    num_cpus: float = Field(1.0, gt=0)
+    actors: int = Field(1, ge=1, description="Maximum actor pool size for neural annotators.")
+    batch_size: int = Field(8, ge=1)
+
+    @property
+    def key(self) -> str:
+        return self.id or self.name
+
+
+class ControlNetConfig(Strict):
+    condition: str = Field(description="The annotator id whose control map feeds this ControlNet.")
+    model: str = Field(description="Hub repo id or local directory of a diffusers ControlNetModel.")
+    revision: str | None = None
+    conditioning_scale: float = Field(1.0, ge=0)
+    guidance_start: float = Field(0.0, ge=0, le=1)
+    guidance_end: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> ControlNetConfig:
+        if self.guidance_start >= self.guidance_end:
+            raise ValueError("guidance_start must be smaller than guidance_end")
+        return self
+
+
+class PromptConfig(Strict):
+    """Prompts: variant i takes prompts[i % len(prompts)], then the template formats it.
+
+    The template may use {prompt}, {caption} and {variant} and nothing else: no attribute or
+    index access, so a template cannot reach anything beyond the row's fields.
+    """
+
+    prompts: list[str] = Field(["a photo"], min_length=1)
+    template: str = "{prompt}"
+    negative: str = ""
+
+    @field_validator("template")
+    @classmethod
+    def _safe_template(cls, template: str) -> str:
+        for _, field, spec, conversion in string.Formatter().parse(template):
+            if field is None:
+                continue
+            if field not in PROMPT_FIELDS:
+                raise ValueError(f"template field {{{field}}} is not one of {sorted(PROMPT_FIELDS)}")
+            if spec or conversion:
+                raise ValueError(f"template field {{{field}}} may not carry a format spec or conversion")
+        return template
+
+
+PROMPT_FIELDS = frozenset({"prompt", "caption", "variant"})
+
+
+class GenerationConfig(Strict):
+    base_model: str = Field(description="Hub repo id or local directory of a Stable Diffusion 1.x pipeline.")
+    revision: str | None = None
+    controlnets: list[ControlNetConfig] = Field(min_length=1)
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = Field(
+        "auto", description="auto: float16 on GPU, float32 on CPU."
+    )
+    local_files_only: bool = False
+    scheduler: Literal[SCHEDULERS] = "unipc"  # type: ignore[valid-type]
+    steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    variants_per_image: int = Field(1, ge=1)
+    prompt: PromptConfig = PromptConfig()
+    batch_size: int = Field(4, ge=1)
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor when it runs on CPU.")
+    actors: int = Field(1, ge=1, description="Maximum actor pool size.")
+
+
+class OutputConfig(Strict):
+    path: str = Field(description="Output directory; local path or fsspec URL.")
+    overwrite: bool = Field(False, description="Replace what an earlier run wrote under path.")
+    storage_options: dict[str, Any] = {}
+    rows_per_file: int = Field(1000, ge=1, description="Upper bound of rows per Parquet file.")
+
+
+class JobConfig(Strict):
+    seed: int = Field(0, ge=0, description="Job seed; sample ids and seeds derive from it.")
+    source: SourceConfig
+    image: ImageConfig = ImageConfig()
+    annotators: list[AnnotatorConfig] = Field(min_length=1)
+    generation: GenerationConfig
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobConfig:
+        from pipeline.annotators import ANNOTATORS
+
+        keys = [a.key for a in self.annotators]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"annotator ids must be unique, got {keys}; set `id` to tell them apart")
+        for i, a in enumerate(self.annotators):
+            if a.name not in ANNOTATORS:
+                raise ValueError(f"annotators.{i}.name: unknown annotator {a.name!r}; known: {sorted(ANNOTATORS)}")
+            try:
+                ANNOTATORS[a.name].Params(**a.params)
+            except ValidationError as e:
+                raise ValueError(f"annotators.{i}.params: {_first_error(e)}") from None
+        for i, cn in enumerate(self.generation.controlnets):
+            if cn.condition not in keys:
+                raise ValueError(f"generation.controlnets.{i}.condition: {cn.condition!r} is not an annotator id {keys}")
+        return self
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key segment")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:-1])} is not a mapping or list")
+
+
+def _index(node: list, part: str, path: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set: {path}: list index {part!r} out of range (length {len(node)})")
+    return int(part)
+
+
+def _child(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set: {path} is not a mapping")
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> JobConfig:
+    """Read a YAML job config, apply `--set` overrides, validate. Raises ConfigError with the key path."""
+    if data is None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{loc}: {msg}" if err["loc"] else msg)
+        raise ConfigError("invalid config: " + "; ".join(lines)) from None
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a job config (written to schemas/job_config.schema.json)."""
+    return JobConfig.model_json_schema()

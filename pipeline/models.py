@@ -1,0 +1,88 @@
+"""Model references: resolve a hub id or a local directory to something reproducible.
+
+One path for both: `resolve_model` runs once in the driver before any data moves, so a model that
+cannot be had fails the job at start with a message that says how to make it available offline.
+Hub models resolve to their commit hash (the workers then load exactly that commit); local
+directories resolve to a sha256 fingerprint of their files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+
+class ModelUnavailable(RuntimeError):
+    """A configured model that cannot be found locally or on the hub."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model: str  # as configured: hub repo id or local directory
+    revision: str | None  # as configured
+    commit: str  # hub commit hash, or "sha256:<fingerprint>" for a local directory
+    local_dir: str | None  # absolute path when the model is a local directory
+
+    @property
+    def load_path(self) -> str:
+        return self.local_dir or self.model
+
+    @property
+    def load_revision(self) -> str | None:
+        return None if self.local_dir else self.commit
+
+    def provenance(self) -> dict:
+        return asdict(self)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_model(model: str, revision: str | None, probe_file: str, local_files_only: bool = False) -> ResolvedModel:
+    """Resolve `model` (a hub repo id or a local directory) holding `probe_file`."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / probe_file).is_file():
+            raise ModelUnavailable(f"model directory {model} has no {probe_file}: it is not in the expected layout")
+        return ResolvedModel(model, revision, "sha256:" + fingerprint(path), str(path.resolve()))
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelUnavailable(f"model directory {model} does not exist")
+    try:
+        if local_files_only or offline():
+            cached = huggingface_hub.try_to_load_from_cache(model, probe_file, revision=revision)
+            if not isinstance(cached, str):
+                raise LocalEntryNotFoundError(f"{model} is not in the local Hugging Face cache")
+            commit = Path(cached).parent.name
+        else:
+            commit = huggingface_hub.HfApi().model_info(model, revision=revision).sha
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelUnavailable(
+            f"model {model!r} (revision {revision or 'main'}) is not available: {reason}. "
+            f"To run offline, download it first (`hf download {model} --local-dir DIR`) "
+            f"and put DIR in the config instead of the repo id"
+        ) from None
+    return ResolvedModel(model, revision, commit, None)
+
+
+def fingerprint(directory: Path) -> str:
+    """sha256 over every file's relative path and content: the identity of a local model directory."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(directory)).encode())
+        digest.update(file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

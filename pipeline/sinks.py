@@ -1,0 +1,120 @@
+"""The writer: one streaming Ray Data sink that routes good rows to `samples/` and error rows to
+`errors/`, each as Parquet in the documented schema.
+
+Files are written under a temporary name and renamed into place, so a reader never sees a
+partial Parquet file. Each write task returns its counts; the driver adds them up for the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
+from ray.data.datasource.datasink import WriteResult
+
+from pipeline.schema import ANNOTATOR, errors_schema, samples_schema
+from pipeline.sources import filesystem
+
+ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
+
+
+class SplitParquetSink(Datasink[dict]):
+    def __init__(self, path: str, storage_options: dict[str, Any], run_id: str, code_version: str,
+                 control_ids: list[str], rows_per_file: int):
+        self.path = path
+        self.storage_options = storage_options
+        self.run_id = run_id
+        self.code_version = code_version
+        self.control_ids = control_ids
+        self.rows_per_file = rows_per_file
+        self.totals: dict[str, Any] = {}
+
+    def on_write_start(self, schema=None) -> None:
+        fs, root = filesystem(self.path, self.storage_options)
+        for sub in ("samples", "errors"):
+            fs.makedirs(posixpath.join(root, sub), exist_ok=True)
+
+    def write(self, blocks: Iterable[Block], ctx) -> dict:
+        fs, root = filesystem(self.path, self.storage_options)
+        now = datetime.now(timezone.utc)
+        samples, errors = [], []
+        for block in blocks:
+            for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                if row.get("error_stage") is None:
+                    samples.append(self.sample_row(row, now))
+                else:
+                    errors.append(self.error_row(row, now))
+        files = []
+        files += self._write(fs, root, "samples", samples, samples_schema(self.control_ids))
+        files += self._write(fs, root, "errors", errors, errors_schema())
+        return {
+            "samples": len(samples),
+            "errors": len(errors),
+            "expanded_errors": sum(1 for e in errors if e["sample_id"] is not None),
+            "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
+            "files": files,
+        }
+
+    def on_write_complete(self, write_result: WriteResult[dict]) -> None:
+        totals: dict[str, Any] = {"samples": 0, "errors": 0, "expanded_errors": 0, "errors_by_stage": Counter(), "files": []}
+        for r in write_result.write_returns:
+            for key in ("samples", "errors", "expanded_errors"):
+                totals[key] += r[key]
+            totals["errors_by_stage"].update(r["errors_by_stage"])
+            totals["files"] += r["files"]
+        totals["errors_by_stage"] = dict(totals["errors_by_stage"])
+        totals["files"].sort()
+        self.totals = totals
+
+    def _write(self, fs, root: str, kind: str, rows: list[dict], schema: pa.Schema) -> list[str]:
+        written = []
+        for start in range(0, len(rows), self.rows_per_file):
+            table = pa.Table.from_pylist(rows[start : start + self.rows_per_file], schema=schema)
+            name = f"{kind}/part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet"
+            final = posixpath.join(root, name)
+            tmp = posixpath.join(root, kind, f".tmp-{uuid.uuid4().hex}")
+            with fs.open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+            fs.mv(tmp, final)
+            written.append(name)
+        return written
+
+    def sample_row(self, row: dict, now: datetime) -> dict:
+        out = {k: row.get(k) for k in ("sample_id", "source_uri", "source_sha256", "caption", "variant_index", "seed",
+                                        "prompt", "negative_prompt", "width", "height", "transform")}
+        out["image"] = {"bytes": row["image"], "path": None}
+        out["generated"] = {"bytes": row["generated"], "path": None}
+        annotators = []
+        for c in self.control_ids:
+            out[f"control_{c}"] = {"bytes": row[f"control_{c}"], "path": None}
+            prov = json.loads(row[f"annotator_{c}"])
+            prov["params"] = json.dumps(prov.get("params", {}), sort_keys=True)
+            annotators.append({k: prov.get(k) for k in ANNOTATOR_FIELDS})
+        out["annotators"] = annotators
+        for k in ("base_model", "base_model_revision", "controlnet_models", "controlnet_revisions",
+                  "controlnet_conditions", "controlnet_conditioning_scale", "control_guidance_start",
+                  "control_guidance_end", "scheduler", "num_inference_steps", "guidance_scale", "dtype"):
+            out[k] = row[k]
+        out.update(run_id=self.run_id, code_version=self.code_version, created_at=now)
+        return out
+
+    def error_row(self, row: dict, now: datetime) -> dict:
+        return {
+            "source_uri": row.get("source_uri"),
+            "source_sha256": row.get("source_sha256"),
+            "sample_id": row.get("sample_id"),
+            "variant_index": row.get("variant_index"),
+            "stage": row["error_stage"],
+            "error_type": row.get("error_type"),
+            "error_message": row.get("error_message"),
+            "run_id": self.run_id,
+            "created_at": now,
+        }
