@@ -20,14 +20,15 @@ def _init_ray(address: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.job import OutputExists, run
+    from pipeline.job import OutputExists, resolve_models, run
     from pipeline.models import ModelUnavailable
     from pipeline.sources import SourceError
 
     try:
         cfg = load_config(args.config, args.set)
+        models = resolve_models(cfg)  # fail fast, before a cluster is started or joined
         _init_ray(args.address)
-        result = run(cfg)
+        result = run(cfg, models)
     except (ConfigError, ModelUnavailable, OutputExists, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -139,8 +139,9 @@ def redacted(value: Any) -> Any:
     return value
 
 
-def run(cfg: JobConfig, echo: Callable[[str], None] = print) -> RunResult:
-    models = resolve_models(cfg)
+def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None] = print) -> RunResult:
+    """Run a job on the Ray instance this process is connected to (one is started if none is)."""
+    models = models or resolve_models(cfg)
     prepare_output(cfg)
     run_id, started = new_run_id(), datetime.now(timezone.utc)
     control_ids = [a.key for a in cfg.annotators]

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import huggingface_hub
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 
 class ModelUnavailable(RuntimeError):
@@ -61,8 +61,8 @@ def resolve_model(model: str, revision: str | None, probe_file: str, local_files
             commit = Path(cached).parent.name
         else:
             commit = huggingface_hub.HfApi().model_info(model, revision=revision).sha
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - any failure here (cache miss, HTTP, DNS) means "not available"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         raise ModelUnavailable(
             f"model {model!r} (revision {revision or 'main'}) is not available: {reason}. "
             f"To run offline, download it first (`hf download {model} --local-dir DIR`) "

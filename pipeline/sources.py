@@ -33,9 +33,9 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def list_images(cfg: SourceConfig) -> list[str]:
-    """Every matching image under the configured directories/globs, sorted, as full URIs."""
-    extensions = {"." + e.lower().lstrip(".") for e in cfg.extensions}
+def list_files(cfg: SourceConfig, extensions: list[str]) -> list[str]:
+    """Every file with one of `extensions` under the configured directories/globs, sorted, as full URIs."""
+    extensions = {"." + e.lower().lstrip(".") for e in extensions}
     found: set[str] = set()
     for url in cfg.paths:
         fs, path = filesystem(url, cfg.storage_options)
@@ -50,8 +50,7 @@ def list_images(cfg: SourceConfig) -> list[str]:
         found.update(full_uri(fs, p) for p in candidates if posixpath.splitext(p)[1].lower() in extensions)
     if not found:
         raise SourceError(f"source.path {cfg.path!r} holds no files with extensions {sorted(extensions)}")
-    uris = sorted(found)
-    return uris[: cfg.limit] if cfg.limit else uris
+    return sorted(found)
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
@@ -61,7 +60,8 @@ def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
 
 def read_source(cfg: SourceConfig) -> ray.data.Dataset:
     if cfg.type == "images":
-        uris = list_images(cfg)
+        uris = list_files(cfg, cfg.extensions)
+        uris = uris[: cfg.limit] if cfg.limit else uris
         return ray.data.from_items(
             [{"source_uri": u, "source_bytes": None, "caption": None} for u in uris],
             override_num_blocks=min(len(uris), 200),
@@ -71,7 +71,7 @@ def read_source(cfg: SourceConfig) -> ray.data.Dataset:
 
 def _read_parquet(cfg: SourceConfig) -> ray.data.Dataset:
     fs, _ = filesystem(cfg.paths[0], cfg.storage_options)
-    paths = [filesystem(p, cfg.storage_options)[1] for p in cfg.paths]
+    paths = [filesystem(p, cfg.storage_options)[1] for p in list_files(cfg, ["parquet"])]
     columns = [cfg.image_column] + ([cfg.caption_column] if cfg.caption_column else [])
     ds = ray.data.read_parquet(
         paths,
@@ -97,7 +97,8 @@ def _read_parquet(cfg: SourceConfig) -> ray.data.Dataset:
             rows.append({"source_uri": uri, "source_bytes": data, "caption": row.get(caption_col) if caption_col else None})
         return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
-    return ds.map_batches(normalize, batch_format="pyarrow")
+    ds = ds.map_batches(normalize, batch_format="pyarrow")
+    return ds.limit(cfg.limit) if cfg.limit else ds
 
 
 SOURCE_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_bytes", pa.binary()), ("caption", pa.string())])

@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   venv + install, tiny offline models, the main job on bundled photos (local Ray)
+#   make test   venv + install, the test suite (offline, local Ray)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch torchvision
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test schemas clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+models/tiny/tiny_models.json: $(VENV)/.installed
+	$(PY) -m pipeline models make-tiny models/tiny
+
+demo: $(VENV)/.installed models/tiny/tiny_models.json
+	$(PY) -m pipeline run jobs/configs/demo.yaml
+	@echo "output: $(CURDIR)/out/demo (samples/, errors/, manifest.json)"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+schemas: $(VENV)/.installed
+	$(PY) -m pipeline schemas
+
+clean:
+	rm -rf out models

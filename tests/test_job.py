@@ -1,0 +1,210 @@
+"""End to end on local Ray: real photographs plus damaged files in, Parquet with provenance out."""
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.job import OutputExists, run
+from pipeline.models import file_sha256, fingerprint
+from pipeline.schema import samples_schema, errors_schema
+from pipeline.stages import sample_identity
+from tests.conftest import job_dict, write_photos
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read(out: Path, kind: str) -> pa.Table:
+    files = sorted((out / kind).glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else errors_schema().empty_table()
+
+
+def by_id(table: pa.Table) -> dict[str, dict]:
+    return {r["sample_id"]: r for r in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, photos_dir) -> Path:
+    directory = tmp_path_factory.mktemp("inputs")
+    for p in photos_dir.iterdir():
+        shutil.copy(p, directory / p.name)
+    good = (photos_dir / "chelsea.jpg").read_bytes()
+    (directory / "truncated.jpg").write_bytes(good[: len(good) // 4])
+    (directory / "empty.png").write_bytes(b"")
+    (directory / "notes.txt").write_text("not an image and not read")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, tiny_models, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = load_config(data=job_dict(str(inputs), str(out), tiny_models))
+    return cfg, run(cfg), out
+
+
+def test_counts_and_accounting(first_run):
+    cfg, result, out = first_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": 7, "rejected_inputs": 2, "samples": 10, "failed_samples": 0,
+                                  "errors": 2, "errors_by_stage": {"decode": 2}}
+    assert (result.inputs, result.samples, result.errors) == (7, 10, 2)
+    assert read(out, "samples").num_rows == 10
+    assert manifest["completed"] is True
+    assert sorted(manifest["files"]) == sorted(str(p.relative_to(out)) for p in out.glob("*/*.parquet"))
+
+
+def test_bad_files_are_error_rows(first_run, inputs):
+    _, _, out = first_run
+    errors = {Path(r["source_uri"]).name: r for r in read(out, "errors").to_pylist()}
+    assert set(errors) == {"truncated.jpg", "empty.png"}
+    assert errors["empty.png"]["error_message"] == "empty file (0 bytes)"
+    assert errors["truncated.jpg"]["error_type"] == "RejectedImage"
+    assert "not a decodable image" in errors["truncated.jpg"]["error_message"]
+    assert all(e["stage"] == "decode" for e in errors.values())
+    assert errors["truncated.jpg"]["source_sha256"] == hashlib.sha256((inputs / "truncated.jpg").read_bytes()).hexdigest()
+
+
+def test_schema_matches_contract(first_run):
+    _, _, out = first_run
+    want = samples_schema(["canny", "hed"])
+    for f in (out / "samples").glob("*.parquet"):
+        got = pq.read_schema(f)
+        assert got.equals(want, check_metadata=False), got
+        assert json.loads(got.metadata[b"huggingface"])["info"]["features"]["generated"] == {"_type": "Image"}
+    contract = json.loads((ROOT / "schemas" / "samples.schema.json").read_text())
+    names = [c["name"] for c in contract["columns"]]
+    assert names == [{"control_canny": "control_{id}"}.get(n, n) for n in want.names if n != "control_hed"]
+
+
+def test_provenance_in_every_row(first_run, inputs, tiny_models):
+    cfg, result, out = first_run
+    rows = read(out, "samples").to_pylist()
+    assert len({r["sample_id"] for r in rows}) == len(rows)
+    base_rev = "sha256:" + fingerprint(Path(tiny_models["base_model"]))
+    hed_sha = file_sha256(Path(tiny_models["annotators"]) / "ControlNetHED.pth")
+    for r in rows:
+        src = Path(r["source_uri"])
+        assert src.parent == inputs
+        assert r["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        assert (r["sample_id"], r["seed"]) == sample_identity(7, r["source_sha256"], r["variant_index"])
+        assert r["prompt"] == ["a painting", "a photo at night"][r["variant_index"]] + " of"
+        assert r["negative_prompt"] == "blurry"
+        assert r["base_model"] == tiny_models["base_model"] and r["base_model_revision"] == base_rev
+        assert r["controlnet_models"] == [tiny_models["controlnet/canny"], tiny_models["controlnet/hed"]]
+        assert r["controlnet_conditions"] == ["canny", "hed"]
+        assert r["controlnet_conditioning_scale"] == [1.0, 0.5]
+        assert r["control_guidance_end"] == [1.0, 0.8]
+        assert (r["scheduler"], r["num_inference_steps"], r["guidance_scale"], r["dtype"]) == ("unipc", 3, 7.5, "float32")
+        canny, hed = r["annotators"]
+        assert canny["name"] == "canny" and json.loads(canny["params"]) == {"low_threshold": 50, "high_threshold": 150}
+        assert hed["name"] == "hed" and hed["weights_sha256"] == hed_sha and hed["model"] == tiny_models["annotators"]
+        assert r["run_id"] == result.run_id and r["code_version"].startswith("0.1.0")
+        assert r["created_at"] is not None
+        transform = json.loads(r["transform"])
+        assert min(transform["size"]) == 64 and transform["size"] == [r["width"], r["height"]]
+        for column in ("image", "control_canny", "control_hed", "generated"):
+            with Image.open(io.BytesIO(r[column]["bytes"])) as im:
+                assert im.size == (r["width"], r["height"]), column
+                assert im.format == "PNG"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"]["base_model"]["commit"] == base_rev
+    assert manifest["versions"]["diffusers"] and manifest["versions"]["ray"] and manifest["versions"]["torch"]
+    assert manifest["config"]["generation"]["steps"] == 3
+
+
+def test_grayscale_photo_is_converted(first_run):
+    _, _, out = first_run
+    camera = [r for r in read(out, "samples").to_pylist() if r["source_uri"].endswith("camera.jpg")]
+    assert len(camera) == 2 and json.loads(camera[0]["transform"])["original_mode"] == "L"
+
+
+def test_loads_with_hugging_face_datasets(first_run):
+    import datasets
+
+    _, _, out = first_run
+    ds = datasets.load_dataset("parquet", data_files=str(out / "samples" / "*.parquet"), split="train")
+    assert ds.num_rows == 10
+    for column in ("image", "control_canny", "control_hed", "generated"):
+        assert isinstance(ds.features[column], datasets.Image)
+    row = ds[0]
+    assert row["generated"].size == (row["width"], row["height"])
+
+
+def test_same_config_twice_gives_same_ids_seeds_and_images(ray_session, tiny_models, inputs, first_run, tmp_path):
+    _, _, out_a = first_run
+    runs = []
+    for name in ("b", "c"):
+        cfg = load_config(data=job_dict(str(inputs), str(tmp_path / name), tiny_models, batch_size=1))
+        run(cfg)
+        runs.append(by_id(read(tmp_path / name, "samples")))
+    a, b, c = by_id(read(out_a, "samples")), *runs
+    assert set(a) == set(b) == set(c)
+    for sid in a:
+        assert a[sid]["seed"] == b[sid]["seed"] == c[sid]["seed"]
+        for column in ("image", "control_canny", "control_hed"):
+            assert a[sid][column] == b[sid][column]
+        # batch size 1 both times: bit for bit the same bytes
+        assert b[sid]["generated"]["bytes"] == c[sid]["generated"]["bytes"]
+        # batch size 3 vs 1: same noise, pixels equal up to float reduction order
+        pa_, pb = (np.asarray(Image.open(io.BytesIO(x[sid]["generated"]["bytes"]))).astype(int) for x in (a, b))
+        assert np.abs(pa_ - pb).max() <= 1
+
+
+def test_parquet_source_with_captions(ray_session, tiny_models, photos_dir, tmp_path):
+    photos = sorted(photos_dir.glob("*.jpg"))[:3]
+    table = pa.table({
+        "jpg": [p.read_bytes() for p in photos] + [b"garbage"],
+        "text": [f"caption {p.stem}" for p in photos] + ["broken"],
+    })
+    pq.write_table(table, tmp_path / "shard-0.parquet")
+    data = job_dict(str(tmp_path / "shard-0.parquet"), str(tmp_path / "out"), tiny_models, variants_per_image=1)
+    data["source"] = {"type": "parquet", "path": str(tmp_path / "*.parquet"), "image_column": "jpg", "caption_column": "text"}
+    result = run(load_config(data=data))
+    assert (result.inputs, result.samples, result.errors) == (4, 3, 1)
+    rows = read(tmp_path / "out", "samples").to_pylist()
+    assert sorted(r["prompt"] for r in rows) == sorted(f"a painting of caption {p.stem}" for p in photos)
+    assert all(r["caption"].startswith("caption ") for r in rows)
+    assert all(r["source_uri"].startswith(str(tmp_path / "shard-0.parquet") + "#sha256=") for r in rows)
+    (error,) = read(tmp_path / "out", "errors").to_pylist()
+    assert error["stage"] == "decode"
+
+
+def test_refuses_to_overwrite_a_previous_run(first_run):
+    cfg, _, out = first_run
+    with pytest.raises(OutputExists, match="output.overwrite=true"):
+        run(cfg)
+
+
+def cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def test_cli_config_error_exits_nonzero_with_key_path(tmp_path, tiny_models):
+    data = job_dict("/nowhere", str(tmp_path / "out"), tiny_models)
+    data["generation"]["stepz"] = 3
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    proc = cli("run", str(tmp_path / "job.yaml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: invalid config: generation.stepz: unknown key"
+
+
+def test_cli_missing_model_exits_nonzero_naming_it(tmp_path, tiny_models, photos_dir):
+    data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    proc = cli("run", str(tmp_path / "job.yaml"), "--set", "generation.controlnets.0.model=lllyasviel/sd-controlnet-canny")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "lllyasviel/sd-controlnet-canny" in last and "hf download" in last
+    assert not (tmp_path / "out").exists()  # failed before any work
