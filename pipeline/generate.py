@@ -8,6 +8,7 @@ share its batch. The maths is diffusers' own: this stage only feeds it and encod
 from __future__ import annotations
 
 import io
+import logging
 from collections import defaultdict
 from typing import Any
 
@@ -20,6 +21,8 @@ from pipeline.config import GenerationConfig
 from pipeline.images import array_to_png
 from pipeline.models import ResolvedModel
 from pipeline.stages import Row, map_batch_isolated
+
+log = logging.getLogger(__name__)
 
 
 def make_scheduler(name: str, config: Any):
@@ -76,6 +79,7 @@ class Generate:
         self.pipe = load_pipeline(gen, base, controlnets, self.device)
         self.conditions = [cn.condition for cn in gen.controlnets]
         self.multi = len(gen.controlnets) > 1
+        self.max_batch = gen.batch_size  # lowered for good after an out-of-memory error
         self.provenance: Row = {
             "base_model": base.model,
             "base_model_revision": base.commit,
@@ -100,10 +104,29 @@ class Generate:
             by_size[(row["width"], row["height"])].append(i)
         out: list[Row | None] = [None] * len(rows)
         for (width, height), idx in by_size.items():
-            images = self.run([rows[i] for i in idx], width, height)
+            images = self.run_fitting([rows[i] for i in idx], width, height)
             for i, image in zip(idx, images):
                 out[i] = {**rows[i], **self.provenance, "generated": array_to_png(image)}
         return out
+
+    def run_fitting(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
+        """Run in chunks of at most `max_batch`; on out-of-memory halve it and retry the chunk."""
+        images: list[np.ndarray] = []
+        start = 0
+        while start < len(rows):
+            chunk = rows[start : start + self.max_batch]
+            try:
+                images += self.run(chunk, width, height)
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                self.max_batch = len(chunk) // 2
+                log.warning("out of memory with %d images of %dx%d: batch size now %d", len(chunk), width, height, self.max_batch)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += len(chunk)
+        return images
 
     def run(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
         # multi-ControlNet: per sample, one control image per net (diffusers' nested-list layout)

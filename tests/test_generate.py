@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.generate import Generate, make_scheduler
 from pipeline.images import array_to_png, png_to_array
 from pipeline.job import resolve_models
-from pipeline.stages import sample_identity
+from pipeline.stages import sample_identity, table_of
 from tests.conftest import job_dict
 
 
@@ -111,3 +111,32 @@ def test_every_scheduler_is_deterministic_per_seed(tiny_models, scheduler):
     second = [r["generated"] for r in gen.generate(list(reversed(rows)))]
     assert first == list(reversed(second))
     assert gen.generate(rows)[0]["scheduler"] == scheduler
+
+
+def test_out_of_memory_halves_the_batch_and_retries(tiny_models):
+    gen = generator(tiny_models)
+    calls, real_run = [], gen.run
+
+    def run_with_small_memory(rows, width, height):
+        calls.append(len(rows))
+        if len(rows) > 1:  # injected: this "GPU" fits one image at a time
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(rows, width, height)
+
+    gen.run = run_with_small_memory
+    rows = make_rows()
+    out = gen.generate(rows)
+    assert calls[:3] == [3, 1, 1]  # batch_size 3 fails, halves to 1 and stays there
+    assert gen.max_batch == 1 and len(out) == 4
+    gen.run = real_run
+    for row, got in zip(rows, out):
+        assert got["generated"] == gen.generate([row])[0]["generated"]
+
+
+def test_one_failing_row_does_not_take_its_batch_down(multi):
+    rows = make_rows()
+    rows[2]["control_hed"] = b"not a png"
+    out = multi(table_of(rows)).to_pylist()
+    assert [r.get("error_stage") for r in out] == [None, None, "generate", None]
+    assert "UnidentifiedImageError" == out[2]["error_type"]
+    assert all(r["generated"] for i, r in enumerate(out) if i != 2)
