@@ -53,6 +53,30 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import NotARunOutput, write_documents
+
+    try:
+        paths = write_documents(args.output, max_sources=args.max_sources)
+    except NotARunOutput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.report import NotARunOutput, inspect_text
+
+    try:
+        print(inspect_text(args.output))
+    except NotARunOutput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="ControlNet dataset pipeline on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("schemas", help="write the job-config and output schemas")
     p.add_argument("dir", nargs="?", default="schemas")
     p.set_defaults(fn=cmd_schemas)
+
+    p = sub.add_parser("report", help="(re)write report.html, README.md and croissant.json of a run's output")
+    p.add_argument("output", help="the run's output.path (local path or fsspec URL)")
+    p.add_argument("--max-sources", type=int, default=200, help="sources shown in the gallery (default 200)")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("inspect", help="print a run's counts, errors, throughput and models")
+    p.add_argument("output", help="the run's output.path (local path or fsspec URL)")
+    p.set_defaults(fn=cmd_inspect)
 
     args = parser.parse_args(argv)
     return args.fn(args)

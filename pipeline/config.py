@@ -26,14 +26,18 @@ class Strict(BaseModel):
 
 
 class SourceConfig(Strict):
-    """Where the photos come from: a directory, a glob, or Parquet files."""
+    """Where the photos come from: a directory, a glob, Parquet files, or WebDataset tar shards."""
 
-    type: Literal["images", "parquet"] = "images"
+    type: Literal["images", "parquet", "webdataset"] = "images"
     path: str | list[str] = Field(description="Directory, glob or file(s); local path or fsspec URL (s3://…).")
     image_column: str = Field("image", description="Parquet: column with image bytes, a path, or an {bytes, path} struct.")
     caption_column: str | None = Field(None, description="Parquet: optional caption column.")
-    extensions: list[str] = Field(list(IMAGE_EXTENSIONS), description="Images: file extensions to read.")
-    storage_options: dict[str, Any] = Field({}, description="fsspec storage options (endpoint_url, key, secret, …).")
+    caption_key: str = Field("caption", description="WebDataset: key in a sample's .json holding the caption "
+                                                    "(used when the sample has no .txt).")
+    extensions: list[str] = Field(list(IMAGE_EXTENSIONS), description="Images: file extensions to read; "
+                                                                      "WebDataset: sample members that are images.")
+    storage_options: dict[str, Any] = Field({}, description="fsspec storage options, e.g. for s3fs: endpoint_url, key, "
+                                                            "secret. Without them, the AWS_* environment variables apply.")
     limit: int | None = Field(None, gt=0, description="Read at most this many inputs.")
 
     @property

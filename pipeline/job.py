@@ -183,4 +183,11 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
     with fs.open(posixpath.join(root, "stats.txt"), "w") as f:
         f.write(stats + "\n")
     write_json(posixpath.join(cfg.output.path, "manifest.json"), manifest, cfg.output.storage_options)
+    from pipeline.report import write_documents  # report.html, README.md, croissant.json: read the output back
+
+    try:
+        write_documents(cfg.output.path, cfg.output.storage_options)
+    except Exception as e:  # noqa: BLE001 - the run's data and manifest are written; the documents can be rebuilt
+        echo(f"warning: could not write the run's report: {type(e).__name__}: {e} "
+             f"(rebuild with `python -m pipeline report {cfg.output.path}`)")
     return RunResult(run_id, cfg.output.path, inputs, totals["samples"], totals["errors"], seconds, manifest)

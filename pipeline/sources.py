@@ -1,15 +1,19 @@
 """Sources: turn a config's `source` into a Ray Dataset of rows {source_uri, source_bytes, caption}.
 
-Paths go through fsspec, so local paths, globs and s3:// URLs take the same code. For image
-folders the driver lists the files and the bytes are fetched inside the decode task: a file that
-cannot be read then becomes an error row instead of failing the read of its whole block.
+Paths go through fsspec, so local paths, globs and s3:// URLs take the same code; `storage_options`
+(e.g. s3fs's endpoint_url, key, secret) reach the driver and, pickled with the filesystem, the
+workers. For image folders the driver lists the files and the bytes are fetched inside the decode
+task: a file that cannot be read then becomes an error row instead of failing the read of its whole
+block. Parquet and WebDataset shards are read by Ray Data's readers; their image bytes are passed
+through undecoded, so an undecodable image becomes an error row in the decode stage.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
@@ -17,6 +21,9 @@ import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import SourceConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class SourceError(ValueError):
@@ -66,19 +73,21 @@ def read_source(cfg: SourceConfig) -> ray.data.Dataset:
             [{"source_uri": u, "source_bytes": None, "caption": None} for u in uris],
             override_num_blocks=min(len(uris), 200),
         )
-    return _read_parquet(cfg)
+    ds = _read_webdataset(cfg) if cfg.type == "webdataset" else _read_parquet(cfg)
+    return ds.limit(cfg.limit) if cfg.limit else ds
+
+
+def _arrow_files(cfg: SourceConfig, extensions: list[str]) -> tuple[fsspec.AbstractFileSystem, list[str], pafs.FileSystem]:
+    """The listed files as paths within one filesystem, plus that filesystem wrapped for Ray's readers."""
+    fs, _ = filesystem(cfg.paths[0], cfg.storage_options)
+    paths = [filesystem(p, cfg.storage_options)[1] for p in list_files(cfg, extensions)]
+    return fs, paths, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def _read_parquet(cfg: SourceConfig) -> ray.data.Dataset:
-    fs, _ = filesystem(cfg.paths[0], cfg.storage_options)
-    paths = [filesystem(p, cfg.storage_options)[1] for p in list_files(cfg, ["parquet"])]
+    fs, paths, arrow_fs = _arrow_files(cfg, ["parquet"])
     columns = [cfg.image_column] + ([cfg.caption_column] if cfg.caption_column else [])
-    ds = ray.data.read_parquet(
-        paths,
-        columns=columns,
-        include_paths=True,
-        filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
-    )
+    ds = ray.data.read_parquet(paths, columns=columns, include_paths=True, filesystem=arrow_fs)
     image_col, caption_col = cfg.image_column, cfg.caption_column
 
     def normalize(batch: pa.Table) -> pa.Table:
@@ -97,8 +106,53 @@ def _read_parquet(cfg: SourceConfig) -> ray.data.Dataset:
             rows.append({"source_uri": uri, "source_bytes": data, "caption": row.get(caption_col) if caption_col else None})
         return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
-    ds = ds.map_batches(normalize, batch_format="pyarrow")
-    return ds.limit(cfg.limit) if cfg.limit else ds
+    return ds.map_batches(normalize, batch_format="pyarrow")
+
+
+def _read_webdataset(cfg: SourceConfig) -> ray.data.Dataset:
+    """WebDataset tar shards: members sharing a key (`sample01.jpg`, `sample01.txt`) form a sample.
+
+    The image is the first member whose extension is in `extensions`; the caption is the `.txt`
+    member, else `caption_key` in the `.json` member. Samples without an image member are not
+    inputs (as non-image files in a folder are not). source_uri is `<shard URI>#<key>`.
+    """
+    fs, paths, arrow_fs = _arrow_files(cfg, ["tar"])
+    image_exts = list(dict.fromkeys(e.lower().lstrip(".") for e in cfg.extensions))
+    wanted = set(image_exts) | {"txt", "json"}
+    ds = ray.data.read_webdataset(
+        paths,
+        filesystem=arrow_fs,
+        decoder=None,  # raw bytes: decoding (and rejecting) images is the decode stage's job
+        suffixes=lambda suffix: suffix.lower() in wanted,
+    )
+    caption_key = cfg.caption_key
+
+    def normalize(batch: pd.DataFrame) -> pa.Table:
+        rows = []
+        for sample in batch.to_dict("records"):  # a member missing from this sample reads as NaN
+            members = {k.lower(): v for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes)}
+            image = next((members[e] for e in image_exts if e in members), None)
+            if image is not None:
+                uri = f"{full_uri(fs, sample['__url__'])}#{sample['__key__']}"
+                caption = _webdataset_caption(members, caption_key)
+                rows.append({"source_uri": uri, "source_bytes": image, "caption": caption})
+        return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+
+    # The reader yields pandas blocks whose columns are the members found in the shard; batch_size=None
+    # takes one block per batch, so shards with different members are never concatenated.
+    return ds.map_batches(normalize, batch_format="pandas", batch_size=None)
+
+
+def _webdataset_caption(members: dict[str, bytes], json_key: str) -> str | None:
+    if "txt" in members:
+        return members["txt"].decode("utf-8", errors="replace").strip()
+    if "json" in members:
+        try:
+            value = json.loads(members["json"]).get(json_key)
+        except (ValueError, AttributeError):  # not JSON, or not a JSON object
+            return None
+        return value if isinstance(value, str) else None
+    return None
 
 
 SOURCE_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_bytes", pa.binary()), ("caption", pa.string())])

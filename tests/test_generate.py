@@ -39,7 +39,7 @@ def generator(tiny, **gen) -> Generate:
 
 @pytest.fixture(scope="module")
 def multi(tiny_models):
-    return generator(tiny_models)
+    return generator(tiny_models, batch_size=4)  # the four test rows go through in one pipeline call
 
 
 def diffusers_pipe(tiny_models):

@@ -1,0 +1,86 @@
+"""`ray job submit` for real: a local Ray head on 127.0.0.1, a job through the Jobs API (the `ray job`
+CLI is its client), its output checked."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import job_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args, timeout=120) -> subprocess.CompletedProcess:
+    # Ray starts local clusters with token authentication (the token is in ~/.ray/auth_token);
+    # clients present it when RAY_AUTH_MODE=token, as `ray job submit` users do.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head with its dashboard (the Jobs API) on 127.0.0.1. `--block` ties the head's
+    processes to this one, so stopping it stops only this cluster (`ray stop` would stop every one)."""
+    port, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token"})
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while ray_cli("job", "list", "--address", address).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray head's Jobs API did not come up"
+            time.sleep(2)
+        yield address
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_job_submitted_with_ray_job_submit_succeeds(ray_head, tiny_models, photos_dir, tmp_path):
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job_dict(str(photos_dir), str(out), tiny_models, variants_per_image=1)))
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".venv", "models", "out", ".git"]}
+    for attempt in range(30):  # the head's job agent starts a little after its HTTP server
+        submit = ray_cli("job", "submit", "--address", ray_head, "--submission-id", f"controlnet-test-{attempt}",
+                         "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
+                         "--", sys.executable, "-m", "jobs.run", str(config), "--set", "generation.steps=2",
+                         timeout=480)
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(2)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "5 samples, 0 errors from 5 inputs" in submit.stdout
+    status = ray_cli("job", "status", "--address", ray_head, f"controlnet-test-{attempt}")
+    assert "succeeded" in (status.stdout + status.stderr).lower()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["samples"] == 5 and manifest["config"]["generation"]["steps"] == 2
+    assert sum(pq.read_metadata(f).num_rows for f in (out / "samples").glob("*.parquet")) == 5

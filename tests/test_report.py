@@ -1,0 +1,187 @@
+"""The run's documents on a real run: the HTML gallery in headless Chromium, the `report` and
+`inspect` commands, the Hugging Face dataset card, and the Croissant file."""
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.job import run
+from pipeline.models import fingerprint
+from pipeline.report import Output, gallery, inspect_text, report_html, thumbnail_uri
+from tests.conftest import job_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# an input whose name is markup: it must show as text, never become an element or break an attribute
+EVIL = 'bad"<img src=x onerror=alert(1)>.png'
+DOCUMENTS = ("report.html", "README.md", "croissant.json")
+
+
+@pytest.fixture(scope="module")
+def output(ray_session, tiny_models, photos_dir, tmp_path_factory):
+    """One run: 5 photos (2 variants each, canny + hed) and one empty file that becomes a decode error."""
+    inputs = tmp_path_factory.mktemp("report-inputs")
+    for p in photos_dir.iterdir():
+        shutil.copy(p, inputs / p.name)
+    (inputs / EVIL).write_bytes(b"")
+    out = tmp_path_factory.mktemp("report-run") / "out"
+    result = run(load_config(data=job_dict(str(inputs), str(out), tiny_models)), echo=lambda _: None)
+    assert (result.inputs, result.samples, result.errors) == (6, 10, 1)
+    return out
+
+
+def samples(out: Path, columns: list[str]) -> list[dict]:
+    return [r for f in sorted((out / "samples").glob("*.parquet")) for r in pq.read_table(f, columns=columns).to_pylist()]
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def open_in_chromium(page_path: Path) -> dict:
+    """Load a page in headless Chromium; return its images, text, console problems and non-data requests."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"headless Chromium is needed at {CHROMIUM} for this test: "
+                    f"apt-get update && apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    problems, requests = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+            page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("data:", "file:")) else None)
+            page.goto(page_path.as_uri(), wait_until="load")
+            images = page.evaluate("""[...document.images].map(i => ({
+                loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth, height: i.naturalHeight,
+                kind: i.closest('figure') ? i.closest('figure').className : null, title: i.title}))""")
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    return {"images": images, "text": text, "problems": problems, "requests": requests}
+
+
+def test_gallery_renders_every_image_in_chromium(output):
+    page = open_in_chromium(output / "report.html")
+    assert page["problems"] == []
+    assert page["requests"] == []  # self-contained: nothing fetched
+    images = page["images"]
+    assert all(i["loaded"] for i in images), [i for i in images if not i["loaded"]]
+    kinds = [i["kind"] for i in images]
+    # 5 sources, 2 control maps each, 2 generated variants each
+    assert (kinds.count("source"), kinds.count("control"), kinds.count("generated"), len(images)) == (5, 10, 10, 25)
+    assert all(min(i["width"], i["height"]) == 64 for i in images)  # 64 px images: thumbnails only shrink
+    # hovering a generated image shows its prompt and seed
+    rows = samples(output, ["seed", "prompt"])
+    titles = [i["title"] for i in images if i["kind"] == "generated"]
+    assert len(titles) == 10 and {(r["prompt"], r["seed"]) for r in rows} == {
+        (re.search(r"prompt: (.*)", t).group(1), int(re.search(r"seed: (\d+)", t).group(1))) for t in titles}
+    text = page["text"]
+    assert EVIL in text  # the error's source uri, escaped: shown as text
+    assert "empty file (0 bytes)" in text and "decode" in text
+    assert "MapBatches(Generate)" in text  # per-operator throughput parsed from stats.txt
+    assert "All 5 sources" in text
+
+
+def test_gallery_caps_sources_and_says_so(output):
+    html = report_html(Output(str(output), {}), max_sources=2)
+    assert html.count('<section class="card">') == 2
+    assert "Showing the first 2 of 5 sources" in html
+    cards, total = gallery(Output(str(output), {}), max_sources=2, px=256)
+    assert total == 5 and [c.uri for c in cards] == sorted({r["source_uri"] for r in samples(output, ["source_uri"])})[:2]
+    assert all(len(c.controls) == 2 and len(c.variants) == 2 for c in cards)
+
+
+def test_thumbnails_are_small_jpegs():
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 400), "red").save(buf, format="PNG")
+    uri = thumbnail_uri(buf.getvalue(), 256)
+    assert uri.startswith("data:image/jpeg;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        assert im.size == (256, 171)
+
+
+def test_report_command_rebuilds_the_same_documents(output, tmp_path):
+    written = {name: (output / name).read_bytes() for name in DOCUMENTS}
+    for name in DOCUMENTS:
+        (output / name).unlink()
+    proc = cli("report", str(output))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(output / name) for name in DOCUMENTS]
+    for name in DOCUMENTS:
+        assert (output / name).read_bytes() == written[name], name
+
+    proc = cli("report", str(tmp_path))
+    assert proc.returncode == 2 and "holds no manifest.json" in proc.stderr
+
+
+def test_inspect_prints_counts_errors_throughput_and_models(output, tiny_models):
+    proc = cli("inspect", str(output))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for line in ("inputs: 6", "samples: 10", "errors: 1", "samples: 10 rows in 1 files, 5 sources",
+                 "decode: 1", "1 x RejectedImage: empty file (0 bytes)", "MapBatches(Generate)"):
+        assert line in text, line
+    for key in ("base_model", "controlnet/canny", "controlnet/hed", "annotators"):
+        assert f"{tiny_models[key]} @ sha256:{fingerprint(Path(tiny_models[key]))}" in text, key
+    assert "annotator canny: (no weights)" in text
+
+
+def test_inspect_reads_no_image_bytes(output, monkeypatch):
+    import pipeline.report
+
+    asked = []
+    real = pipeline.report.pq.read_table
+    monkeypatch.setattr(pipeline.report.pq, "read_table", lambda f, columns: asked.append(columns) or real(f, columns=columns))
+    inspect_text(str(output))
+    assert asked and all(columns and not {"image", "generated", "control_canny", "control_hed"} & set(columns)
+                         for columns in asked)
+
+
+def test_dataset_card_front_matter_and_provenance(output, tiny_models):
+    import datasets
+
+    card = (output / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "samples/*.parquet"}]}]
+    assert meta["license"] == "unknown" and "controlnet" in meta["tags"]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["run_id"] in body and manifest["code_version"] in body
+    assert f"sha256:{fingerprint(Path(tiny_models['controlnet/hed']))}" in body
+    assert '{"high_threshold": 150, "low_threshold": 50}' in body  # canny params
+    assert "scheduler: unipc" in body and "variants_per_image: 2" in body
+    # the card's own config, as `datasets` reads it from the directory: samples only, not errors
+    ds = datasets.load_dataset(str(output), split="train")
+    assert ds.num_rows == 10 and isinstance(ds.features["control_hed"], datasets.Image)
+    # and the usage snippet works as written
+    snippet = re.search(r"^ds = (load_dataset\(.*\))$", body, re.MULTILINE).group(1)
+    assert eval(snippet, {"load_dataset": datasets.load_dataset}).num_rows == 10
+
+
+def test_croissant_validates_and_reads_the_samples(output):
+    import mlcroissant as mlc
+
+    dataset = mlc.Dataset(jsonld=str(output / "croissant.json"))  # raises on validation errors
+    assert not dataset.metadata.ctx.issues.errors
+    records = list(dataset.records("samples"))
+    assert sorted(r["samples/sample_id"].decode() for r in records) == sorted(r["sample_id"] for r in samples(output, ["sample_id"]))
+    sizes = {r["sample_id"]: (r["width"], r["height"]) for r in samples(output, ["sample_id", "width", "height"])}
+    assert all(r["samples/generated"].size == sizes[r["samples/sample_id"].decode()] for r in records)
+    assert {r["samples/variant_index"] for r in records} == {0, 1}

@@ -1,0 +1,124 @@
+"""Sources beyond image folders: WebDataset tar shards and Hugging Face `datasets` Parquet exports."""
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import SourceConfig, load_config
+from pipeline.job import run
+from pipeline.sources import SourceError, list_files, read_source
+from tests.conftest import job_dict, write_photos
+
+
+def read(out: Path, kind: str) -> list[dict]:
+    return pa.concat_tables([pq.read_table(f) for f in sorted((out / kind).glob("*.parquet"))]).to_pylist()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, bytes]:
+    directory = tmp_path_factory.mktemp("source-photos")
+    paths = write_photos(directory, names=("astronaut", "coffee", "rocket"))
+    paths += write_photos(directory, names=("chelsea",), fmt="png")
+    return {p.name: p.read_bytes() for p in paths}
+
+
+def test_missing_path_is_a_source_error_naming_it(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(SourceError, match=f"source.path '{missing}' does not exist"):
+        list_files(SourceConfig(type="webdataset", path=missing), ["tar"])
+    (tmp_path / "notes.txt").write_text("no shards here")
+    with pytest.raises(SourceError, match=r"holds no files with extensions \['.tar'\]"):
+        list_files(SourceConfig(type="webdataset", path=str(tmp_path)), ["tar"])
+
+
+def test_webdataset_job(ray_session, tiny_models, photos, tmp_path):
+    """Captions from .txt or a configured .json key; an undecodable image is an error row, not a failed job."""
+    meta = lambda alt: json.dumps({"alt": alt, "caption": "not this key"}).encode()  # noqa: E731
+    write_tar(tmp_path / "shard-000.tar", [
+        ("astronaut.jpg", photos["astronaut.jpg"]), ("astronaut.txt", b"an astronaut\n"),
+        ("chelsea.png", photos["chelsea.png"]), ("chelsea.json", meta("a cat")),
+    ])
+    write_tar(tmp_path / "shard-001.tar", [
+        ("coffee.jpg", photos["coffee.jpg"]), ("coffee.json", meta("a cup")),
+        ("broken.jpg", photos["rocket.jpg"][:500]), ("broken.txt", b"a broken rocket"),
+        ("readme.txt", b"a sample without an image is not an input"),
+    ])
+    data = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models, variants_per_image=1)
+    data["source"] = {"type": "webdataset", "path": str(tmp_path / "shard-*.tar"), "caption_key": "alt"}
+    result = run(load_config(data=data), echo=lambda _: None)
+
+    assert (result.inputs, result.samples, result.errors) == (4, 3, 1)
+    samples = {r["source_uri"]: r for r in read(tmp_path / "out", "samples")}
+    shard0, shard1 = (str(tmp_path / f"shard-00{i}.tar") for i in (0, 1))
+    assert {uri: r["caption"] for uri, r in samples.items()} == {
+        f"{shard0}#astronaut": "an astronaut", f"{shard0}#chelsea": "a cat", f"{shard1}#coffee": "a cup"}
+    assert samples[f"{shard0}#chelsea"]["prompt"] == "a painting of a cat"
+    assert samples[f"{shard1}#coffee"]["source_sha256"] == hashlib.sha256(photos["coffee.jpg"]).hexdigest()
+    (error,) = read(tmp_path / "out", "errors")
+    assert error["source_uri"] == f"{shard1}#broken" and error["stage"] == "decode"
+    assert error["source_sha256"] == hashlib.sha256(photos["rocket.jpg"][:500]).hexdigest()
+
+
+def test_webdataset_members_and_captions(ray_session, photos, tmp_path):
+    image = photos["coffee.jpg"]
+    write_tar(tmp_path / "shard.tar", [
+        ("a.jpg", image), ("a.txt", b"from txt"), ("a.json", b'{"caption": "from json"}'),  # .txt wins
+        ("b.JPEG", image), ("b.json", b'{"caption": "default key"}'),  # extensions match in any case
+        ("c.webp", image), ("c.json", b"not json"),  # a broken .json is no caption, not a failure
+        ("dir/d.png", image), ("dir/d.json", b'{"caption": ["not", "a string"]}'),
+        ("e.tiff", image),
+    ])
+    rows = read_source(SourceConfig(type="webdataset", path=str(tmp_path))).take_all()
+    rows = {r["source_uri"].split("#")[1]: r for r in rows}
+    assert {k: r["caption"] for k, r in rows.items()} == {
+        "a": "from txt", "b": "default key", "c": None, "dir/d": None, "e": None}
+    assert all(r["source_bytes"] == image for r in rows.values())
+    limited = SourceConfig(type="webdataset", path=str(tmp_path / "shard.tar"), extensions=["jpg", "png"], limit=1)
+    assert len(read_source(limited).take_all()) == 1
+    only_jpg_png = SourceConfig(type="webdataset", path=str(tmp_path / "shard.tar"), extensions=["jpg", "png"])
+    assert sorted(r["source_uri"].split("#")[1] for r in read_source(only_jpg_png).take_all()) == ["a", "dir/d"]
+
+
+def test_hugging_face_datasets_parquet_export(ray_session, tiny_models, photos, tmp_path):
+    """The Image feature is a {bytes, path} struct: embedded bytes, or a path to the file."""
+    import datasets
+
+    (tmp_path / "coffee.jpg").write_bytes(photos["coffee.jpg"])
+    images = [{"bytes": photos["astronaut.jpg"], "path": "astronaut.jpg"},
+              {"bytes": photos["chelsea.png"], "path": "chelsea.png"},
+              {"bytes": None, "path": str(tmp_path / "coffee.jpg")},
+              {"bytes": b"not an image", "path": "broken.jpg"}]
+    ds = datasets.Dataset.from_dict({"image": images, "text": ["an astronaut", "a cat", "a cup", "nothing"]})
+    export = tmp_path / "train-00000-of-00001.parquet"
+    ds.cast_column("image", datasets.Image()).to_parquet(str(export))
+    assert json.loads(pq.read_schema(export).metadata[b"huggingface"])["info"]["features"]["image"]["_type"] == "Image"
+
+    data = job_dict(str(export), str(tmp_path / "out"), tiny_models, variants_per_image=1)
+    data["source"] = {"type": "parquet", "path": str(export), "caption_column": "text"}
+    result = run(load_config(data=data), echo=lambda _: None)
+
+    assert (result.inputs, result.samples, result.errors) == (4, 3, 1)
+    samples = {r["source_uri"]: r for r in read(tmp_path / "out", "samples")}
+    assert {uri: r["prompt"] for uri, r in samples.items()} == {
+        f"{export}#astronaut.jpg": "a painting of an astronaut",
+        f"{export}#chelsea.png": "a painting of a cat",
+        str(tmp_path / "coffee.jpg"): "a painting of a cup",
+    }
+    assert samples[f"{export}#chelsea.png"]["source_sha256"] == hashlib.sha256(photos["chelsea.png"]).hexdigest()
+    (error,) = read(tmp_path / "out", "errors")
+    assert error["source_uri"] == f"{export}#broken.jpg" and error["stage"] == "decode"
