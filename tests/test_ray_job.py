@@ -40,11 +40,14 @@ def ray_head():
     """A separate Ray head with its dashboard (the Jobs API) on 127.0.0.1. `--block` ties the head's
     processes to this one, so stopping it stops only this cluster (`ray stop` would stop every one)."""
     port, dashboard = free_port(), free_port()
+    # fixed default agent ports would collide with the test session's own Ray instance
+    agent_ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                          "metrics-export-port", "runtime-env-agent-port")]
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--disable-usage-stats", *agent_ports],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "RAY_AUTH_MODE": "token"})
     address = f"http://127.0.0.1:{dashboard}"
