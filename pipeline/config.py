@@ -122,6 +122,9 @@ class GenerationConfig(Strict):
         "auto", description="auto: float16 on GPU, float32 on CPU."
     )
     local_files_only: bool = False
+    allow_pickle: bool = Field(
+        False, description="Also load pickle checkpoints (.bin/.ckpt). Default: safetensors only, as pickle can run code."
+    )
     scheduler: Literal[SCHEDULERS] = "unipc"  # type: ignore[valid-type]
     steps: int = Field(20, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0)
@@ -136,8 +139,17 @@ class GenerationConfig(Strict):
 class OutputConfig(Strict):
     path: str = Field(description="Output directory; local path or fsspec URL.")
     overwrite: bool = Field(False, description="Replace what an earlier run wrote under path.")
+    new_version: bool = Field(
+        False, description="If path holds a run of another config, write to path-v2 (-v3, ...) instead of refusing."
+    )
     storage_options: dict[str, Any] = {}
     rows_per_file: int = Field(1000, ge=1, description="Upper bound of rows per Parquet file.")
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> OutputConfig:
+        if self.overwrite and self.new_version:
+            raise ValueError("set at most one of overwrite and new_version")
+        return self
 
 
 class JobConfig(Strict):

@@ -56,7 +56,8 @@ def load_pipeline(gen: GenerationConfig, base: ResolvedModel, controlnets: list[
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     dtype = torch_dtype(gen.dtype, device)
-    common = {"dtype": dtype, "local_files_only": gen.local_files_only}
+    # safetensors only unless the config allows pickle checkpoints (None: diffusers' own preference)
+    common = {"dtype": dtype, "local_files_only": gen.local_files_only, "use_safetensors": None if gen.allow_pickle else True}
     nets = [ControlNetModel.from_pretrained(m.load_path, revision=m.load_revision, **common) for m in controlnets]
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         base.load_path,

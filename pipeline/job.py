@@ -18,17 +18,14 @@ import ray
 from pipeline.annotators import ANNOTATORS
 from pipeline.config import JobConfig
 from pipeline.generate import Generate
-from pipeline.models import ResolvedModel, resolve_model
+from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
 from pipeline.provenance import code_version, library_versions, new_run_id, write_json
+from pipeline.resume import OutputExists, SkipWritten, Written, fingerprint, job_identity, open_output, read_written
 from pipeline.sinks import SplitParquetSink
 from pipeline.sources import filesystem, read_source
 from pipeline.stages import Annotate, Decode, ExpandVariants
 
 SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
-
-
-class OutputExists(RuntimeError):
-    """The output path already holds a run and the config does not say to overwrite it."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +66,19 @@ def resolve_models(cfg: JobConfig) -> Models:
         cls = ANNOTATORS[a.name]
         model = a.model or cls.default_model
         annotators[a.key] = resolve_model(model, a.revision, cls.weights_file, gen.local_files_only) if model else None
-    return Models(
+    models = Models(
         annotators=annotators,
         base=resolve_model(gen.base_model, gen.revision, "model_index.json", gen.local_files_only),
         controlnets=[resolve_model(cn.model, cn.revision, "config.json", gen.local_files_only) for cn in gen.controlnets],
     )
+    if not gen.allow_pickle:
+        for m in [models.base, *models.controlnets]:
+            if pickled := pickle_only_weights(m):
+                raise ModelUnavailable(
+                    f"model {m.model!r} has pickle weights only ({', '.join(pickled[:3])}); pickle can run code when "
+                    f"loaded. Convert them to safetensors, or set generation.allow_pickle=true if you trust the source"
+                )
+    return models
 
 
 def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict[str, float]:
@@ -87,13 +92,23 @@ def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict
     return {k: round(v * scale, 3) for k, v in wanted.items()}
 
 
-def build_dataset(cfg: JobConfig, models: Models) -> ray.data.Dataset:
+def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None) -> ray.data.Dataset:
+    """The job's Dataset; with `written` (an earlier run's output) the work it holds is skipped."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     cpu_share = actor_cpus(cfg, models, gpus, cpus)
+    gen = cfg.generation
+    skip = None
+    if written is not None:
+        done = ray.put((written.done_samples, written.done_sources))
+        skip = SkipWritten(done, cfg.seed, gen.variants_per_image, after_decode=True)
 
     ds = read_source(cfg.source)
+    if skip is not None:
+        ds = ds.map_batches(SkipWritten(done, cfg.seed, gen.variants_per_image, after_decode=False), batch_format="pyarrow")
     ds = ds.map_batches(Decode(cfg.image, cfg.source.storage_options), batch_format="pyarrow", batch_size=16)
+    if skip is not None:
+        ds = ds.map_batches(skip, batch_format="pyarrow")
     for a in cfg.annotators:
         model = models.annotators[a.key]
         if model is None:
@@ -107,8 +122,7 @@ def build_dataset(cfg: JobConfig, models: Models) -> ray.data.Dataset:
                 batch_format="pyarrow",
                 **({"num_gpus": a.num_gpus} if gpus and a.num_gpus else {"num_cpus": cpu_share[a.key]}),
             )
-    gen = cfg.generation
-    ds = ds.map_batches(ExpandVariants(cfg.seed, gen.variants_per_image, gen.prompt), batch_format="pyarrow")
+    ds = ds.map_batches(ExpandVariants(cfg.seed, gen.variants_per_image, gen.prompt, skip), batch_format="pyarrow")
     return ds.map_batches(
         Generate,
         fn_constructor_kwargs={"gen": gen, "base": models.base, "controlnets": models.controlnets},
@@ -117,17 +131,6 @@ def build_dataset(cfg: JobConfig, models: Models) -> ray.data.Dataset:
         batch_format="pyarrow",
         **({"num_gpus": gen.num_gpus} if gpus and gen.num_gpus else {"num_cpus": cpu_share["generate"]}),
     )
-
-
-def prepare_output(cfg: JobConfig) -> None:
-    fs, root = filesystem(cfg.output.path, cfg.output.storage_options)
-    existing = [p for p in ("manifest.json", "samples", "errors") if fs.exists(posixpath.join(root, p))]
-    if existing and not cfg.output.overwrite:
-        raise OutputExists(f"output.path {cfg.output.path} already holds a run ({', '.join(existing)}); "
-                           f"choose another path or set output.overwrite=true")
-    for p in existing:
-        fs.rm(posixpath.join(root, p), recursive=True)
-    fs.makedirs(root, exist_ok=True)
 
 
 def redacted(value: Any) -> Any:
@@ -140,49 +143,62 @@ def redacted(value: Any) -> Any:
 
 
 def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None] = print) -> RunResult:
-    """Run a job on the Ray instance this process is connected to (one is started if none is)."""
-    models = models or resolve_models(cfg)
-    prepare_output(cfg)
-    run_id, started = new_run_id(), datetime.now(timezone.utc)
-    control_ids = [a.key for a in cfg.annotators]
-    version = code_version()
-    sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
-                            cfg.output.rows_per_file)
-    echo(f"run {run_id}: {cfg.source.path} -> {cfg.output.path}")
-    t0 = time.perf_counter()
-    ds = build_dataset(cfg, models)
-    ds.write_datasink(sink)
-    seconds = time.perf_counter() - t0
+    """Run a job on the Ray instance this process is connected to (one is started if none is).
 
-    totals = sink.totals
-    variants = cfg.generation.variants_per_image
-    # every input ends as one error row before expansion, or as `variants` rows (samples or errors) after it
-    inputs = totals["errors"] - totals["expanded_errors"] + (totals["samples"] + totals["expanded_errors"]) // variants
-    stats = ds.stats()
-    manifest = {
+    Into an output path holding an interrupted run of the same job, it resumes: what is written
+    stays, the rest is done."""
+    models = models or resolve_models(cfg)
+    identity = job_identity(cfg, models.provenance())
+    target = open_output(cfg, identity)
+    if target.path != cfg.output.path:
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": target.path})})
+    run_id, started = new_run_id(), datetime.now(timezone.utc)
+    version = code_version()
+    manifest: dict[str, Any] = {
         "run_id": run_id,
-        "completed": True,
+        "completed": False,
+        "job_fingerprint": fingerprint(identity),
+        "runs": (target.manifest or {}).get("runs", []) + [{"run_id": run_id, "started_at": started.isoformat()}],
         "started_at": started.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
         "code_version": version,
         "versions": library_versions(),
         "config": redacted(cfg.model_dump(mode="json")),
+        "job_identity": identity,
         "models": models.provenance(),
-        "counts": {
-            "inputs": inputs,
-            "rejected_inputs": totals["errors"] - totals["expanded_errors"],
-            "samples": totals["samples"],
-            "failed_samples": totals["expanded_errors"],
-            "errors": totals["errors"],
-            "errors_by_stage": totals["errors_by_stage"],
-        },
-        "timings": {"total_s": round(seconds, 3), "samples_per_s": round(totals["samples"] / seconds, 4) if seconds else None},
-        "files": totals["files"],
     }
+    manifest_url = posixpath.join(cfg.output.path, "manifest.json")
+    write_json(manifest_url, manifest, cfg.output.storage_options)  # marks the path as this job's, in progress
+    if target.resuming:
+        echo(f"run {run_id}: resuming {cfg.output.path}: {len(target.written.done_samples)} samples and "
+             f"{len(target.written.done_sources)} rejected inputs already written are skipped")
+    else:
+        echo(f"run {run_id}: {cfg.source.path} -> {cfg.output.path}")
+
+    control_ids = [a.key for a in cfg.annotators]
+    sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
+                            cfg.output.rows_per_file)
+    t0 = time.perf_counter()
+    ds = build_dataset(cfg, models, target.written if target.resuming else None)
+    ds.write_datasink(sink)
+    seconds = time.perf_counter() - t0
+
+    written = read_written(cfg.output.path, cfg.output.storage_options)
+    counts = written.counts(cfg.generation.variants_per_image)
+    stats = ds.stats()
+    manifest.update({
+        "completed": True,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "counts": counts,
+        "this_run": {"samples": sink.totals["samples"], "errors": sink.totals["errors"]},
+        "timings": {"total_s": round(seconds, 3),
+                    "samples_per_s": round(sink.totals["samples"] / seconds, 4) if seconds else None},
+        "files": written.files,
+    })
+    manifest["runs"][-1]["finished_at"] = manifest["finished_at"]
     fs, root = filesystem(cfg.output.path, cfg.output.storage_options)
     with fs.open(posixpath.join(root, "stats.txt"), "w") as f:
         f.write(stats + "\n")
-    write_json(posixpath.join(cfg.output.path, "manifest.json"), manifest, cfg.output.storage_options)
+    write_json(manifest_url, manifest, cfg.output.storage_options)
     from pipeline.report import write_documents  # report.html, README.md, croissant.json: read the output back
 
     try:
@@ -190,4 +206,4 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
     except Exception as e:  # noqa: BLE001 - the run's data and manifest are written; the documents can be rebuilt
         echo(f"warning: could not write the run's report: {type(e).__name__}: {e} "
              f"(rebuild with `python -m pipeline report {cfg.output.path}`)")
-    return RunResult(run_id, cfg.output.path, inputs, totals["samples"], totals["errors"], seconds, manifest)
+    return RunResult(run_id, cfg.output.path, counts["inputs"], counts["samples"], counts["errors"], seconds, manifest)

@@ -71,6 +71,29 @@ def resolve_model(model: str, revision: str | None, probe_file: str, local_files
     return ResolvedModel(model, revision, commit, None)
 
 
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def pickle_only_weights(model: ResolvedModel) -> list[str]:
+    """Weight files of a diffusers/transformers model that exist only as pickle (no .safetensors
+    next to them): loading those can run arbitrary code."""
+    if model.local_dir:
+        files = [str(p.relative_to(model.local_dir)) for p in Path(model.local_dir).rglob("*") if p.is_file()]
+    else:
+        try:
+            files = huggingface_hub.HfApi().list_repo_files(model.model, revision=model.commit)
+        except Exception:  # noqa: BLE001 - offline: judge by what the cache holds
+            cached = [huggingface_hub.try_to_load_from_cache(model.model, probe, revision=model.commit)
+                      for probe in ("model_index.json", "config.json")]
+            root = next((Path(c).parent for c in cached if isinstance(c, str)), None)
+            files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()] if root else []
+    folders: dict[str, list[str]] = {}
+    for f in files:
+        folders.setdefault(os.path.dirname(f), []).append(f)
+    return sorted(f for group in folders.values() if not any(g.endswith(".safetensors") for g in group)
+                  for f in group if f.endswith(PICKLE_SUFFIXES))
+
+
 def fingerprint(directory: Path) -> str:
     """sha256 over every file's relative path and content: the identity of a local model directory."""
     digest = hashlib.sha256()

@@ -2,11 +2,13 @@
 `errors/`, each as Parquet in the documented schema.
 
 Files are written under a temporary name and renamed into place, so a reader never sees a
-partial Parquet file. Each write task returns its counts; the driver adds them up for the manifest.
+partial Parquet file; a file's name derives from the rows it holds, so a retried write task
+replaces its file instead of duplicating rows. Each write task returns its counts; the driver adds them up for the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import uuid
@@ -77,8 +79,11 @@ class SplitParquetSink(Datasink[dict]):
     def _write(self, fs, root: str, kind: str, rows: list[dict], schema: pa.Schema) -> list[str]:
         written = []
         for start in range(0, len(rows), self.rows_per_file):
-            table = pa.Table.from_pylist(rows[start : start + self.rows_per_file], schema=schema)
-            name = f"{kind}/part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet"
+            chunk = rows[start : start + self.rows_per_file]
+            table = pa.Table.from_pylist(chunk, schema=schema)
+            # named by the rows it holds: a write task Ray retries replaces its own file, never adds a copy
+            keys = "\n".join(f"{r['sample_id']}|{r['source_uri']}" for r in chunk)
+            name = f"{kind}/part-{hashlib.sha256(keys.encode()).hexdigest()[:32]}.parquet"
             final = posixpath.join(root, name)
             tmp = posixpath.join(root, kind, f".tmp-{uuid.uuid4().hex}")
             with fs.open(tmp, "wb") as f:

@@ -144,8 +144,9 @@ def render_prompt(cfg: PromptConfig, variant: int, caption: str | None) -> str:
 class ExpandVariants:
     """Each source row becomes `variants` sample rows with id, seed and prompt."""
 
-    def __init__(self, job_seed: int, variants: int, prompts: PromptConfig):
+    def __init__(self, job_seed: int, variants: int, prompts: PromptConfig, skip: Any = None):
         self.job_seed, self.variants, self.prompts = job_seed, variants, prompts
+        self.skip = skip  # resume.SkipWritten of an earlier run of the job, or None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return map_rows("expand", batch, self.expand)
@@ -154,6 +155,8 @@ class ExpandVariants:
         out = []
         for v in range(self.variants):
             sample_id, seed = sample_identity(self.job_seed, row["source_sha256"], v)
+            if self.skip is not None and self.skip.variant_done(sample_id):
+                continue
             prompt = render_prompt(self.prompts, v, row.get("caption"))
             out.append({**row, "sample_id": sample_id, "variant_index": v, "seed": seed, "prompt": prompt,
                         "negative_prompt": self.prompts.negative})

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.job import OutputExists, run
+from pipeline.job import run
 from pipeline.models import file_sha256, fingerprint
 from pipeline.schema import samples_schema, errors_schema
 from pipeline.stages import sample_identity
@@ -57,7 +57,8 @@ def test_counts_and_accounting(first_run):
     cfg, result, out = first_run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"inputs": 7, "rejected_inputs": 2, "samples": 10, "failed_samples": 0,
-                                  "errors": 2, "errors_by_stage": {"decode": 2}}
+                                  "errors": 2, "errors_by_stage": {"decode": 2},
+                                  "duplicate_sample_ids": 0}
     assert (result.inputs, result.samples, result.errors) == (7, 10, 2)
     assert read(out, "samples").num_rows == 10
     assert manifest["completed"] is True
@@ -178,12 +179,6 @@ def test_parquet_source_with_captions(ray_session, tiny_models, photos_dir, tmp_
     assert all(r["source_uri"].startswith(str(tmp_path / "shard-0.parquet") + "#sha256=") for r in rows)
     (error,) = read(tmp_path / "out", "errors").to_pylist()
     assert error["stage"] == "decode"
-
-
-def test_refuses_to_overwrite_a_previous_run(first_run):
-    cfg, _, out = first_run
-    with pytest.raises(OutputExists, match="output.overwrite=true"):
-        run(cfg)
 
 
 def cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -71,10 +71,17 @@ def test_job_reads_from_and_writes_to_s3(s3, photos, s3_run):
     assert not [n for n in objects if ".tmp-" in n]  # temporary names were all renamed away
 
 
-def test_refuses_to_overwrite_a_run_on_s3(s3_run):
+def test_same_job_resumes_and_another_job_is_refused_on_s3(s3, s3_run):
     cfg, _ = s3_run
-    with pytest.raises(OutputExists, match="already holds a run"):
-        run(cfg)
+    before = {n: d for n, d in output_objects(s3).items() if n.endswith(".parquet")}
+    again = run(cfg)  # the same job into the same prefix: resumes, finds nothing left to do
+    assert again.manifest["this_run"] == {"samples": 0, "errors": 0}
+    assert (again.inputs, again.samples, again.errors) == (6, 5, 1)
+    assert {n: d for n, d in output_objects(s3).items() if n.endswith(".parquet")} == before
+    data = cfg.model_dump()
+    data["generation"]["steps"] = 4
+    with pytest.raises(OutputExists, match=r"different job \(changed: generation.steps\)"):
+        run(load_config(data=data))
 
 
 def test_secret_key_is_in_no_output_object(s3, s3_run):

@@ -1,0 +1,222 @@
+"""Resume: what an earlier run into the same output path wrote, and whether it was the same job.
+
+A run writes `manifest.json` with `completed: false` and the job's fingerprint before any data
+moves, and again with `completed: true` and the counts at the end. Re-running the same command
+after a crash (driver or worker killed) reads the ids already written to `samples/` and `errors/`
+and skips that work, so the job ends with every input exactly once. A different job into the same
+path is refused unless the config says to overwrite it or to write a new version next to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import JobConfig
+from pipeline.sources import filesystem
+from pipeline.stages import Row, map_rows, sample_identity
+
+# Settings that change how fast a job runs or where it reads credentials, not what it writes;
+# a resume may change them (e.g. more actors on a bigger cluster, or a bigger `limit`).
+EXECUTION_KEYS = {"num_gpus", "num_cpus", "actors", "batch_size", "storage_options", "limit", "local_files_only"}
+RUN_FILES = ("manifest.json", "samples", "errors", "stats.txt", "report.html", "README.md", "croissant.json")
+
+
+class OutputExists(RuntimeError):
+    """The output path holds a different job's run and the config does not say what to do with it."""
+
+
+def job_identity(cfg: JobConfig, models_provenance: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides what the job writes: the config without output and execution
+    settings, plus the resolved revision of every model."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in EXECUTION_KEYS}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    identity = strip({k: v for k, v in cfg.model_dump(mode="json").items() if k != "output"})
+    identity["model_revisions"] = _revisions(models_provenance)
+    return identity
+
+
+def _revisions(provenance: Any) -> Any:
+    if isinstance(provenance, dict):
+        if "commit" in provenance:
+            return provenance["commit"]
+        return {k: _revisions(v) for k, v in provenance.items()}
+    if isinstance(provenance, list):
+        return [_revisions(v) for v in provenance]
+    return provenance
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the Parquet files under an output path hold (read from their id columns only)."""
+
+    sample_ids: list[str] = field(default_factory=list)  # samples/, one per row
+    errors: list[dict[str, Any]] = field(default_factory=list)  # errors/: sample_id, source_uri, stage
+    files: list[str] = field(default_factory=list)  # relative to the output path
+
+    @property
+    def done_samples(self) -> frozenset[str]:
+        """Sample ids that are finished: written as a sample or as a failed sample."""
+        return frozenset(self.sample_ids) | {e["sample_id"] for e in self.errors if e["sample_id"]}
+
+    @property
+    def done_sources(self) -> frozenset[str]:
+        """Sources rejected before variants existed (unreadable, not an image, annotator failure)."""
+        return frozenset(e["source_uri"] for e in self.errors if not e["sample_id"])
+
+    def counts(self, variants: int) -> dict[str, Any]:
+        rejected = sum(1 for e in self.errors if not e["sample_id"])
+        failed = len(self.errors) - rejected
+        ids = Counter(self.sample_ids + [e["sample_id"] for e in self.errors if e["sample_id"]])
+        return {
+            # every input ends as one error row before expansion, or as `variants` rows after it
+            "inputs": rejected + (len(self.sample_ids) + failed) // variants,
+            "rejected_inputs": rejected,
+            "samples": len(self.sample_ids),
+            "failed_samples": failed,
+            "errors": len(self.errors),
+            "errors_by_stage": dict(Counter(e["stage"] for e in self.errors)),
+            "duplicate_sample_ids": sum(n - 1 for n in ids.values() if n > 1),
+        }
+
+
+def read_written(path: str, storage_options: dict[str, Any]) -> Written:
+    fs, root = filesystem(path, storage_options)
+    tables, files = {}, []
+    for kind, columns in (("samples", ["sample_id"]), ("errors", ["sample_id", "source_uri", "stage"])):
+        names = sorted(p for p in fs.glob(posixpath.join(root, kind, "*.parquet")))
+        files += [posixpath.relpath(p, root) for p in names]
+        parts = []
+        for name in names:
+            with fs.open(name, "rb") as f:
+                parts.append(pq.read_table(f, columns=columns))
+        tables[kind] = pa.concat_tables(parts).to_pylist() if parts else []
+    return Written([r["sample_id"] for r in tables["samples"]], tables["errors"], files)
+
+
+@dataclass(frozen=True)
+class Output:
+    path: str
+    manifest: dict[str, Any] | None  # the earlier run's manifest when resuming
+    written: Written
+
+    @property
+    def resuming(self) -> bool:
+        return self.manifest is not None
+
+
+def read_manifest(path: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    fs, root = filesystem(path, storage_options)
+    name = posixpath.join(root, "manifest.json")
+    if not fs.exists(name):
+        return None
+    with fs.open(name, "r") as f:
+        return json.load(f)
+
+
+def open_output(cfg: JobConfig, identity: dict[str, Any]) -> Output:
+    """Decide where this run writes: a fresh path, the same job's earlier run (resume), a new
+    version next to a different job's run, or nowhere (OutputExists)."""
+    out, options = cfg.output, cfg.output.storage_options
+    fs, root = filesystem(out.path, options)
+    existing = [p for p in RUN_FILES if fs.exists(posixpath.join(root, p))]
+    if out.overwrite:
+        for p in existing:
+            fs.rm(posixpath.join(root, p), recursive=True)
+        existing = []
+    if not existing:
+        fs.makedirs(root, exist_ok=True)
+        return Output(out.path, None, Written())
+    manifest = read_manifest(out.path, options)
+    if manifest and manifest.get("job_fingerprint") == fingerprint(identity):
+        _remove_temporaries(fs, root)
+        return Output(out.path, manifest, read_written(out.path, options))
+    if out.new_version:
+        base, n = _version_base(out.path), 2
+        while True:
+            candidate = cfg.model_copy(update={"output": out.model_copy(update={"path": f"{base}-v{n}", "new_version": False})})
+            try:
+                return open_output(candidate, identity)
+            except OutputExists:
+                n += 1
+    if manifest is None:
+        raise OutputExists(f"output.path {out.path} holds files ({', '.join(existing)}) but no manifest.json; "
+                           f"choose another path or set output.overwrite=true")
+    changed = differences(manifest.get("job_identity"), identity) if manifest.get("job_identity") else ["(unknown)"]
+    raise OutputExists(
+        f"output.path {out.path} holds a run of a different job (changed: {', '.join(changed[:8])}"
+        f"{', ...' if len(changed) > 8 else ''}); set output.overwrite=true to replace it, "
+        f"output.new_version=true to write next to it, or choose another path"
+    )
+
+
+def _version_base(path: str) -> str:
+    head, sep, tail = path.rstrip("/").rpartition("-v")
+    return head if sep and tail.isdigit() else path.rstrip("/")
+
+
+def _remove_temporaries(fs, root: str) -> None:
+    """Temporary files of writes a crash interrupted (never listed in a manifest)."""
+    for pattern in (".tmp-*", "samples/.tmp-*", "errors/.tmp-*"):
+        for p in fs.glob(posixpath.join(root, pattern)):
+            fs.rm(p)
+
+
+class SkipWritten:
+    """Drop work an earlier run of this job wrote. Before decode: sources rejected as a whole.
+    After decode: sources whose every variant is written (so no annotator runs for them again)."""
+
+    def __init__(self, done_ref, job_seed: int, variants: int, after_decode: bool):
+        self.done_ref, self.job_seed, self.variants, self.after_decode = done_ref, job_seed, variants, after_decode
+        self._done: tuple[frozenset[str], pa.Array] | None = None
+
+    def done(self) -> tuple[frozenset[str], pa.Array]:
+        """(finished sample ids, rejected source uris), fetched once per worker."""
+        if self._done is None:
+            import ray
+
+            samples, sources = ray.get(self.done_ref)
+            self._done = samples, pa.array(sorted(sources), pa.string())
+        return self._done
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        samples, sources = self.done()
+        if not self.after_decode:
+            return batch.filter(pc.invert(pc.is_in(batch["source_uri"], value_set=sources)))
+        return map_rows("resume", batch, lambda row: [] if self.finished(row, samples) else [row])
+
+    def finished(self, row: Row, samples: frozenset[str]) -> bool:
+        return all(sample_identity(self.job_seed, row["source_sha256"], v)[0] in samples for v in range(self.variants))
+
+    def variant_done(self, sample_id: str) -> bool:
+        return sample_id in self.done()[0]

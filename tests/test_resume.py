@@ -1,0 +1,234 @@
+"""Resume and faults on local Ray: a killed driver, a killed actor, a changed config, partial output.
+
+The invariant checked everywhere: every input ends up exactly once, either as its samples in
+`samples/` or as an error row in `errors/`; no sample_id twice, none missing.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.job import OutputExists, run
+from pipeline.stages import sample_identity
+from tests.conftest import PHOTOS, job_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = 2
+
+
+def make_inputs(directory: Path, per_photo: int) -> tuple[Path, set[str], set[str]]:
+    """Distinct crops of the real photographs plus two bad files; returns (dir, good names, bad names)."""
+    from skimage import data
+
+    directory.mkdir(parents=True, exist_ok=True)
+    good = set()
+    for name in PHOTOS:
+        photo = np.asarray(getattr(data, name)())
+        for k in range(per_photo):
+            crop = photo[8 * k : 8 * k + 200, 12 * k : 12 * k + 240]
+            Image.fromarray(crop).save(directory / f"{name} crop {k}.jpg")  # spaces in names on purpose
+            good.add(f"{name} crop {k}.jpg")
+    (directory / "truncated.jpg").write_bytes((directory / f"{PHOTOS[0]} crop 0.jpg").read_bytes()[:500])
+    (directory / "text.jpg").write_text("this is not a picture")
+    return directory, good, {"truncated.jpg", "text.jpg"}
+
+
+def expected_ids(directory: Path, names: set[str], seed: int = 7) -> set[str]:
+    return {sample_identity(seed, hashlib.sha256((directory / n).read_bytes()).hexdigest(), v)[0]
+            for n in names for v in range(VARIANTS)}
+
+
+def table(out: Path, kind: str) -> pa.Table:
+    files = sorted((out / kind).glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f, columns=["sample_id", "source_uri"]) for f in files])
+
+
+def check_exactly_once(out: Path, directory: Path, good: set[str], bad: set[str]) -> dict:
+    """Every input exactly once; returns the manifest."""
+    samples = table(out, "samples").to_pylist()
+    ids = [r["sample_id"] for r in samples]
+    assert len(ids) == len(set(ids)), "a sample_id appears twice"
+    assert set(ids) == expected_ids(directory, good), "samples missing or unexpected"
+    errors = table(out, "errors").to_pylist()
+    assert sorted(Path(e["source_uri"]).name for e in errors) == sorted(bad)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["completed"] is True
+    assert manifest["counts"]["inputs"] == len(good) + len(bad)
+    assert manifest["counts"]["samples"] == len(good) * VARIANTS
+    assert manifest["counts"]["duplicate_sample_ids"] == 0
+    assert sorted(manifest["files"]) == sorted(str(p.relative_to(out)) for p in out.glob("*/*.parquet"))
+    assert not list(out.rglob(".tmp-*"))
+    return manifest
+
+
+def parquet_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.glob("*/*.parquet")}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("small"), per_photo=1)
+
+
+def config(directory: Path, out: Path, tiny, **generation):
+    return load_config(data=job_dict(str(directory), str(out), tiny, **generation))
+
+
+def test_rerun_of_a_finished_job_redoes_nothing(ray_session, tiny_models, small, tmp_path):
+    directory, good, bad = small
+    cfg = config(directory, tmp_path / "out", tiny_models)
+    first = run(cfg)
+    before = parquet_bytes(tmp_path / "out")
+    again = run(cfg)
+    assert again.manifest["this_run"] == {"samples": 0, "errors": 0}
+    assert parquet_bytes(tmp_path / "out") == before  # nothing rewritten, nothing added
+    manifest = check_exactly_once(tmp_path / "out", directory, good, bad)
+    assert [r["run_id"] for r in manifest["runs"]] == [first.run_id, again.run_id]
+
+
+def test_interrupted_output_is_completed_without_redoing_work(ray_session, tiny_models, small, tmp_path):
+    """A crash leaves some files written, a temporary file and a manifest saying completed: false."""
+    directory, good, bad = small
+    out = tmp_path / "out"
+    cfg = config(directory, out, tiny_models, batch_size=1)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"rows_per_file": 1})})
+    run(cfg)
+    files = sorted(out.glob("samples/*.parquet"))
+    lost = files[::3]  # as if these writes never happened
+    lost_ids = {pq.read_table(f)["sample_id"][0].as_py() for f in lost}
+    kept = {str(p.relative_to(out)): p.read_bytes() for p in files if p not in lost}
+    for f in lost:
+        f.unlink()
+    (out / "samples" / ".tmp-0123").write_bytes(b"PAR1 half a file")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["completed"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+    result = run(cfg)
+    assert result.manifest["this_run"] == {"samples": len(lost), "errors": 0}  # only the lost ones were redone
+    assert {r["sample_id"] for r in table(out, "samples").to_pylist()} >= lost_ids
+    assert all((out / name).read_bytes() == data for name, data in kept.items())  # finished work untouched
+    check_exactly_once(out, directory, good, bad)
+
+
+def test_a_different_job_is_refused_naming_what_changed(ray_session, tiny_models, small, tmp_path):
+    directory, good, bad = small
+    out = tmp_path / "out"
+    run(config(directory, out, tiny_models, variants_per_image=1))
+    before = parquet_bytes(out)
+    changed = config(directory, out, tiny_models, variants_per_image=1, steps=4, guidance_scale=5.0)
+    with pytest.raises(OutputExists, match=r"changed: generation.guidance_scale, generation.steps\).*overwrite"):
+        run(changed)
+    assert parquet_bytes(out) == before
+
+    # execution settings are not part of the job: more actors or another batch size resume it
+    faster = config(directory, out, tiny_models, variants_per_image=1, batch_size=5, actors=2)
+    assert run(faster).manifest["this_run"]["samples"] == 0
+
+    data = job_dict(str(directory), str(out), tiny_models, variants_per_image=1, steps=4, guidance_scale=5.0)
+    data["output"]["new_version"] = True
+    v2 = run(load_config(data=data))
+    assert v2.output == f"{out}-v2" and v2.samples == len(good)
+    assert parquet_bytes(out) == before  # the first version is untouched
+    assert run(load_config(data=data)).output == f"{out}-v2"  # the same new job resumes its version
+
+    data["output"] = {"path": str(out), "overwrite": True}
+    replaced = run(load_config(data=data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["generation"]["steps"] == 4 and len(manifest["runs"]) == 1
+    assert replaced.samples == len(good)
+    steps = pa.concat_tables([pq.read_table(f) for f in out.glob("samples/*.parquet")])["num_inference_steps"]
+    assert set(steps.to_pylist()) == {4}
+
+
+def ray_processes(parent: psutil.Process) -> list[psutil.Process]:
+    return parent.children(recursive=True)
+
+
+def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
+    """`python -m pipeline run` killed with SIGKILL part-way, then the same command again."""
+    directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=3)
+    out = tmp_path / "out"
+    data = job_dict(str(directory), str(out), tiny_models, batch_size=1, steps=6)
+    data["output"]["rows_per_file"] = 1
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    proc = psutil.Process(driver.pid)
+    deadline = time.time() + 240
+    while len(list(out.glob("samples/*.parquet"))) < 3 and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    family = ray_processes(proc)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    for p in family:  # the local Ray instance the driver started goes down with it
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["completed"] is False, "the job finished before it was killed: make it longer"
+    written = {str(p.relative_to(out)): p.read_bytes() for p in out.glob("*/*.parquet")}
+    written_ids = {r["sample_id"] for r in table(out, "samples").to_pylist()}
+    assert 0 < len(written_ids) < len(good) * VARIANTS
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    manifest = check_exactly_once(out, directory, good, bad)
+    assert manifest["this_run"]["samples"] == len(good) * VARIANTS - len(written_ids)
+    assert all((out / name).read_bytes() == data for name, data in written.items())
+    assert len(manifest["runs"]) == 2
+
+
+def generate_actor_pids() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["cmdline"]):
+        if "MapBatches(Generate)" in " ".join(p.info["cmdline"] or []):
+            pids.add(p.pid)
+    return pids
+
+
+def test_an_actor_killed_mid_batch_is_replaced_and_its_batch_redone(ray_session, tiny_models, tmp_path):
+    directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=2)
+    out = tmp_path / "out"
+    cfg = config(directory, out, tiny_models, batch_size=2, steps=8)
+    killed: list[int] = []
+
+    def kill_one_generator():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list(out.glob("samples/*.parquet")):  # the actor has finished a batch and is on the next
+                for pid in generate_actor_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_generator)
+    killer.start()
+    result = run(cfg)
+    killer.join()
+    assert killed, "no generator actor was found to kill"
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in killed)
+    assert result.errors == len(bad)  # the killed batch was redone, not turned into errors
+    check_exactly_once(out, directory, good, bad)
