@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,6 +98,19 @@ def test_secret_key_is_in_no_output_object(s3, s3_run):
     for section in ("source", "output"):
         options = manifest["config"][section]["storage_options"]
         assert options == {"endpoint_url": s3.endpoint_url, "key": "<redacted>", "secret": "<redacted>"}
+
+
+def test_secret_key_is_in_no_log(s3, s3_run, capsys):
+    """Ray's session logs (driver, workers, Ray Data) and this process's output never carry it."""
+    from ray._private.worker import global_worker
+
+    logs = Path(global_worker.node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert any("ray-data" in p.name for p in files) and any(p.name.startswith("worker-") for p in files)
+    for p in files:
+        assert s3.secret.encode() not in p.read_bytes(), p
+    captured = capsys.readouterr()
+    assert s3.secret not in captured.out + captured.err
 
 
 def test_parquet_source_on_s3(ray_session, s3, photos):
