@@ -52,6 +52,9 @@ class ImageConfig(Strict):
     multiple_of: int = Field(8, ge=1, description="Both sides are rounded to a multiple of this.")
     max_pixels: int = Field(64_000_000, gt=0, description="Inputs with more pixels are rejected (decompression bombs).")
     min_side: int = Field(16, ge=1, description="Inputs whose short side is smaller are rejected.")
+    max_aspect_ratio: float = Field(
+        4.0, ge=1, description="Inputs whose long side exceeds this many times the short side are rejected."
+    )
 
 
 class AnnotatorConfig(Strict):

@@ -47,9 +47,11 @@ def decode_image(data: bytes, policy: ImageConfig) -> tuple[np.ndarray, dict]:
     """
     if not data:
         raise RejectedImage("empty file (0 bytes)")
+    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None  # image.max_pixels replaces Pillow's own limit, checked on the header
             im = Image.open(io.BytesIO(data))
             width, height = im.size
             if width * height > policy.max_pixels:
@@ -61,11 +63,15 @@ def decode_image(data: bytes, policy: ImageConfig) -> tuple[np.ndarray, dict]:
         raise RejectedImage(f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         raise RejectedImage(f"not a decodable image: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     mode = im.mode
     orientation = im.getexif().get(0x0112, 1)
     im = ImageOps.exif_transpose(im)
     if min(im.size) < policy.min_side:
         raise RejectedImage(f"{im.width}x{im.height} is smaller than image.min_side={policy.min_side}")
+    if max(im.size) > policy.max_aspect_ratio * min(im.size):
+        raise RejectedImage(f"{im.width}x{im.height} has an aspect ratio over image.max_aspect_ratio={policy.max_aspect_ratio:g}")
     im = _to_rgb(im)
     size = target_size(im.width, im.height, policy)
     if size != im.size:

@@ -76,6 +76,10 @@ def test_bad_inputs_are_rejected_with_a_reason():
         decode_image(good, ImageConfig(resolution=64, max_pixels=1000))
     with pytest.raises(RejectedImage, match="min_side"):
         decode_image(encode(Image.new("RGB", (8, 300))), POLICY)
+    with pytest.raises(RejectedImage, match="1000x97 has an aspect ratio over image.max_aspect_ratio=4"):
+        decode_image(encode(Image.new("RGB", (1000, 97))), POLICY)
+    array, _ = decode_image(encode(Image.new("RGB", (1000, 97))), ImageConfig(resolution=64, max_aspect_ratio=11))
+    assert array.shape == (64, 656, 3)
 
 
 def test_png_round_trip_is_lossless():
