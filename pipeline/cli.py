@@ -77,6 +77,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import ExportError, export_controlnet_train
+    from pipeline.report import NotARunOutput
+
+    try:
+        record = export_controlnet_train(args.output, args.dest, control=args.control, target=args.image,
+                                         overwrite=args.overwrite)
+    except (ExportError, NotARunOutput) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{record['rows']} rows ({record['image']}, {record['conditioning_image']}, {record['text']}) "
+          f"in {len(record['files'])} files -> {args.dest}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="ControlNet dataset pipeline on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="print a run's counts, errors, throughput and models")
     p.add_argument("output", help="the run's output.path (local path or fsspec URL)")
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("export", help="write a run's samples in another layout")
+    p.add_argument("output", help="the run's output.path")
+    p.add_argument("dest", help="where to write the export (local path or fsspec URL)")
+    p.add_argument("--format", required=True, choices=["controlnet-train"],
+                   help="controlnet-train: image, conditioning_image, text (diffusers' train_controlnet.py)")
+    p.add_argument("--control", help="annotator id of the conditioning image (needed when the run has several)")
+    p.add_argument("--image", choices=["generated", "image"],
+                   help="target image column (default: generated if the run generated images, else image)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DEST")
+    p.set_defaults(fn=cmd_export)
 
     args = parser.parse_args(argv)
     return args.fn(args)

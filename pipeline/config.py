@@ -160,7 +160,9 @@ class JobConfig(Strict):
     source: SourceConfig
     image: ImageConfig = ImageConfig()
     annotators: list[AnnotatorConfig] = Field(min_length=1)
-    generation: GenerationConfig
+    generation: GenerationConfig | None = Field(
+        None, description="Omit for an annotate-only job: rows of image, control maps, caption and keypoints."
+    )
     output: OutputConfig
 
     @model_validator(mode="after")
@@ -177,7 +179,7 @@ class JobConfig(Strict):
                 ANNOTATORS[a.name].Params(**a.params)
             except ValidationError as e:
                 raise ValueError(f"annotators.{i}.params: {_first_error(e)}") from None
-        for i, cn in enumerate(self.generation.controlnets):
+        for i, cn in enumerate(self.generation.controlnets if self.generation else []):
             if cn.condition not in keys:
                 raise ValueError(f"generation.controlnets.{i}.condition: {cn.condition!r} is not an annotator id {keys}")
         return self

@@ -31,12 +31,12 @@ SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNO
 @dataclass(frozen=True)
 class Models:
     annotators: dict[str, ResolvedModel | None]  # annotator id -> weights (None: weight-free)
-    base: ResolvedModel
+    base: ResolvedModel | None  # None: an annotate-only job
     controlnets: list[ResolvedModel]
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "base_model": self.base.provenance(),
+            "base_model": self.base.provenance() if self.base else None,
             "controlnets": [m.provenance() for m in self.controlnets],
             "annotators": {k: m.provenance() if m else None for k, m in self.annotators.items()},
         }
@@ -61,15 +61,18 @@ class RunResult:
 def resolve_models(cfg: JobConfig) -> Models:
     """Resolve every model the job needs, before any data moves (fails fast with ModelUnavailable)."""
     gen = cfg.generation
+    local_only = gen.local_files_only if gen else False
     annotators = {}
     for a in cfg.annotators:
         cls = ANNOTATORS[a.name]
         model = a.model or cls.default_model
-        annotators[a.key] = resolve_model(model, a.revision, cls.weights_file, gen.local_files_only) if model else None
+        annotators[a.key] = resolve_model(model, a.revision, cls.weights_file, local_only) if model else None
+    if gen is None:
+        return Models(annotators=annotators, base=None, controlnets=[])
     models = Models(
         annotators=annotators,
-        base=resolve_model(gen.base_model, gen.revision, "model_index.json", gen.local_files_only),
-        controlnets=[resolve_model(cn.model, cn.revision, "config.json", gen.local_files_only) for cn in gen.controlnets],
+        base=resolve_model(gen.base_model, gen.revision, "model_index.json", local_only),
+        controlnets=[resolve_model(cn.model, cn.revision, "config.json", local_only) for cn in gen.controlnets],
     )
     if not gen.allow_pickle:
         for m in [models.base, *models.controlnets]:
@@ -84,7 +87,7 @@ def resolve_models(cfg: JobConfig) -> Models:
 def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict[str, float]:
     """CPUs each actor claims, scaled down if the actors would leave no CPU for read and decode tasks."""
     wanted = {a.key: a.num_cpus for a in cfg.annotators if models.annotators[a.key] and not (gpus and a.num_gpus)}
-    if not (gpus and cfg.generation.num_gpus):
+    if cfg.generation and not (gpus and cfg.generation.num_gpus):
         wanted["generate"] = cfg.generation.num_cpus
     total = sum(wanted.values())
     budget = max(cpus - 1, 0.5)
@@ -98,14 +101,15 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     cpu_share = actor_cpus(cfg, models, gpus, cpus)
     gen = cfg.generation
+    variants = gen.variants_per_image if gen else 1
     skip = None
     if written is not None:
         done = ray.put((written.done_samples, written.done_sources))
-        skip = SkipWritten(done, cfg.seed, gen.variants_per_image, after_decode=True)
+        skip = SkipWritten(done, cfg.seed, variants, after_decode=True)
 
     ds = read_source(cfg.source)
     if skip is not None:
-        ds = ds.map_batches(SkipWritten(done, cfg.seed, gen.variants_per_image, after_decode=False), batch_format="pyarrow")
+        ds = ds.map_batches(SkipWritten(done, cfg.seed, variants, after_decode=False), batch_format="pyarrow")
     ds = ds.map_batches(Decode(cfg.image, cfg.source.storage_options), batch_format="pyarrow", batch_size=16)
     if skip is not None:
         ds = ds.map_batches(skip, batch_format="pyarrow")
@@ -122,7 +126,9 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
                 batch_format="pyarrow",
                 **({"num_gpus": a.num_gpus} if gpus and a.num_gpus else {"num_cpus": cpu_share[a.key]}),
             )
-    ds = ds.map_batches(ExpandVariants(cfg.seed, gen.variants_per_image, gen.prompt, skip), batch_format="pyarrow")
+    ds = ds.map_batches(ExpandVariants(cfg.seed, variants, gen.prompt if gen else None, skip), batch_format="pyarrow")
+    if gen is None:
+        return ds
     return ds.map_batches(
         Generate,
         fn_constructor_kwargs={"gen": gen, "base": models.base, "controlnets": models.controlnets},
@@ -176,14 +182,14 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
 
     control_ids = [a.key for a in cfg.annotators]
     sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
-                            cfg.output.rows_per_file)
+                            cfg.output.rows_per_file, generated=cfg.generation is not None)
     t0 = time.perf_counter()
     ds = build_dataset(cfg, models, target.written if target.resuming else None)
     ds.write_datasink(sink)
     seconds = time.perf_counter() - t0
 
     written = read_written(cfg.output.path, cfg.output.storage_options)
-    counts = written.counts(cfg.generation.variants_per_image)
+    counts = written.counts(cfg.generation.variants_per_image if cfg.generation else 1)
     stats = ds.stats()
     manifest.update({
         "completed": True,

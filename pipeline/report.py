@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from pipeline.schema import CONTROL_COLUMN, CONTROL_DOC, IMAGE, SAMPLE_COLUMNS
+from pipeline.schema import CONTROL_COLUMN, CONTROL_DOC, GENERATION_COLUMNS, IMAGE, SAMPLE_COLUMNS
 from pipeline.sources import filesystem
 
 MAX_SOURCES = 200  # sources shown in the gallery
@@ -96,13 +96,19 @@ class Output:
                 total += pq.ParquetFile(f).metadata.num_rows
         return total
 
-    def control_columns(self) -> list[str]:
+    def samples_schema(self) -> pa.Schema:
         files = self.files("samples")
         if not files:
-            return []
+            return pa.schema([])
         with self.fs.open(files[0], "rb") as f:
-            schema = pq.read_schema(f)
-        return [f.name for f in schema if f.type == IMAGE and f.name.startswith("control_")]
+            return pq.read_schema(f)
+
+    def control_columns(self) -> list[str]:
+        return [f.name for f in self.samples_schema() if f.type == IMAGE and f.name.startswith("control_")]
+
+    def generated(self) -> bool:
+        """Whether the run generated images (False: an annotate-only job)."""
+        return "generated" in self.samples_schema().names
 
 
 # ---------------------------------------------------------------- stats: errors, operators, models
@@ -159,13 +165,13 @@ def parse_stats(text: str) -> tuple[list[dict[str, Any]], float | None]:
 def model_rows(manifest: dict[str, Any]) -> list[dict[str, str | None]]:
     """One row per model the run used: role, model (as configured), configured and resolved revision."""
     models, config = manifest.get("models", {}), manifest.get("config", {})
-    conditions = [cn.get("condition") for cn in config.get("generation", {}).get("controlnets", [])]
+    conditions = [cn.get("condition") for cn in (config.get("generation") or {}).get("controlnets", [])]
 
     def row(role: str, m: dict | None) -> dict[str, str | None]:
         m = m or {}
         return {"role": role, "model": m.get("model"), "revision": m.get("revision"), "commit": m.get("commit")}
 
-    rows = [row("base model", models.get("base_model"))]
+    rows = [row("base model", models["base_model"])] if models.get("base_model") else []
     for i, m in enumerate(models.get("controlnets", [])):
         rows.append(row(f"controlnet ({conditions[i] if i < len(conditions) else i})", m))
     for key, m in models.get("annotators", {}).items():
@@ -180,7 +186,7 @@ def annotator_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 def generation_params(manifest: dict[str, Any]) -> dict[str, Any]:
     config = manifest.get("config", {})
-    gen = config.get("generation", {})
+    gen = config.get("generation") or {}
     keep = ("scheduler", "steps", "guidance_scale", "dtype", "variants_per_image", "prompt")
     params = {"seed": config.get("seed"), "resolution": config.get("image", {}).get("resolution")}
     params.update({k: gen[k] for k in keep if k in gen})
@@ -223,8 +229,9 @@ def gallery(out: Output, max_sources: int, px: int) -> tuple[list[SourceCard], i
     uris_by_file = {p: set(out.read_file(p, ["source_uri"]).column("source_uri").to_pylist()) for p in files}
     all_uris = sorted(set().union(*uris_by_file.values()))
     shown = set(all_uris[:max_sources])
-    controls = out.control_columns()
-    columns = ["source_uri", "sample_id", "variant_index", "seed", "prompt", "image", *controls, "generated"]
+    controls, generated = out.control_columns(), out.generated()
+    columns = ["source_uri", "image", *controls]
+    columns += ["sample_id", "variant_index", "seed", "prompt", "generated"] if generated else []
     cards: dict[str, SourceCard] = {}
     for path in files:
         if not uris_by_file[path] & shown:
@@ -237,8 +244,9 @@ def gallery(out: Output, max_sources: int, px: int) -> tuple[list[SourceCard], i
                 card = cards[row["source_uri"]] = SourceCard(
                     row["source_uri"], thumbnail_uri(row["image"]["bytes"], px),
                     {c: thumbnail_uri(row[c]["bytes"], px) for c in controls}, [])
-            card.variants.append({k: row[k] for k in ("variant_index", "seed", "prompt", "sample_id")}
-                                 | {"uri": thumbnail_uri(row["generated"]["bytes"], px)})
+            if generated:
+                card.variants.append({k: row[k] for k in ("variant_index", "seed", "prompt", "sample_id")}
+                                     | {"uri": thumbnail_uri(row["generated"]["bytes"], px)})
     for card in cards.values():
         card.variants.sort(key=lambda v: v["variant_index"])
     return [cards[u] for u in sorted(cards)], len(all_uris)
@@ -373,14 +381,19 @@ def dataset_card(manifest: dict[str, Any], url: str) -> str:
     count_rows = "\n".join([f"| {md_cell(k.replace('_', ' '))} | {md_cell(v)} |" for k, v in counts.items() if k != "errors_by_stage"]
                            + [f"| errors at {md_cell(s)} | {n} |" for s, n in counts.get("errors_by_stage", {}).items()])
     versions = yaml.safe_dump(manifest.get("versions", {}), sort_keys=False).strip()
-    generation = yaml.safe_dump(generation_params(manifest), sort_keys=False, allow_unicode=True).strip()
+    if manifest.get("config", {}).get("generation"):
+        generation = yaml.safe_dump(generation_params(manifest), sort_keys=False, allow_unicode=True).strip()
+        what = "Source photos, one control map per annotator and Stable Diffusion + ControlNet generations"
+    else:
+        generation = "# none: an annotate-only job (source image, control maps, caption per row)"
+        what = "Source photos and one control map per annotator (an annotate-only job)"
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
 
 # ControlNet dataset (run {md_cell(manifest.get("run_id"))})
 
-Source photos, one control map per annotator and Stable Diffusion + ControlNet generations,
+{what},
 written by the ControlNet dataset pipeline. Rows are in `samples/*.parquet` (image columns are
 `datasets` Image features: `image`, `control_<annotator id>`, `generated`); inputs that failed are
 in `errors/*.parquet`. Every row carries its own provenance (models, revisions, seed, prompt).
@@ -463,11 +476,13 @@ def croissant_type(t: pa.DataType) -> str | None:
     return None
 
 
-def croissant(manifest: dict[str, Any], control_ids: list[str], url: str) -> dict[str, Any]:
+def croissant(manifest: dict[str, Any], control_ids: list[str], url: str, generated: bool = True) -> dict[str, Any]:
     """Croissant 1.0 JSON-LD: the samples Parquet files and one field per column
     (the nested `annotators` column is left out; its content is in the dataset card)."""
     columns = []
     for name, type_, doc in SAMPLE_COLUMNS:
+        if not generated and name in GENERATION_COLUMNS:
+            continue
         columns.append((name, type_, doc))
         if name == "image":
             columns += [(CONTROL_COLUMN.format(id=c), IMAGE, CONTROL_DOC.replace("this id", repr(c))) for c in control_ids]
@@ -515,7 +530,8 @@ def write_documents(url: str, storage_options: dict[str, Any] | None = None, max
     return [
         out.write_text("report.html", report_html(out, max_sources)),
         out.write_text("README.md", dataset_card(manifest, url)),
-        out.write_text("croissant.json", json.dumps(croissant(manifest, control_ids, out.location()), indent=2) + "\n"),
+        out.write_text("croissant.json",
+                       json.dumps(croissant(manifest, control_ids, out.location(), out.generated()), indent=2) + "\n"),
     ]
 
 

@@ -81,9 +81,18 @@ def _with_hf_features(schema: pa.Schema) -> pa.Schema:
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
 
 
-def samples_schema(control_ids: list[str]) -> pa.Schema:
+# columns only generation jobs have; an annotate-only job's samples are the rest
+GENERATION_COLUMNS = ("variant_index", "seed", "prompt", "negative_prompt", "generated", "base_model",
+                      "base_model_revision", "controlnet_models", "controlnet_revisions", "controlnet_conditions",
+                      "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "scheduler",
+                      "num_inference_steps", "guidance_scale", "dtype")
+
+
+def samples_schema(control_ids: list[str], generated: bool = True) -> pa.Schema:
     fields = []
     for name, type_, _ in SAMPLE_COLUMNS:
+        if not generated and name in GENERATION_COLUMNS:
+            continue
         fields.append(pa.field(name, type_))
         if name == "image":
             fields.extend(pa.field(CONTROL_COLUMN.format(id=c), IMAGE) for c in control_ids)
@@ -107,7 +116,8 @@ def schema_documents() -> dict[str, Any]:
     samples.insert(at, {"name": CONTROL_COLUMN, "type": str(IMAGE), "description": CONTROL_DOC + " One column per annotator."})
     return {
         "job_config.schema.json": config_json_schema(),
-        "samples.schema.json": {"title": "samples/*.parquet", "image_columns": "Hugging Face datasets Image structs", "columns": samples},
+        "samples.schema.json": {"title": "samples/*.parquet", "image_columns": "Hugging Face datasets Image structs",
+                                "columns": samples, "generation_only_columns": list(GENERATION_COLUMNS)},
         "errors.schema.json": {"title": "errors/*.parquet", "columns": describe(ERROR_COLUMNS)},
     }
 

@@ -22,7 +22,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from pipeline.schema import ANNOTATOR, errors_schema, samples_schema
+from pipeline.schema import ANNOTATOR, IMAGE, errors_schema, samples_schema
 from pipeline.sources import filesystem
 
 ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
@@ -30,13 +30,14 @@ ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
 
 class SplitParquetSink(Datasink[dict]):
     def __init__(self, path: str, storage_options: dict[str, Any], run_id: str, code_version: str,
-                 control_ids: list[str], rows_per_file: int):
+                 control_ids: list[str], rows_per_file: int, generated: bool = True):
         self.path = path
         self.storage_options = storage_options
         self.run_id = run_id
         self.code_version = code_version
         self.control_ids = control_ids
         self.rows_per_file = rows_per_file
+        self.schema = samples_schema(control_ids, generated)
         self.totals: dict[str, Any] = {}
 
     def on_write_start(self, schema=None) -> None:
@@ -55,7 +56,7 @@ class SplitParquetSink(Datasink[dict]):
                 else:
                     errors.append(self.error_row(row, now))
         files = []
-        files += self._write(fs, root, "samples", samples, samples_schema(self.control_ids))
+        files += self._write(fs, root, "samples", samples, self.schema)
         files += self._write(fs, root, "errors", errors, errors_schema())
         return {
             "samples": len(samples),
@@ -93,22 +94,15 @@ class SplitParquetSink(Datasink[dict]):
         return written
 
     def sample_row(self, row: dict, now: datetime) -> dict:
-        out = {k: row.get(k) for k in ("sample_id", "source_uri", "source_sha256", "caption", "variant_index", "seed",
-                                        "prompt", "negative_prompt", "width", "height", "transform")}
-        out["image"] = {"bytes": row["image"], "path": None}
-        out["generated"] = {"bytes": row["generated"], "path": None}
+        """The stages' row in the output schema: image columns as {bytes, path}, annotator provenance
+        gathered into one list, run fields added."""
+        out = {f.name: {"bytes": row[f.name], "path": None} if f.type == IMAGE else row.get(f.name) for f in self.schema}
         annotators = []
         for c in self.control_ids:
-            out[f"control_{c}"] = {"bytes": row[f"control_{c}"], "path": None}
             prov = json.loads(row[f"annotator_{c}"])
             prov["params"] = json.dumps(prov.get("params", {}), sort_keys=True)
             annotators.append({k: prov.get(k) for k in ANNOTATOR_FIELDS})
-        out["annotators"] = annotators
-        for k in ("base_model", "base_model_revision", "controlnet_models", "controlnet_revisions",
-                  "controlnet_conditions", "controlnet_conditioning_scale", "control_guidance_start",
-                  "control_guidance_end", "scheduler", "num_inference_steps", "guidance_scale", "dtype"):
-            out[k] = row[k]
-        out.update(run_id=self.run_id, code_version=self.code_version, created_at=now)
+        out.update(annotators=annotators, run_id=self.run_id, code_version=self.code_version, created_at=now)
         return out
 
     def error_row(self, row: dict, now: datetime) -> dict:

@@ -144,7 +144,7 @@ def render_prompt(cfg: PromptConfig, variant: int, caption: str | None) -> str:
 class ExpandVariants:
     """Each source row becomes `variants` sample rows with id, seed and prompt."""
 
-    def __init__(self, job_seed: int, variants: int, prompts: PromptConfig, skip: Any = None):
+    def __init__(self, job_seed: int, variants: int, prompts: PromptConfig | None, skip: Any = None):
         self.job_seed, self.variants, self.prompts = job_seed, variants, prompts
         self.skip = skip  # resume.SkipWritten of an earlier run of the job, or None
 
@@ -157,7 +157,8 @@ class ExpandVariants:
             sample_id, seed = sample_identity(self.job_seed, row["source_sha256"], v)
             if self.skip is not None and self.skip.variant_done(sample_id):
                 continue
-            prompt = render_prompt(self.prompts, v, row.get("caption"))
-            out.append({**row, "sample_id": sample_id, "variant_index": v, "seed": seed, "prompt": prompt,
-                        "negative_prompt": self.prompts.negative})
+            sample = {**row, "sample_id": sample_id, "variant_index": v, "seed": seed}
+            if self.prompts is not None:  # None: an annotate-only job, one row per source
+                sample.update(prompt=render_prompt(self.prompts, v, row.get("caption")), negative_prompt=self.prompts.negative)
+            out.append(sample)
         return out

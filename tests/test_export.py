@@ -1,0 +1,114 @@
+"""Annotate-only jobs and `export --format controlnet-train` on local Ray."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.export import ExportError, export_controlnet_train
+from pipeline.job import run
+from pipeline.schema import samples_schema
+from pipeline.stages import sample_identity
+from tests.conftest import job_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pixels(image: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image["bytes"])))
+
+
+def samples(out: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in sorted((out / "samples").glob("*.parquet"))])
+
+
+@pytest.fixture(scope="module")
+def annotate_only(ray_session, tiny_models, photos_dir, tmp_path_factory):
+    """A job with no generation section over a Parquet shard with captions (one broken image)."""
+    tmp = tmp_path_factory.mktemp("annotate-only")
+    photos = sorted(photos_dir.glob("*.jpg"))
+    pq.write_table(pa.table({"jpg": [p.read_bytes() for p in photos] + [b"garbage"],
+                             "text": [f"a photo of {p.stem}" for p in photos] + ["broken"]}), tmp / "shard.parquet")
+    data = job_dict(str(tmp / "shard.parquet"), str(tmp / "out"), tiny_models)
+    data["source"] = {"type": "parquet", "path": str(tmp / "shard.parquet"), "image_column": "jpg", "caption_column": "text"}
+    del data["generation"]
+    cfg = load_config(data=data)
+    return cfg, run(cfg), tmp / "out", photos
+
+
+def test_annotate_only_job_writes_images_controls_and_captions(annotate_only):
+    cfg, result, out, photos = annotate_only
+    assert (result.inputs, result.samples, result.errors) == (len(photos) + 1, len(photos), 1)
+    table = samples(out)
+    for f in (out / "samples").glob("*.parquet"):
+        got = pq.read_schema(f)
+        assert got.equals(samples_schema(["canny", "hed"], generated=False), check_metadata=False), got
+        assert set(json.loads(got.metadata[b"huggingface"])["info"]["features"]) == {"image", "control_canny", "control_hed"}
+    assert "generated" not in table.column_names and "prompt" not in table.column_names
+    for row in table.to_pylist():
+        assert row["sample_id"] == sample_identity(cfg.seed, row["source_sha256"], 0)[0]
+        image = pixels(row["image"])
+        edges = cv2.Canny(image, 50, 150)
+        np.testing.assert_array_equal(pixels(row["control_canny"])[:, :, 0], edges)
+        assert pixels(row["control_hed"]).shape == image.shape
+    assert sorted(table["caption"].to_pylist()) == sorted(f"a photo of {p.stem}" for p in photos)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["completed"] and manifest["models"]["base_model"] is None
+    assert (out / "report.html").is_file() and "annotate-only" in (out / "README.md").read_text()
+    assert run(cfg).manifest["this_run"] == {"samples": 0, "errors": 0}  # resumes like any job
+
+
+def test_export_controlnet_train_from_an_annotate_only_run(annotate_only, tmp_path):
+    from datasets import Image as ImageFeature, Value, load_dataset
+
+    _, _, out, photos = annotate_only
+    with pytest.raises(ExportError, match=r"control maps \['canny', 'hed'\]: choose one with --control"):
+        export_controlnet_train(str(out), str(tmp_path / "x"))
+    record = export_controlnet_train(str(out), str(tmp_path / "train"), control="hed")
+    assert (record["image"], record["conditioning_image"], record["text"], record["rows"]) == \
+        ("image", "control_hed", "caption", len(photos))
+
+    ds = load_dataset(str(tmp_path / "train"), split="train")
+    assert ds.column_names == ["image", "conditioning_image", "text"]  # train_controlnet.py's default order
+    assert isinstance(ds.features["image"], ImageFeature) and isinstance(ds.features["conditioning_image"], ImageFeature)
+    assert ds.features["text"] == Value("string")
+    source = {r["caption"]: r for r in samples(out).to_pylist()}
+    assert sorted(ds["text"]) == sorted(source)
+    for row in ds:
+        want = source[row["text"]]
+        np.testing.assert_array_equal(np.asarray(row["image"]), pixels(want["image"]))
+        np.testing.assert_array_equal(np.asarray(row["conditioning_image"]), pixels(want["control_hed"]))
+
+    with pytest.raises(ExportError, match="already holds an export"):
+        export_controlnet_train(str(out), str(tmp_path / "train"), control="hed")
+    assert export_controlnet_train(str(out), str(tmp_path / "train"), control="canny", overwrite=True)["rows"] == len(photos)
+
+
+def test_export_from_a_generation_run_pairs_generated_images_with_prompts(ray_session, tiny_models, photos_dir, tmp_path):
+    data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models, variants_per_image=1)
+    data["annotators"] = data["annotators"][:1]
+    data["generation"]["controlnets"] = data["generation"]["controlnets"][:1]
+    run(load_config(data=data))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "out"), str(tmp_path / "train"),
+                           "--format", "controlnet-train"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "(generated, control_canny, prompt)" in proc.stdout
+    exported = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "train" / "train").glob("*.parquet")])
+    want = samples(tmp_path / "out")
+    assert sorted(exported["text"].to_pylist()) == sorted(want["prompt"].to_pylist())
+    assert sorted(r["bytes"] for r in exported["image"].to_pylist()) == sorted(r["bytes"] for r in want["generated"].to_pylist())
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "out"), str(tmp_path / "t2"),
+                           "--format", "controlnet-train", "--control", "depth"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'out'} has no control map 'depth'; it has ['canny']"
