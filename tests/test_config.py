@@ -107,3 +107,17 @@ def test_guidance_window_must_be_ordered():
     data["generation"]["controlnets"][0].update(guidance_start=0.9, guidance_end=0.2)
     with pytest.raises(ConfigError, match="guidance_start must be smaller"):
         load_config(data=data)
+
+
+def test_output_policies_and_annotate_only_jobs():
+    data = config()
+    data["output"].update(overwrite=True, new_version=True)
+    with pytest.raises(ConfigError, match="output: set at most one of overwrite and new_version"):
+        load_config(data=data)
+    data = config()
+    del data["generation"]
+    cfg = load_config(data=data)
+    assert cfg.generation is None and [a.key for a in cfg.annotators] == ["canny", "hed"]
+    with pytest.raises(ConfigError, match=r"image\.max_aspect_ratio: .*greater than or equal to 1"):
+        load_config(data=config(image={"max_aspect_ratio": 0.5}))
+    assert load_config(data=config()).generation.allow_pickle is False
