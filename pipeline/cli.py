@@ -32,8 +32,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, ModelUnavailable, OutputExists, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - e.g. a model that cannot load in its actor: one readable line
+        print(f"error: the run stopped: {failure_reason(e)}; what was written is kept, and running the same "
+              f"command again resumes it", file=sys.stderr)
+        return 1
     print(result.summary())
     return 0
+
+
+def failure_reason(e: BaseException) -> str:
+    """The root cause of a failed run in one line (Ray errors carry the remote traceback as text)."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    where = re.search(r"ray::([^\s(]+(?:\([^)]*\)\)?)?)", str(e))
+    reason = causes[-1] if causes else (lines[0] if lines else type(e).__name__)
+    return f"{where.group(1)} failed: {reason}" if where else reason
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

@@ -203,3 +203,19 @@ def test_cli_missing_model_exits_nonzero_naming_it(tmp_path, tiny_models, photos
     last = proc.stderr.strip().splitlines()[-1]
     assert "lllyasviel/sd-controlnet-canny" in last and "hf download" in last
     assert not (tmp_path / "out").exists()  # failed before any work
+
+
+def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(tmp_path, tiny_models, photos_dir):
+    base = tmp_path / "broken-base"
+    shutil.copytree(tiny_models["base_model"], base)
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # present, safetensors, but cut short
+    data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models)
+    data["generation"]["base_model"] = str(base)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    proc = cli("run", str(tmp_path / "job.yaml"))
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the run stopped: MapWorker(MapBatches(Generate)) failed: ")
+    assert "Unable to load weights" in last and "diffusion_pytorch_model.safetensors" in last and "resumes" in last
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["completed"] is False
