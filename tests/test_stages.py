@@ -1,0 +1,39 @@
+"""Per-row isolation in the annotator stage: one failing row in a batch becomes an error row."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+from skimage import data
+
+from pipeline.config import AnnotatorConfig
+from pipeline.images import array_to_png, png_to_array
+from pipeline.models import resolve_model
+from pipeline.stages import Annotate
+
+
+def row(name: str, array: np.ndarray) -> dict:
+    return {"source_uri": name, "image": array_to_png(array), "width": array.shape[1], "height": array.shape[0]}
+
+
+def test_one_failing_row_in_an_annotator_batch_becomes_an_error_row(tiny_models):
+    cfg = AnnotatorConfig(name="hed", model=tiny_models["annotators"])
+    stage = Annotate(cfg, resolve_model(cfg.model, None, "ControlNetHED.pth"))
+    a, b = data.astronaut()[::8, ::8], data.chelsea()[::5, ::5]
+    bad = row("lies-about-its-size", a) | {"width": 7}  # the control map cannot match the row's size
+    broken = row("not-a-png", a) | {"image": b"\x89PNG but cut"}
+    out = stage(pa.Table.from_pylist([row("a", a), bad, row("b", b), broken])).to_pylist()
+
+    assert [r["source_uri"] for r in out] == ["a", "lies-about-its-size", "b", "not-a-png"]
+    good = [r for r in out if r.get("error_stage") is None]
+    assert [r["source_uri"] for r in good] == ["a", "b"]
+    for r, image in zip(good, (a, b)):
+        assert png_to_array(r["control_hed"]).shape == image.shape
+        assert json.loads(r["annotator_hed"])["name"] == "hed"
+    # the good rows are exactly what the annotator gives when they are alone in their batch
+    alone = stage(pa.Table.from_pylist([row("a", a)])).to_pylist()[0]
+    assert np.abs(png_to_array(alone["control_hed"]).astype(int) - png_to_array(good[0]["control_hed"]).astype(int)).max() <= 1
+    errors = {r["source_uri"]: r for r in out if r.get("error_stage")}
+    assert errors["lies-about-its-size"]["error_stage"] == "annotate:hed"
+    assert "returned (64, 64, 3) for a 7x64 image" in errors["lies-about-its-size"]["error_message"]
+    assert errors["not-a-png"]["error_stage"] == "annotate:hed"
