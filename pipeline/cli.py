@@ -39,7 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from pipeline.tiny import make_tiny
 
-    paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed)
+    annotators = None if args.annotators is None else args.annotators.split(",")
+    paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed, annotators=annotators)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.add_argument("--conditions", default="canny,hed", help="comma-separated ControlNet conditions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--annotators", help="comma-separated annotators whose weights to write, or 'all' "
+                                        "(default: every neural annotator except the heavy ones)")
     p.set_defaults(fn=cmd_make_tiny)
 
     p = sub.add_parser("schemas", help="write the job-config and output schemas")

@@ -184,20 +184,115 @@ def _write_controlnet(cn_dir: Path, seed: int) -> None:
     controlnet.save_pretrained(cn_dir, safe_serialization=True)
 
 
-def _write_annotators(annotators_dir: Path, seed: int) -> None:
-    """Write lllyasviel/Annotators-layout checkpoints (currently HED only) as plain state_dicts."""
-    annotators_dir.mkdir(parents=True, exist_ok=True)
+def _seeded(seed: int, build):
     torch.manual_seed(seed)
-    hed = ControlNetHED_Apache2()
-    torch.save(hed.state_dict(), annotators_dir / "ControlNetHED.pth")
+    return build()
 
 
-def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"), seed: int = 0) -> dict[str, str]:
-    """Write tiny models under out_dir; return {"base_model": path, "controlnet/<cond>": path, ..., "annotators": path}.
+def _save(build, wrap=lambda sd: sd):
+    """A writer: build the network with a seed, torch.save its (wrapped) state_dict to a path."""
+    return lambda path, seed: torch.save(wrap(_seeded(seed, build).state_dict()), path)
+
+
+def _pidinet():
+    from controlnet_aux.pidi.model import pidinet
+
+    return pidinet()
+
+
+def _teed():
+    from controlnet_aux.teed.ted import TED
+
+    return TED()
+
+
+def _mlsd():
+    from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
+
+    return MobileV2_MLSD_Large()
+
+
+def _lineart():
+    from controlnet_aux.lineart import Generator
+
+    return Generator(3, 1, 3)
+
+
+def _lineart_anime():
+    import functools
+
+    from controlnet_aux.lineart_anime import UnetGenerator
+    from torch import nn
+
+    norm = functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
+    return UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False)
+
+
+# file name (lllyasviel/Annotators layout, or the default repo's) -> (writer(path, seed), approximate MB)
+ANNOTATOR_FILES: dict[str, tuple] = {
+    "ControlNetHED.pth": (_save(ControlNetHED_Apache2), 59),
+    # the released PiDiNet checkpoint is a DataParallel training checkpoint: {"state_dict": {"module.<key>": ...}}
+    "table5_pidinet.pth": (_save(_pidinet, lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}}), 3),
+    "5_model.pth": (_save(_teed), 0.3),
+    "mlsd_large_512_fp32.pth": (_save(_mlsd), 6),
+    "sk_model.pth": (_save(_lineart), 17),
+    "sk_model2.pth": (_save(_lineart), 17),
+    "netG.pth": (_save(_lineart_anime), 218),
+}
+HEAVY = ("lineart_anime",)  # written only when asked for (see ANNOTATOR_FILES for sizes)
+
+
+def _annotator_names(names: Sequence[str] | str | None) -> list[str]:
+    from pipeline.annotators import ANNOTATORS
+
+    neural = [n for n, cls in ANNOTATORS.items() if cls.default_model]
+    if names is None:
+        return [n for n in neural if n not in HEAVY]
+    if names == "all" or list(names) == ["all"]:
+        return neural
+    unknown = [n for n in names if n not in ANNOTATORS]
+    if unknown:
+        raise ValueError(f"unknown annotators {unknown}; known: {sorted(ANNOTATORS)}")
+    return [n for n in names if n in neural]
+
+
+def annotator_files(names: Sequence[str]) -> list[str]:
+    """The weight files the given annotators load, in ANNOTATOR_FILES order."""
+    from pipeline.annotators import ANNOTATORS
+
+    wanted = {f for n in names for f in ANNOTATORS[n].files()}
+    unknown = wanted - set(ANNOTATOR_FILES)
+    if unknown:
+        raise ValueError(f"no tiny writer for {sorted(unknown)}")
+    return [f for f in ANNOTATOR_FILES if f in wanted]
+
+
+def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | None = None, seed: int = 0) -> str:
+    """Write random-weight checkpoints of the given annotators' real networks under the file names
+    their loaders expect (plain tensors only, so torch.load(weights_only=True) reads them); return
+    the directory. A file's weights depend only on the seed and the file name."""
+    annotators_dir = Path(annotators_dir)
+    annotators_dir.mkdir(parents=True, exist_ok=True)
+    for filename in annotator_files(_annotator_names(names)):
+        writer, _ = ANNOTATOR_FILES[filename]
+        path = annotators_dir / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer(path, seed + list(ANNOTATOR_FILES).index(filename))
+    return str(annotators_dir)
+
+
+def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"), seed: int = 0,
+              annotators: Sequence[str] | None = None) -> dict[str, str]:
+    """Write tiny models under out_dir; return {"base_model": path, "controlnet/<cond>": path, ...,
+    "annotators": path}.
+
+    `annotators` names the annotators whose weights to write (default: DEFAULT_ANNOTATORS, every
+    neural annotator whose full-size random checkpoint is small; "all" for every one). A model
+    field of a job config can point at `annotators` for all of them.
 
     Deterministic for a given seed. If out_dir already holds a complete set written by this
-    function with the same seed and conditions (the marker file is written last), nothing is
-    rewritten.
+    function with the same seed, conditions and annotators (the marker file is written last),
+    nothing is rewritten.
     """
     out = Path(out_dir)
     conditions = list(conditions)
@@ -207,7 +302,8 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     paths["annotators"] = str(out / "annotators")
 
     marker = out / MARKER
-    wanted = {"seed": seed, "conditions": conditions}
+    annotators = _annotator_names(annotators)
+    wanted = {"seed": seed, "conditions": conditions, "annotators": annotators}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return paths
 
@@ -216,7 +312,7 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     _write_stable_diffusion(out / "stable-diffusion", seed)
     for index, cond in enumerate(conditions):
         _write_controlnet(out / f"controlnet-{cond}", seed + index)
-    _write_annotators(out / "annotators", seed)
+    write_annotators(out / "annotators", annotators, seed)
     (out / "README.md").write_text(README)
     marker.write_text(json.dumps(wanted, indent=2) + "\n")
     return paths
