@@ -609,3 +609,66 @@ class LineartAnime(NeuralAnnotator):
             line = cv2.resize(line, (w, h), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
             out.append(255 - hwc3(line))
         return out
+
+
+class TransformersAnnotator(NeuralAnnotator):
+    """A transformers model saved with save_pretrained: config, safetensors weights, image processor."""
+
+    package = "transformers"
+    weights_file = "config.json"
+    weights_files = ("config.json", "model.safetensors", "preprocessor_config.json")
+    model_class: ClassVar[str]
+
+    def load(self, weights_dir: str) -> None:
+        import transformers
+
+        self.processor = transformers.AutoImageProcessor.from_pretrained(weights_dir)
+        self.network = getattr(transformers, self.model_class).from_pretrained(weights_dir).to(self.device).eval()
+
+    def annotate(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return batched(images, self.run)
+
+    def pixel_values(self, same_shape: list[np.ndarray]):
+        return self.processor(images=list(same_shape), return_tensors="pt")["pixel_values"].to(self.device)
+
+
+@register
+class DepthAnything(TransformersAnnotator):
+    name = "depth_anything"
+    description = "Depth Anything relative depth (transformers DepthAnythingForDepthEstimation), near = bright."
+    default_model = "LiheYoung/depth-anything-small-hf"
+    model_class = "DepthAnythingForDepthEstimation"
+    size = ("network input resized by the model's image processor (short side 518, aspect kept, multiples of 14), "
+            "depth resized (bilinear) back to the image's size")
+
+    def run(self, same_shape: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self._torch
+        h, w = same_shape[0].shape[:2]
+        with torch.inference_mode():
+            depth = self.network(pixel_values=self.pixel_values(same_shape)).predicted_depth
+            depth = torch.nn.functional.interpolate(depth[:, None].float(), (h, w), mode="bilinear", align_corners=False)[:, 0]
+        out = []
+        for d in depth.cpu().numpy().astype(np.float64):  # min-max per image, as ControlNet's depth_anything does
+            d = (d - d.min()) / max(d.max() - d.min(), 1e-12) * 255.0
+            out.append(hwc3(d.clip(0, 255).astype(np.uint8)))
+        return out
+
+
+@register
+class SegAde20k(TransformersAnnotator):
+    name = "seg_ade20k"
+    description = "Semantic segmentation (transformers UperNetForSemanticSegmentation) in the ADE20K palette."
+    default_model = "openmmlab/upernet-convnext-small"
+    model_class = "UperNetForSemanticSegmentation"
+    size = "network input resized by the model's image processor, logits resized (bilinear) back, then argmax"
+
+    def run(self, same_shape: list[np.ndarray]) -> list[np.ndarray]:
+        from controlnet_aux.util import ade_palette
+
+        torch = self._torch
+        h, w = same_shape[0].shape[:2]
+        with torch.inference_mode():
+            outputs = self.network(pixel_values=self.pixel_values(same_shape))
+            labels = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[(h, w)] * len(same_shape))
+        palette = np.array(ade_palette(), dtype=np.uint8)
+        return [palette[np.asarray(lab.cpu(), dtype=np.int64) % len(palette)] for lab in labels]

@@ -239,6 +239,40 @@ ANNOTATOR_FILES: dict[str, tuple] = {
     "sk_model2.pth": (_save(_lineart), 17),
     "netG.pth": (_save(_lineart_anime), 218),
 }
+
+
+def _depth_anything(directory: Path, seed: int) -> None:
+    """Depth Anything (small layout: DINOv2 backbone + DPT head), tiny widths, the real image processor."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(image_size=518, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
+                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
+    _seeded(seed, lambda: DepthAnythingForDepthEstimation(config)).save_pretrained(directory, safe_serialization=True)
+    DPTImageProcessor(do_resize=True, size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      resample=3, do_rescale=True, do_normalize=True, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225], do_pad=False).save_pretrained(directory)
+
+
+def _upernet(directory: Path, seed: int) -> None:
+    """UperNet with a ConvNeXt backbone and 150 ADE20K classes, tiny widths, the real image processor."""
+    from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
+
+    backbone = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, auxiliary_channels=8,
+                           num_labels=150, use_auxiliary_head=True)
+    _seeded(seed, lambda: UperNetForSemanticSegmentation(config)).save_pretrained(directory, safe_serialization=True)
+    SegformerImageProcessor(do_resize=True, size={"height": 512, "width": 512}, do_reduce_labels=False).save_pretrained(directory)
+
+
+# annotator -> (sub-directory of the annotators directory, writer(directory, seed)): whole save_pretrained models
+ANNOTATOR_DIRS: dict[str, tuple] = {
+    "depth_anything": ("depth-anything", _depth_anything),
+    "seg_ade20k": ("upernet-ade20k", _upernet),
+}
 HEAVY = ("lineart_anime",)  # written only when asked for (see ANNOTATOR_FILES for sizes)
 
 
@@ -260,25 +294,35 @@ def annotator_files(names: Sequence[str]) -> list[str]:
     """The weight files the given annotators load, in ANNOTATOR_FILES order."""
     from pipeline.annotators import ANNOTATORS
 
-    wanted = {f for n in names for f in ANNOTATORS[n].files()}
+    wanted = {f for n in names if n not in ANNOTATOR_DIRS for f in ANNOTATORS[n].files()}
     unknown = wanted - set(ANNOTATOR_FILES)
     if unknown:
         raise ValueError(f"no tiny writer for {sorted(unknown)}")
     return [f for f in ANNOTATOR_FILES if f in wanted]
 
 
-def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | None = None, seed: int = 0) -> str:
+def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | None = None, seed: int = 0) -> dict[str, str]:
     """Write random-weight checkpoints of the given annotators' real networks under the file names
-    their loaders expect (plain tensors only, so torch.load(weights_only=True) reads them); return
-    the directory. A file's weights depend only on the seed and the file name."""
+    their loaders expect (plain tensors only, so torch.load(weights_only=True) reads them; transformers
+    models with save_pretrained in a sub-directory); return {annotator: its weights directory}.
+    A file's weights depend only on the seed and the file name."""
     annotators_dir = Path(annotators_dir)
     annotators_dir.mkdir(parents=True, exist_ok=True)
-    for filename in annotator_files(_annotator_names(names)):
+    names = _annotator_names(names)
+    for filename in annotator_files(names):
         writer, _ = ANNOTATOR_FILES[filename]
         path = annotators_dir / filename
         path.parent.mkdir(parents=True, exist_ok=True)
         writer(path, seed + list(ANNOTATOR_FILES).index(filename))
-    return str(annotators_dir)
+    dirs = {}
+    for name in names:
+        if name in ANNOTATOR_DIRS:
+            sub, writer = ANNOTATOR_DIRS[name]
+            writer(annotators_dir / sub, seed)
+            dirs[name] = str(annotators_dir / sub)
+        else:
+            dirs[name] = str(annotators_dir)
+    return dirs
 
 
 def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"), seed: int = 0,
@@ -303,6 +347,9 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
 
     marker = out / MARKER
     annotators = _annotator_names(annotators)
+    for name in annotators:  # save_pretrained models live in their own directory
+        if name in ANNOTATOR_DIRS:
+            paths[f"annotator/{name}"] = str(out / "annotators" / ANNOTATOR_DIRS[name][0])
     wanted = {"seed": seed, "conditions": conditions, "annotators": annotators}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return paths

@@ -51,29 +51,30 @@ def odd_photos() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
+def weights(tmp_path_factory) -> dict[str, str]:
     return write_annotators(tmp_path_factory.mktemp("annotator-weights"), LIGHT, seed=0)
 
 
 @pytest.fixture(scope="module")
-def heavy_weights(tmp_path_factory) -> str:
+def heavy_weights(tmp_path_factory) -> dict[str, str]:
     return write_annotators(tmp_path_factory.mktemp("heavy-weights"), list(HEAVY), seed=0)
 
 
-def make(name: str, weights_dir: str | None, params: dict | None = None):
+def make(name: str, weights: dict[str, str], params: dict | None = None):
     cls = ANNOTATORS[name]
-    model = resolve_model(weights_dir, None, cls.weights_file) if cls.default_model else None
+    model = resolve_model(weights[name], None, cls.weights_file) if cls.default_model else None
     return cls(params or {}, model=model)
 
 
 @pytest.fixture(scope="module")
-def annotators(weights, heavy_weights):
+def annotators(weights, request):
     cache = {}
 
     def get(name: str, params: dict | None = None):
         key = (name, tuple(sorted((params or {}).items())))
         if key not in cache:
-            cache[key] = make(name, heavy_weights if name in HEAVY else weights, params)
+            heavy = request.getfixturevalue("heavy_weights") if name in HEAVY else {}
+            cache[key] = make(name, weights | heavy, params)
         return cache[key]
 
     return get
@@ -99,10 +100,10 @@ def test_size_dtype_determinism_and_batching(annotators, name):
 
 
 @pytest.mark.parametrize("name", NEURAL)
-def test_provenance_names_weights_with_their_sha256(annotators, weights, heavy_weights, name):
+def test_provenance_names_weights_with_their_sha256(annotators, weights, request, name):
     annotator = annotators(name)
     prov = annotator.provenance()
-    directory = heavy_weights if name in HEAVY else weights
+    directory = (request.getfixturevalue("heavy_weights") if name in HEAVY else weights)[name]
     files = ANNOTATORS[name].files()
     assert prov["name"] == name and prov["params"] == annotator.params.model_dump()
     assert prov["model"] == directory and prov["revision"].startswith("sha256:")
@@ -145,8 +146,8 @@ def test_tiny_checkpoints_load_with_weights_only(weights):
 
     for name in LIGHT:
         for f in ANNOTATORS[name].files():
-            if f.endswith(".pth"):
-                torch.load(f"{weights}/{f}", map_location="cpu", weights_only=True)
+            if f.endswith((".pth", ".pt")):
+                torch.load(f"{weights[name]}/{f}", map_location="cpu", weights_only=True)
 
 
 # --- equal to controlnet-aux's own call (sides multiples of 64, detect/image resolution = the size) ---
@@ -170,7 +171,7 @@ def test_canny_equals_controlnet_aux():
 
 @pytest.mark.parametrize(("name", "kwargs"), [("hed", {}), ("hed_safe", {"safe": True}), ("scribble_hed", {"scribble": True})])
 def test_hed_family_equals_controlnet_aux(annotators, weights, name, kwargs):
-    detector = HEDdetector.from_pretrained(weights)
+    detector = HEDdetector.from_pretrained(weights["hed"])
     # batched float maths may differ from the single-image forward pass in the last bit
     assert_same(annotators(name).annotate(photos()), [detector(i, **RES, **kwargs) for i in photos()], tolerance=1)
 
@@ -185,18 +186,18 @@ def test_hed_family_equals_controlnet_aux(annotators, weights, name, kwargs):
     ],
 )
 def test_pidinet_family_equals_controlnet_aux(annotators, weights, name, params, kwargs):
-    detector = PidiNetDetector.from_pretrained(weights)
+    detector = PidiNetDetector.from_pretrained(weights["pidinet"])
     assert_same(annotators(name, params).annotate(photos()), [detector(i, **RES, **kwargs) for i in photos()], tolerance=1)
 
 
 def test_teed_equals_controlnet_aux(annotators, weights):
-    detector = TEEDdetector.from_pretrained(weights, filename="5_model.pth")
+    detector = TEEDdetector.from_pretrained(weights["teed"], filename="5_model.pth")
     theirs = [detector(i, detect_resolution=128, safe_steps=2, output_type="np") for i in photos()]
     assert_same(annotators("teed").annotate(photos()), theirs, tolerance=1)
 
 
 def test_mlsd_equals_controlnet_aux(annotators, weights):
-    detector = MLSDdetector.from_pretrained(weights)
+    detector = MLSDdetector.from_pretrained(weights["mlsd"])
     params = {"thr_v": 0.1, "thr_d": 0.05}
     theirs = [detector(i, **RES, **params) for i in photos()]
     ours = annotators("mlsd", params).annotate(photos())
@@ -206,12 +207,12 @@ def test_mlsd_equals_controlnet_aux(annotators, weights):
 
 @pytest.mark.parametrize(("name", "coarse"), [("lineart", False), ("lineart_coarse", True)])
 def test_lineart_equals_controlnet_aux(annotators, weights, name, coarse):
-    detector = LineartDetector.from_pretrained(weights)
+    detector = LineartDetector.from_pretrained(weights["lineart"])
     assert_same(annotators(name).annotate(photos()), [detector(i, coarse=coarse, **RES) for i in photos()], tolerance=1)
 
 
 def test_lineart_anime_equals_controlnet_aux(annotators, heavy_weights):
-    detector = controlnet_aux.LineartAnimeDetector.from_pretrained(heavy_weights)
+    detector = controlnet_aux.LineartAnimeDetector.from_pretrained(heavy_weights["lineart_anime"])
     images = photos((128, 64))  # one 256x256 forward pass per image
     theirs = [detector(i, detect_resolution=64, image_resolution=64, output_type="np") for i in images]
     assert_same(annotators("lineart_anime").annotate(images), theirs, tolerance=1)
@@ -273,3 +274,42 @@ def test_binary_thresholds():
     np.testing.assert_array_equal(fixed[:, :, 0], np.where(gray > 128, 0, 255))
     otsu = ANNOTATORS["binary"]({}).annotate([image])[0]
     assert set(np.unique(otsu)) == {0, 255}
+
+
+# --- transformers models: our batched call equals the model's own processor + forward, one image at a time ---
+
+
+def test_depth_anything_equals_its_processor_and_model(annotators, weights):
+    import torch
+    from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+
+    processor = AutoImageProcessor.from_pretrained(weights["depth_anything"])
+    model = DepthAnythingForDepthEstimation.from_pretrained(weights["depth_anything"]).eval()
+    images = odd_photos()
+    ours = annotators("depth_anything").annotate(images)
+    for image, got in zip(images, ours):
+        with torch.no_grad():
+            depth = model(**processor(images=image, return_tensors="pt")).predicted_depth
+        depth = torch.nn.functional.interpolate(depth[None], image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        depth = depth.numpy().astype(np.float64)
+        want = ((depth - depth.min()) / (depth.max() - depth.min()) * 255.0).astype(np.uint8)
+        assert np.abs(got[:, :, 0].astype(int) - want).max() <= 1
+        assert got.min() == 0 and got.max() == 255  # min-max normalised per image
+
+
+def test_seg_ade20k_draws_classes_in_the_ade20k_palette(annotators, weights):
+    import torch
+    from controlnet_aux.util import ade_palette
+    from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
+
+    processor = AutoImageProcessor.from_pretrained(weights["seg_ade20k"])
+    model = UperNetForSemanticSegmentation.from_pretrained(weights["seg_ade20k"]).eval()
+    palette = np.array(ade_palette(), dtype=np.uint8)
+    image = odd_photos()[0]
+    got = annotators("seg_ade20k").annotate([image])[0]
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0].numpy()
+    np.testing.assert_array_equal(got, palette[labels])
+    colours = {tuple(c) for c in got.reshape(-1, 3)}
+    assert colours <= {tuple(c) for c in palette}

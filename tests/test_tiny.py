@@ -53,7 +53,8 @@ def _generate(pipe: StableDiffusionControlNetPipeline, image, **kwargs) -> np.nd
 
 def test_layout(tiny: dict[str, str]) -> None:
     out = Path(tiny["base_model"]).parent
-    assert set(tiny) == {"base_model", "controlnet/canny", "controlnet/hed", "annotators"}
+    assert set(tiny) >= {"base_model", "controlnet/canny", "controlnet/hed", "annotators"}
+    assert {k for k in tiny if k.startswith("annotator/")} == {"annotator/depth_anything", "annotator/seg_ade20k"}
     assert tiny["controlnet/canny"] == str(out / "controlnet-canny")
     assert tiny["annotators"] == str(out / "annotators")
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -68,7 +69,7 @@ def test_layout(tiny: dict[str, str]) -> None:
     assert "hed" in marker["annotators"] and "lineart_anime" not in marker["annotators"]  # heavy: only on request
     for name in marker["annotators"]:
         for f in ANNOTATORS[name].files():
-            assert (out / "annotators" / f).exists(), (name, f)
+            assert (Path(tiny.get(f"annotator/{name}", tiny["annotators"])) / f).exists(), (name, f)
 
 
 def test_pipeline_loads_with_sd15_geometry(pipe: StableDiffusionControlNetPipeline) -> None:
