@@ -672,3 +672,181 @@ class SegAde20k(TransformersAnnotator):
             labels = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[(h, w)] * len(same_shape))
         palette = np.array(ade_palette(), dtype=np.uint8)
         return [palette[np.asarray(lab.cpu(), dtype=np.int64) % len(palette)] for lab in labels]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pose: skeleton drawn on black, keypoints kept as OpenPose JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def openpose_json(people: list[dict[str, list[float]]], width: int, height: int) -> str:
+    """The OpenPose JSON document of one image: pixel coordinates, [x, y, confidence] per point,
+    [0, 0, 0] for a point not found; a part list is empty when that part was not looked for."""
+    return json.dumps({"people": people, "canvas_width": width, "canvas_height": height})
+
+
+def flat_keypoints(points, width: int, height: int, count: int) -> list[float]:
+    """[(x, y, score) normalised to [0, 1], or None] -> OpenPose's flat [x, y, c, ...] in pixels."""
+    if points is None:
+        return []
+    flat: list[float] = []
+    for p in list(points)[:count]:
+        if p is None or p[0] < 0 or p[1] < 0:
+            flat += [0.0, 0.0, 0.0]
+        else:
+            flat += [round(float(p[0]) * width, 3), round(float(p[1]) * height, 3), round(float(p[2]), 4)]
+    return flat
+
+
+class OpenPose(NeuralAnnotator):
+    """controlnet-aux's OpenPose (body, hands, face networks) at the image's own size.
+
+    Not batched: the body network runs on one image at its own rescaled size and the hand and face
+    networks on per-person crops, as controlnet-aux's post-processing is written for one image."""
+
+    name = "openpose"
+    description = "OpenPose body skeleton (controlnet-aux OpenposeDetector); keypoints as OpenPose JSON."
+    default_model = "lllyasviel/Annotators"
+    weights_file = "body_pose_model.pth"
+    weights_files = ("body_pose_model.pth",)
+    extras = "keypoints"
+    size = "detected and drawn at the image's own size (the body network pads to multiples of 8 itself)"
+    HAND: ClassVar[bool] = False
+    FACE: ClassVar[bool] = False
+
+    def load(self, weights_dir: str) -> None:
+        from controlnet_aux.open_pose import Body, Face, Hand, OpenposeDetector
+
+        d = Path(weights_dir)
+        self.detector = OpenposeDetector(
+            Body(str(d / "body_pose_model.pth")).to(self.device),
+            Hand(str(d / "hand_pose_model.pth")).to(self.device) if self.HAND else None,
+            Face(str(d / "facenet.pth")).to(self.device) if self.FACE else None,
+        )
+
+    def annotate(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return self.annotate_with_extras(images)[0]
+
+    def annotate_with_extras(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], list[str | None]]:
+        rendered = [self.render(self.detect(img), *img.shape[:2]) for img in images]
+        return [m for m, _ in rendered], [k for _, k in rendered]
+
+    def render(self, poses, h: int, w: int) -> tuple[np.ndarray, str]:
+        """controlnet-aux PoseResults (coordinates normalised to [0, 1]) -> (skeleton map, OpenPose JSON)."""
+        from controlnet_aux.open_pose import draw_poses
+
+        canvas = draw_poses(poses, h, w, draw_body=True, draw_hand=self.HAND, draw_face=self.FACE)
+        people = [
+            {
+                "pose_keypoints_2d": flat_keypoints(pose.body.keypoints, w, h, 18),
+                "hand_left_keypoints_2d": flat_keypoints(pose.left_hand, w, h, 21),
+                "hand_right_keypoints_2d": flat_keypoints(pose.right_hand, w, h, 21),
+                "face_keypoints_2d": flat_keypoints(pose.face, w, h, 70),
+            }
+            for pose in poses
+        ]
+        return canvas, openpose_json(people, w, h)
+
+    def detect(self, rgb: np.ndarray):
+        """controlnet-aux's OpenposeDetector.detect_poses, keeping the body keypoints' scores."""
+        from controlnet_aux.open_pose import BodyResult, Keypoint, PoseResult
+
+        torch = self._torch
+        detector = self.detector
+        bgr = rgb[:, :, ::-1].copy()
+        h, w = bgr.shape[:2]
+        with torch.inference_mode():
+            candidate, subset = detector.body_estimation(bgr)
+            results = []
+            for body in detector.body_estimation.format_body_result(candidate, subset):
+                left, right = detector.detect_hands(body, bgr) if self.HAND else (None, None)
+                face = detector.detect_face(body, bgr) if self.FACE else None
+                keypoints = [Keypoint(k.x / float(w), k.y / float(h), k.score, k.id) if k is not None else None
+                             for k in body.keypoints]
+                results.append(PoseResult(BodyResult(keypoints, body.total_score, body.total_parts), left, right, face))
+        return results
+
+
+register(OpenPose)
+
+
+@register
+class OpenPoseHand(OpenPose):
+    name = "openpose_hand"
+    description = "OpenPose body and hands (controlnet-aux OpenposeDetector include_hand)."
+    weights_files = ("body_pose_model.pth", "hand_pose_model.pth")
+    HAND = True
+
+
+@register
+class OpenPoseFace(OpenPose):
+    name = "openpose_face"
+    description = "OpenPose body and face (controlnet-aux OpenposeDetector include_face)."
+    weights_files = ("body_pose_model.pth", "facenet.pth")
+    FACE = True
+
+
+@register
+class OpenPoseFull(OpenPose):
+    name = "openpose_full"
+    description = "OpenPose body, hands and face (controlnet-aux OpenposeDetector hand_and_face)."
+    weights_files = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
+    HAND = True
+    FACE = True
+
+
+@register
+class DWPose(NeuralAnnotator):
+    name = "dwpose"
+    description = ("DWPose whole body (YOLOX + RTMPose ONNX graphs on onnxruntime), drawn as controlnet-aux's "
+                   "DWposeDetector does; keypoints as OpenPose JSON.")
+    default_model = "yzd-v/DWPose"
+    weights_file = "dw-ll_ucoco_384.onnx"
+    weights_files = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")
+    package = "onnxruntime"
+    extras = "keypoints"
+    size = ("detector input letterboxed to 640x640 and person crops warped to the pose model's input, "
+            "keypoints mapped back to the image's pixels and drawn at the image's own size")
+
+    def load(self, weights_dir: str) -> None:
+        from pipeline.dwpose import Wholebody
+
+        self.estimator = Wholebody(str(Path(weights_dir) / "yolox_l.onnx"), str(Path(weights_dir) / "dw-ll_ucoco_384.onnx"),
+                                   self.device)
+
+    def annotate(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return self.annotate_with_extras(images)[0]
+
+    def annotate_with_extras(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], list[str | None]]:
+        estimates = self.estimator.estimate([np.ascontiguousarray(img[:, :, ::-1]) for img in images])  # DWPose takes BGR
+        rendered = [self.render(k, s, *img.shape[:2]) for img, (k, s) in zip(images, estimates)]
+        return [m for m, _ in rendered], [j for _, j in rendered]
+
+    @staticmethod
+    def render(candidate: np.ndarray, subset: np.ndarray, h: int, w: int) -> tuple[np.ndarray, str]:
+        """controlnet-aux's DWposeDetector.__call__ after its estimator, at (h, w); and the OpenPose JSON."""
+        from controlnet_aux.dwpose import draw_pose
+
+        candidate, subset = candidate.copy(), subset.copy()
+        nums, _, locs = candidate.shape
+        candidate[..., 0] /= float(w)
+        candidate[..., 1] /= float(h)
+        body = candidate[:, :18].copy().reshape(nums * 18, locs)
+        score = subset[:, :18].copy()
+        for i in range(len(score)):
+            for j in range(len(score[i])):
+                score[i][j] = int(18 * i + j) if score[i][j] > 0.3 else -1
+        candidate[subset < 0.3] = -1
+        hands = np.vstack([candidate[:, 92:113], candidate[:, 113:]])
+        pose = {"bodies": {"candidate": body, "subset": score}, "hands": hands, "faces": candidate[:, 24:92]}
+        canvas = draw_pose(pose, h, w)
+
+        def part(person: int, start: int, stop: int) -> list[float]:
+            points = [(x, y, c) if c >= 0.3 else None
+                      for (x, y), c in zip(candidate[person, start:stop], subset[person, start:stop])]
+            return flat_keypoints(points, w, h, stop - start)
+
+        people = [{"pose_keypoints_2d": part(p, 0, 18), "hand_left_keypoints_2d": part(p, 92, 113),
+                   "hand_right_keypoints_2d": part(p, 113, 134), "face_keypoints_2d": part(p, 24, 92)}
+                  for p in range(nums)]
+        return canvas, openpose_json(people, w, h)

@@ -228,6 +228,70 @@ def _lineart_anime():
     return UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False)
 
 
+def _openpose_save(build_name: str):
+    """OpenPose checkpoints hold the network's keys without their first component (controlnet-aux's
+    util.transfer maps `model0.conv1_1.weight` to `conv1_1.weight`)."""
+
+    def build():
+        from controlnet_aux.open_pose import model
+
+        return getattr(model, build_name)()
+
+    return _save(build, lambda sd: {".".join(k.split(".")[1:]): v for k, v in sd.items()})
+
+
+def _facenet():
+    from controlnet_aux.open_pose.face import FaceNet
+
+    return FaceNet()
+
+
+class _TinyYoloxHead(torch.nn.Module):
+    """Stand-in for DWPose's YOLOX-L ONNX graph (building YOLOX needs mmdet): the same input
+    (batch, 3, 640, 640) BGR 0-255 and output (batch, 8400, 85) = per anchor on strides 8/16/32:
+    box offsets, log sizes, sigmoid objectness and 80 sigmoid class scores. Random weights; only the
+    stride-32 anchors score above zero, with large boxes, so that an image has a few person boxes."""
+
+    def __init__(self):
+        super().__init__()
+        self.levels = torch.nn.ModuleList(torch.nn.Conv2d(3, 85, s, stride=s) for s in (8, 16, 32))
+
+    def forward(self, x):
+        x = x / 255.0 - 0.5
+        out = torch.cat([level(x).flatten(2) for level in self.levels], 2).transpose(1, 2)
+        coarse = torch.zeros_like(out[..., :1])
+        coarse[:, -400:] = 1.0  # the 20 x 20 stride-32 anchors
+        scores = torch.sigmoid(out[..., 4:] * 8 - 1.7 - 20 * (1 - coarse))
+        return torch.cat([out[..., :2] * 0.1, out[..., 2:4] * 0.1 + 2.5, scores], -1)
+
+
+class _TinyRTMPose(torch.nn.Module):
+    """Stand-in for DWPose's RTMPose whole-body ONNX graph (building RTMPose needs mmpose): the same
+    input (batch, 3, 384, 288), normalised BGR crop, and SimCC outputs simcc_x (batch, 133, 576)
+    and simcc_y (batch, 133, 768)."""
+
+    def __init__(self, keypoints: int = 133, h: int = 384, w: int = 288):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, stride=16), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, keypoints, 3, padding=1))
+        self.x = torch.nn.Linear((h // 16) * (w // 16), w * 2)
+        self.y = torch.nn.Linear((h // 16) * (w // 16), h * 2)
+
+    def forward(self, crops):
+        f = self.features(crops).flatten(2)
+        return self.x(f), self.y(f)
+
+
+def _onnx(build, shape, input_name: str, output_names: list[str]):
+    def write(path: Path, seed: int) -> None:
+        net = _seeded(seed, build).eval()
+        axes = {input_name: {0: "batch"}, **{n: {0: "batch"} for n in output_names}}
+        torch.onnx.export(net, (torch.rand(*shape) * 255,), str(path), input_names=[input_name],
+                          output_names=output_names, dynamic_axes=axes, dynamo=False)
+
+    return write
+
+
 # file name (lllyasviel/Annotators layout, or the default repo's) -> (writer(path, seed), approximate MB)
 ANNOTATOR_FILES: dict[str, tuple] = {
     "ControlNetHED.pth": (_save(ControlNetHED_Apache2), 59),
@@ -238,6 +302,11 @@ ANNOTATOR_FILES: dict[str, tuple] = {
     "sk_model.pth": (_save(_lineart), 17),
     "sk_model2.pth": (_save(_lineart), 17),
     "netG.pth": (_save(_lineart_anime), 218),
+    "body_pose_model.pth": (_openpose_save("bodypose_model"), 209),
+    "hand_pose_model.pth": (_openpose_save("handpose_model"), 147),
+    "facenet.pth": (_save(_facenet), 154),
+    "yolox_l.onnx": (_onnx(_TinyYoloxHead, (1, 3, 640, 640), "images", ["output"]), 0.1),
+    "dw-ll_ucoco_384.onnx": (_onnx(_TinyRTMPose, (1, 3, 384, 288), "input", ["simcc_x", "simcc_y"]), 10),
 }
 
 
@@ -273,7 +342,7 @@ ANNOTATOR_DIRS: dict[str, tuple] = {
     "depth_anything": ("depth-anything", _depth_anything),
     "seg_ade20k": ("upernet-ade20k", _upernet),
 }
-HEAVY = ("lineart_anime",)  # written only when asked for (see ANNOTATOR_FILES for sizes)
+HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpose_full")  # written only when asked for (see ANNOTATOR_FILES for sizes)
 
 
 def _annotator_names(names: Sequence[str] | str | None) -> list[str]:
