@@ -54,9 +54,41 @@ def failure_reason(e: BaseException) -> str:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from pipeline.tiny import make_tiny
 
-    paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed)
+    annotators = None if args.annotators is None else args.annotators.split(",")
+    paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed, annotators=annotators)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def cmd_annotators(args: argparse.Namespace) -> int:
+    from pipeline.annotators import ANNOTATORS
+
+    for name, cls in ANNOTATORS.items():
+        weights = (f"weights: {cls.default_model} ({', '.join(cls.files())})" if cls.default_model else "no weights")
+        print(f"{name}: {cls.description} [{weights}]")
+        if not cls.Params.model_fields:
+            print("    (no parameters)")
+        for field, info in cls.Params.model_fields.items():
+            kind = getattr(info.annotation, "__name__", str(info.annotation))
+            doc = f" - {info.description}" if info.description else ""
+            print(f"    {field}: {kind} = {info.default!r}{doc}")
+        if cls.extras:
+            print(f"    adds column {cls.extras}_<id> (OpenPose JSON)")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from pipeline.fetch import fetch
+    from pipeline.models import ModelUnavailable
+
+    try:
+        fetched = fetch(load_config(args.config, args.set), args.dir)
+    except (ConfigError, ModelUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for f in fetched:
+        print(f"{f.role}: {f.model} -> {f.path} ({'downloaded' if f.downloaded else 'local'}: {', '.join(f.files)})")
     return 0
 
 
@@ -122,7 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.add_argument("--conditions", default="canny,hed", help="comma-separated ControlNet conditions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--annotators", help="comma-separated annotators whose weights to write, or 'all' "
+                                        "(default: every neural annotator except the heavy ones)")
     p.set_defaults(fn=cmd_make_tiny)
+
+    p = models.add_parser("fetch", help="download every model file a job config needs into DIR/<repo id>/")
+    p.add_argument("config", help="job config YAML")
+    p.add_argument("--dir", required=True, help="local directory; configs can then name DIR/<repo id>")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.set_defaults(fn=cmd_fetch)
+
+    p = sub.add_parser("annotators", help="list the annotators, their parameters and weights")
+    p.set_defaults(fn=cmd_annotators)
 
     p = sub.add_parser("schemas", help="write the job-config and output schemas")
     p.add_argument("dir", nargs="?", default="schemas")

@@ -182,7 +182,8 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
 
     control_ids = [a.key for a in cfg.annotators]
     sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
-                            cfg.output.rows_per_file, generated=cfg.generation is not None)
+                            cfg.output.rows_per_file, generated=cfg.generation is not None,
+                            keypoint_ids=[a.key for a in cfg.annotators if ANNOTATORS[a.name].extras == "keypoints"])
     t0 = time.perf_counter()
     ds = build_dataset(cfg, models, target.written if target.resuming else None)
     ds.write_datasink(sink)

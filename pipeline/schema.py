@@ -24,11 +24,16 @@ ANNOTATOR = pa.struct(
         ("revision", pa.string()),
         ("weights_file", pa.string()),
         ("weights_sha256", pa.string()),
+        ("size_policy", pa.string()),
     ]
 )
 
 CONTROL_COLUMN = "control_{id}"
 CONTROL_DOC = "Control map of the annotator with this id, at the image's size (PNG)."
+KEYPOINTS_COLUMN = "keypoints_{id}"
+KEYPOINTS_DOC = ("Keypoints of a pose annotator with this id, OpenPose JSON: {people: [{pose_keypoints_2d, "
+                 "hand_left_keypoints_2d, hand_right_keypoints_2d, face_keypoints_2d}], canvas_width, "
+                 "canvas_height}; pixel coordinates, [x, y, confidence] per point. Only for pose annotators.")
 
 # (name, type, description); control columns go after `image`.
 SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -88,7 +93,7 @@ GENERATION_COLUMNS = ("variant_index", "seed", "prompt", "negative_prompt", "gen
                       "num_inference_steps", "guidance_scale", "dtype")
 
 
-def samples_schema(control_ids: list[str], generated: bool = True) -> pa.Schema:
+def samples_schema(control_ids: list[str], keypoint_ids: list[str] = (), generated: bool = True) -> pa.Schema:
     fields = []
     for name, type_, _ in SAMPLE_COLUMNS:
         if not generated and name in GENERATION_COLUMNS:
@@ -96,6 +101,7 @@ def samples_schema(control_ids: list[str], generated: bool = True) -> pa.Schema:
         fields.append(pa.field(name, type_))
         if name == "image":
             fields.extend(pa.field(CONTROL_COLUMN.format(id=c), IMAGE) for c in control_ids)
+            fields.extend(pa.field(KEYPOINTS_COLUMN.format(id=c), pa.string()) for c in keypoint_ids)
     return _with_hf_features(pa.schema(fields))
 
 
@@ -114,6 +120,7 @@ def schema_documents() -> dict[str, Any]:
     samples = describe(SAMPLE_COLUMNS)
     at = [c["name"] for c in samples].index("image") + 1
     samples.insert(at, {"name": CONTROL_COLUMN, "type": str(IMAGE), "description": CONTROL_DOC + " One column per annotator."})
+    samples.insert(at + 1, {"name": KEYPOINTS_COLUMN, "type": str(pa.string()), "description": KEYPOINTS_DOC})
     return {
         "job_config.schema.json": config_json_schema(),
         "samples.schema.json": {"title": "samples/*.parquet", "image_columns": "Hugging Face datasets Image structs",

@@ -30,14 +30,14 @@ ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
 
 class SplitParquetSink(Datasink[dict]):
     def __init__(self, path: str, storage_options: dict[str, Any], run_id: str, code_version: str,
-                 control_ids: list[str], rows_per_file: int, generated: bool = True):
+                 control_ids: list[str], rows_per_file: int, generated: bool = True, keypoint_ids: list[str] = ()):
         self.path = path
         self.storage_options = storage_options
         self.run_id = run_id
         self.code_version = code_version
         self.control_ids = control_ids
         self.rows_per_file = rows_per_file
-        self.schema = samples_schema(control_ids, generated)
+        self.schema = samples_schema(control_ids, keypoint_ids, generated)
         self.totals: dict[str, Any] = {}
 
     def on_write_start(self, schema=None) -> None:

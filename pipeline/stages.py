@@ -99,7 +99,7 @@ class Decode:
 
 class Annotate:
     """One annotator over the `image` column, adding `control_<id>` (PNG) and `annotator_<id>` (JSON
-    provenance). Used as a plain function for weight-free annotators (Ray tasks) and as an actor
+    provenance), and for pose annotators `keypoints_<id>` (OpenPose JSON). Used as a plain function for weight-free annotators (Ray tasks) and as an actor
     class for annotators with weights (loaded once per actor)."""
 
     def __init__(self, cfg: AnnotatorConfig, model: ResolvedModel | None):
@@ -114,14 +114,18 @@ class Annotate:
         return map_batch_isolated(f"annotate:{self.key}", batch, self.annotate)
 
     def annotate(self, rows: list[Row]) -> list[Row]:
-        maps = self.annotator.annotate([png_to_array(r["image"]) for r in rows])
+        maps, extras = self.annotator.annotate_with_extras([png_to_array(r["image"]) for r in rows])
         for row, control in zip(rows, maps):
             if control.shape != (row["height"], row["width"], 3):
                 raise RuntimeError(f"annotator {self.key} returned {control.shape} for a {row['width']}x{row['height']} image")
-        return [
+        out = [
             {**row, f"control_{self.key}": array_to_png(control), f"annotator_{self.key}": self.provenance}
             for row, control in zip(rows, maps)
         ]
+        if self.annotator.extras:  # only annotators with extras (pose: keypoints) add a column
+            for row, extra in zip(out, extras):
+                row[f"{self.annotator.extras}_{self.key}"] = extra
+        return out
 
 
 def derive(*parts: Any) -> bytes:

@@ -184,20 +184,228 @@ def _write_controlnet(cn_dir: Path, seed: int) -> None:
     controlnet.save_pretrained(cn_dir, safe_serialization=True)
 
 
-def _write_annotators(annotators_dir: Path, seed: int) -> None:
-    """Write lllyasviel/Annotators-layout checkpoints (currently HED only) as plain state_dicts."""
-    annotators_dir.mkdir(parents=True, exist_ok=True)
+def _seeded(seed: int, build):
     torch.manual_seed(seed)
-    hed = ControlNetHED_Apache2()
-    torch.save(hed.state_dict(), annotators_dir / "ControlNetHED.pth")
+    return build()
 
 
-def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"), seed: int = 0) -> dict[str, str]:
-    """Write tiny models under out_dir; return {"base_model": path, "controlnet/<cond>": path, ..., "annotators": path}.
+def _save(build, wrap=lambda sd: sd):
+    """A writer: build the network with a seed, torch.save its (wrapped) state_dict to a path."""
+    return lambda path, seed: torch.save(wrap(_seeded(seed, build).state_dict()), path)
+
+
+def _pidinet():
+    from controlnet_aux.pidi.model import pidinet
+
+    return pidinet()
+
+
+def _teed():
+    from controlnet_aux.teed.ted import TED
+
+    return TED()
+
+
+def _mlsd():
+    from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
+
+    return MobileV2_MLSD_Large()
+
+
+def _lineart():
+    from controlnet_aux.lineart import Generator
+
+    return Generator(3, 1, 3)
+
+
+def _lineart_anime():
+    import functools
+
+    from controlnet_aux.lineart_anime import UnetGenerator
+    from torch import nn
+
+    norm = functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
+    return UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False)
+
+
+def _openpose_save(build_name: str):
+    """OpenPose checkpoints hold the network's keys without their first component (controlnet-aux's
+    util.transfer maps `model0.conv1_1.weight` to `conv1_1.weight`)."""
+
+    def build():
+        from controlnet_aux.open_pose import model
+
+        return getattr(model, build_name)()
+
+    return _save(build, lambda sd: {".".join(k.split(".")[1:]): v for k, v in sd.items()})
+
+
+def _facenet():
+    from controlnet_aux.open_pose.face import FaceNet
+
+    return FaceNet()
+
+
+class _TinyYoloxHead(torch.nn.Module):
+    """Stand-in for DWPose's YOLOX-L ONNX graph (building YOLOX needs mmdet): the same input
+    (batch, 3, 640, 640) BGR 0-255 and output (batch, 8400, 85) = per anchor on strides 8/16/32:
+    box offsets, log sizes, sigmoid objectness and 80 sigmoid class scores. Random weights; only the
+    stride-32 anchors score above zero, with large boxes, so that an image has a few person boxes."""
+
+    def __init__(self):
+        super().__init__()
+        self.levels = torch.nn.ModuleList(torch.nn.Conv2d(3, 85, s, stride=s) for s in (8, 16, 32))
+
+    def forward(self, x):
+        x = x / 255.0 - 0.5
+        out = torch.cat([level(x).flatten(2) for level in self.levels], 2).transpose(1, 2)
+        coarse = torch.zeros_like(out[..., :1])
+        coarse[:, -400:] = 1.0  # the 20 x 20 stride-32 anchors
+        scores = torch.sigmoid(out[..., 4:] * 8 - 1.7 - 20 * (1 - coarse))
+        return torch.cat([out[..., :2] * 0.1, out[..., 2:4] * 0.1 + 2.5, scores], -1)
+
+
+class _TinyRTMPose(torch.nn.Module):
+    """Stand-in for DWPose's RTMPose whole-body ONNX graph (building RTMPose needs mmpose): the same
+    input (batch, 3, 384, 288), normalised BGR crop, and SimCC outputs simcc_x (batch, 133, 576)
+    and simcc_y (batch, 133, 768)."""
+
+    def __init__(self, keypoints: int = 133, h: int = 384, w: int = 288):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, stride=16), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, keypoints, 3, padding=1))
+        self.x = torch.nn.Linear((h // 16) * (w // 16), w * 2)
+        self.y = torch.nn.Linear((h // 16) * (w // 16), h * 2)
+
+    def forward(self, crops):
+        f = self.features(crops).flatten(2)
+        return self.x(f), self.y(f)
+
+
+def _onnx(build, shape, input_name: str, output_names: list[str]):
+    def write(path: Path, seed: int) -> None:
+        net = _seeded(seed, build).eval()
+        axes = {input_name: {0: "batch"}, **{n: {0: "batch"} for n in output_names}}
+        torch.onnx.export(net, (torch.rand(*shape) * 255,), str(path), input_names=[input_name],
+                          output_names=output_names, dynamic_axes=axes, dynamo=False)
+
+    return write
+
+
+# file name (lllyasviel/Annotators layout, or the default repo's) -> (writer(path, seed), approximate MB)
+ANNOTATOR_FILES: dict[str, tuple] = {
+    "ControlNetHED.pth": (_save(ControlNetHED_Apache2), 59),
+    # the released PiDiNet checkpoint is a DataParallel training checkpoint: {"state_dict": {"module.<key>": ...}}
+    "table5_pidinet.pth": (_save(_pidinet, lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}}), 3),
+    "5_model.pth": (_save(_teed), 0.3),
+    "mlsd_large_512_fp32.pth": (_save(_mlsd), 6),
+    "sk_model.pth": (_save(_lineart), 17),
+    "sk_model2.pth": (_save(_lineart), 17),
+    "netG.pth": (_save(_lineart_anime), 218),
+    "body_pose_model.pth": (_openpose_save("bodypose_model"), 209),
+    "hand_pose_model.pth": (_openpose_save("handpose_model"), 147),
+    "facenet.pth": (_save(_facenet), 154),
+    "yolox_l.onnx": (_onnx(_TinyYoloxHead, (1, 3, 640, 640), "images", ["output"]), 0.1),
+    "dw-ll_ucoco_384.onnx": (_onnx(_TinyRTMPose, (1, 3, 384, 288), "input", ["simcc_x", "simcc_y"]), 10),
+}
+
+
+def _depth_anything(directory: Path, seed: int) -> None:
+    """Depth Anything (small layout: DINOv2 backbone + DPT head), tiny widths, the real image processor."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(image_size=518, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
+                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
+    _seeded(seed, lambda: DepthAnythingForDepthEstimation(config)).save_pretrained(directory, safe_serialization=True)
+    DPTImageProcessor(do_resize=True, size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      resample=3, do_rescale=True, do_normalize=True, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225], do_pad=False).save_pretrained(directory)
+
+
+def _upernet(directory: Path, seed: int) -> None:
+    """UperNet with a ConvNeXt backbone and 150 ADE20K classes, tiny widths, the real image processor."""
+    from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
+
+    backbone = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, auxiliary_channels=8,
+                           num_labels=150, use_auxiliary_head=True)
+    _seeded(seed, lambda: UperNetForSemanticSegmentation(config)).save_pretrained(directory, safe_serialization=True)
+    SegformerImageProcessor(do_resize=True, size={"height": 512, "width": 512}, do_reduce_labels=False).save_pretrained(directory)
+
+
+# annotator -> (sub-directory of the annotators directory, writer(directory, seed)): whole save_pretrained models
+ANNOTATOR_DIRS: dict[str, tuple] = {
+    "depth_anything": ("depth-anything", _depth_anything),
+    "seg_ade20k": ("upernet-ade20k", _upernet),
+}
+HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpose_full")  # written only when asked for (see ANNOTATOR_FILES for sizes)
+
+
+def _annotator_names(names: Sequence[str] | str | None) -> list[str]:
+    from pipeline.annotators import ANNOTATORS
+
+    neural = [n for n, cls in ANNOTATORS.items() if cls.default_model]
+    if names is None:
+        return [n for n in neural if n not in HEAVY]
+    if names == "all" or list(names) == ["all"]:
+        return neural
+    unknown = [n for n in names if n not in ANNOTATORS]
+    if unknown:
+        raise ValueError(f"unknown annotators {unknown}; known: {sorted(ANNOTATORS)}")
+    return [n for n in names if n in neural]
+
+
+def annotator_files(names: Sequence[str]) -> list[str]:
+    """The weight files the given annotators load, in ANNOTATOR_FILES order."""
+    from pipeline.annotators import ANNOTATORS
+
+    wanted = {f for n in names if n not in ANNOTATOR_DIRS for f in ANNOTATORS[n].files()}
+    unknown = wanted - set(ANNOTATOR_FILES)
+    if unknown:
+        raise ValueError(f"no tiny writer for {sorted(unknown)}")
+    return [f for f in ANNOTATOR_FILES if f in wanted]
+
+
+def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | None = None, seed: int = 0) -> dict[str, str]:
+    """Write random-weight checkpoints of the given annotators' real networks under the file names
+    their loaders expect (plain tensors only, so torch.load(weights_only=True) reads them; transformers
+    models with save_pretrained in a sub-directory); return {annotator: its weights directory}.
+    A file's weights depend only on the seed and the file name."""
+    annotators_dir = Path(annotators_dir)
+    annotators_dir.mkdir(parents=True, exist_ok=True)
+    names = _annotator_names(names)
+    for filename in annotator_files(names):
+        writer, _ = ANNOTATOR_FILES[filename]
+        path = annotators_dir / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer(path, seed + list(ANNOTATOR_FILES).index(filename))
+    dirs = {}
+    for name in names:
+        if name in ANNOTATOR_DIRS:
+            sub, writer = ANNOTATOR_DIRS[name]
+            writer(annotators_dir / sub, seed)
+            dirs[name] = str(annotators_dir / sub)
+        else:
+            dirs[name] = str(annotators_dir)
+    return dirs
+
+
+def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"), seed: int = 0,
+              annotators: Sequence[str] | None = None) -> dict[str, str]:
+    """Write tiny models under out_dir; return {"base_model": path, "controlnet/<cond>": path, ...,
+    "annotators": path}.
+
+    `annotators` names the annotators whose weights to write (default: DEFAULT_ANNOTATORS, every
+    neural annotator whose full-size random checkpoint is small; "all" for every one). A model
+    field of a job config can point at `annotators` for all of them.
 
     Deterministic for a given seed. If out_dir already holds a complete set written by this
-    function with the same seed and conditions (the marker file is written last), nothing is
-    rewritten.
+    function with the same seed, conditions and annotators (the marker file is written last),
+    nothing is rewritten.
     """
     out = Path(out_dir)
     conditions = list(conditions)
@@ -207,7 +415,11 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     paths["annotators"] = str(out / "annotators")
 
     marker = out / MARKER
-    wanted = {"seed": seed, "conditions": conditions}
+    annotators = _annotator_names(annotators)
+    for name in annotators:  # save_pretrained models live in their own directory
+        if name in ANNOTATOR_DIRS:
+            paths[f"annotator/{name}"] = str(out / "annotators" / ANNOTATOR_DIRS[name][0])
+    wanted = {"seed": seed, "conditions": conditions, "annotators": annotators}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return paths
 
@@ -216,7 +428,7 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     _write_stable_diffusion(out / "stable-diffusion", seed)
     for index, cond in enumerate(conditions):
         _write_controlnet(out / f"controlnet-{cond}", seed + index)
-    _write_annotators(out / "annotators", seed)
+    write_annotators(out / "annotators", annotators, seed)
     (out / "README.md").write_text(README)
     marker.write_text(json.dumps(wanted, indent=2) + "\n")
     return paths

@@ -27,7 +27,7 @@ def ray_session():
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     from pipeline.tiny import make_tiny
 
-    return make_tiny(tmp_path_factory.mktemp("tiny-models"), conditions=("canny", "hed"), seed=0)
+    return make_tiny(tmp_path_factory.mktemp("tiny-models"), conditions=("canny", "hed"), seed=0, annotators=("hed",))
 
 
 def write_photos(directory: Path, names=PHOTOS, fmt: str = "jpg") -> list[Path]:

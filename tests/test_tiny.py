@@ -14,6 +14,7 @@ from controlnet_aux import HEDdetector
 from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
+from pipeline.annotators import ANNOTATORS
 from pipeline.tiny import MARKER, make_tiny
 
 
@@ -52,7 +53,8 @@ def _generate(pipe: StableDiffusionControlNetPipeline, image, **kwargs) -> np.nd
 
 def test_layout(tiny: dict[str, str]) -> None:
     out = Path(tiny["base_model"]).parent
-    assert set(tiny) == {"base_model", "controlnet/canny", "controlnet/hed", "annotators"}
+    assert set(tiny) >= {"base_model", "controlnet/canny", "controlnet/hed", "annotators"}
+    assert {k for k in tiny if k.startswith("annotator/")} == {"annotator/depth_anything", "annotator/seg_ade20k"}
     assert tiny["controlnet/canny"] == str(out / "controlnet-canny")
     assert tiny["annotators"] == str(out / "annotators")
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -62,7 +64,12 @@ def test_layout(tiny: dict[str, str]) -> None:
     assert (out / "controlnet-hed" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "annotators" / "ControlNetHED.pth").is_file()
     assert "random" in (out / "README.md").read_text().lower()
-    assert json.loads((out / MARKER).read_text()) == {"seed": 0, "conditions": ["canny", "hed"]}
+    marker = json.loads((out / MARKER).read_text())
+    assert marker == {"seed": 0, "conditions": ["canny", "hed"], "annotators": marker["annotators"]}
+    assert "hed" in marker["annotators"] and "lineart_anime" not in marker["annotators"]  # heavy: only on request
+    for name in marker["annotators"]:
+        for f in ANNOTATORS[name].files():
+            assert (Path(tiny.get(f"annotator/{name}", tiny["annotators"])) / f).exists(), (name, f)
 
 
 def test_pipeline_loads_with_sd15_geometry(pipe: StableDiffusionControlNetPipeline) -> None:
@@ -150,7 +157,7 @@ def test_rewrites_when_seed_changes(tmp_path: Path) -> None:
     first = unet.read_bytes()
     make_tiny(tmp_path, conditions=("canny",), seed=1)
     assert unet.read_bytes() != first
-    assert json.loads((tmp_path / MARKER).read_text()) == {"seed": 1, "conditions": ["canny"]}
+    assert json.loads((tmp_path / MARKER).read_text())["seed"] == 1
 
 
 def test_deterministic(tiny: dict[str, str], tmp_path: Path) -> None:
