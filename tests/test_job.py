@@ -85,7 +85,9 @@ def test_schema_matches_contract(first_run):
         assert json.loads(got.metadata[b"huggingface"])["info"]["features"]["generated"] == {"_type": "Image"}
     contract = json.loads((ROOT / "schemas" / "samples.schema.json").read_text())
     names = [c["name"] for c in contract["columns"]]
-    assert names == [{"control_canny": "control_{id}"}.get(n, n) for n in want.names if n != "control_hed"]
+    documented = [{"control_canny": "control_{id}"}.get(n, n) for n in want.names if n != "control_hed"]
+    documented.insert(documented.index("control_{id}") + 1, "keypoints_{id}")  # pose annotators only
+    assert names == documented
 
 
 def test_provenance_in_every_row(first_run, inputs, tiny_models):
