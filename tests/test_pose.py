@@ -170,3 +170,23 @@ def test_annotate_stage_adds_keypoints_only_for_pose_annotators(weights):
     canny = Annotate(AnnotatorConfig(name="canny"), None)(table(images))
     assert not [c for c in canny.column_names if c.startswith("keypoints_")]
     assert json.loads(out.column("annotator_body")[0].as_py())["weights_file"] == "yolox_l.onnx,dw-ll_ucoco_384.onnx"
+
+
+def test_run_session_loops_over_a_graph_with_a_fixed_batch_of_one(tmp_path):
+    """DWPose's published graphs may have a fixed batch of 1: a stack then runs one item at a time."""
+    import onnxruntime as ort
+    import torch
+
+    from pipeline.dwpose import run_session
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 2, 3).eval()
+    torch.onnx.export(net, (torch.rand(1, 3, 8, 8),), str(tmp_path / "fixed.onnx"), input_names=["x"], dynamo=False)
+    session = ort.InferenceSession(str(tmp_path / "fixed.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 1
+    stack = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
+    (out,) = run_session(session, stack)
+    with torch.no_grad():
+        want = net(torch.from_numpy(stack)).numpy()
+    assert out.shape == (3, 2, 6, 6)
+    np.testing.assert_allclose(out, want, atol=1e-5)
