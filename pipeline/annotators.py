@@ -622,6 +622,7 @@ class TransformersAnnotator(NeuralAnnotator):
     def load(self, weights_dir: str) -> None:
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # no per-actor "Loading weights" bars in job logs
         self.processor = transformers.AutoImageProcessor.from_pretrained(weights_dir)
         self.network = getattr(transformers, self.model_class).from_pretrained(weights_dir).to(self.device).eval()
 

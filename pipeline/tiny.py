@@ -344,6 +344,7 @@ def _depth_anything(directory: Path, seed: int) -> None:
                             reshape_hidden_states=False)
     config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
                                  neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
+    _quiet_transformers()
     _seeded(seed, lambda: DepthAnythingForDepthEstimation(config)).save_pretrained(directory, safe_serialization=True)
     DPTImageProcessor(do_resize=True, size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
                       resample=3, do_rescale=True, do_normalize=True, image_mean=[0.485, 0.456, 0.406],
@@ -358,8 +359,15 @@ def _upernet(directory: Path, seed: int) -> None:
                               out_features=["stage1", "stage2", "stage3", "stage4"])
     config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, auxiliary_channels=8,
                            num_labels=150, use_auxiliary_head=True)
+    _quiet_transformers()
     _seeded(seed, lambda: UperNetForSemanticSegmentation(config)).save_pretrained(directory, safe_serialization=True)
     SegformerImageProcessor(do_resize=True, size={"height": 512, "width": 512}, do_reduce_labels=False).save_pretrained(directory)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
 
 
 # annotator -> (sub-directory of the annotators directory, writer(directory, seed)): whole save_pretrained models
