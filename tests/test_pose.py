@@ -117,13 +117,15 @@ def test_dwpose_onnx_graphs_run_in_one_batch(dwpose):
     assert isinstance(dwpose.estimator, Wholebody) and dwpose.estimator.pose_size == (288, 384)
 
 
-@pytest.mark.parametrize("name", sorted(OPENPOSE))
-def test_openpose_equals_controlnet_aux(weights, name):
-    ours = make(name, weights)
-    d = weights["openpose_full"]
-    from controlnet_aux.open_pose import Body, Face, Hand
+@pytest.fixture(scope="module")
+def openpose_detector(weights) -> OpenposeDetector:
+    return OpenposeDetector.from_pretrained(weights["openpose_full"])  # controlnet-aux's own loader and files
 
-    detector = OpenposeDetector(Body(f"{d}/body_pose_model.pth"), Hand(f"{d}/hand_pose_model.pth"), Face(f"{d}/facenet.pth"))
+
+@pytest.mark.parametrize("name", sorted(OPENPOSE))
+def test_openpose_equals_controlnet_aux(weights, openpose_detector, name):
+    ours = make(name, weights)
+    detector = openpose_detector
     images = photos()[:2] if name == "openpose" else photos()[:1]  # ~3 s per image and network on a CPU
     maps, extras = ours.annotate_with_extras(images)
     for image, got, doc in zip(images, maps, extras):
