@@ -16,7 +16,6 @@ which. Pose annotators also return the keypoints of every image in OpenPose JSON
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import warnings
@@ -287,12 +286,6 @@ class Binary(OpenCVAnnotator):
 # ---------------------------------------------------------------------------------------------
 # Neural annotators
 # ---------------------------------------------------------------------------------------------
-
-
-def _quiet_import(fn: Callable[[], Any]) -> Any:
-    with warnings.catch_warnings():  # controlnet-aux's import registers timm models and warns about it
-        warnings.simplefilter("ignore")
-        return fn()
 
 
 class NeuralAnnotator(Annotator):

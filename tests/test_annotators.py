@@ -334,3 +334,17 @@ def test_seg_ade20k_draws_classes_in_the_ade20k_palette(annotators, weights):
     np.testing.assert_array_equal(got, palette[labels])
     colours = {tuple(c) for c in got.reshape(-1, 3)}
     assert colours <= {tuple(c) for c in palette}
+
+
+class NotATensor:
+    """Any pickled object other than tensors and containers: weights_only loading must refuse it."""
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    import pickle
+
+    import torch
+
+    torch.save({"norm": NotATensor()}, tmp_path / "ControlNetHED.pth")
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
+        make("hed", {"hed": str(tmp_path)})
