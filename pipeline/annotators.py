@@ -16,7 +16,6 @@ which. Pose annotators also return the keypoints of every image in OpenPose JSON
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import warnings
@@ -287,12 +286,6 @@ class Binary(OpenCVAnnotator):
 # ---------------------------------------------------------------------------------------------
 # Neural annotators
 # ---------------------------------------------------------------------------------------------
-
-
-def _quiet_import(fn: Callable[[], Any]) -> Any:
-    with warnings.catch_warnings():  # controlnet-aux's import registers timm models and warns about it
-        warnings.simplefilter("ignore")
-        return fn()
 
 
 class NeuralAnnotator(Annotator):
@@ -622,6 +615,7 @@ class TransformersAnnotator(NeuralAnnotator):
     def load(self, weights_dir: str) -> None:
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # no per-actor "Loading weights" bars in job logs
         self.processor = transformers.AutoImageProcessor.from_pretrained(weights_dir)
         self.network = getattr(transformers, self.model_class).from_pretrained(weights_dir).to(self.device).eval()
 
@@ -850,3 +844,79 @@ class DWPose(NeuralAnnotator):
                    "hand_right_keypoints_2d": part(p, 113, 134), "face_keypoints_2d": part(p, 24, 92)}
                   for p in range(nums)]
         return canvas, openpose_json(people, w, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth and normals (controlnet-aux networks)
+#
+# Not here yet: depth_zoe (controlnet-aux's ZoeDetector builds ZoeDepth on a BEiT-L MiDaS, about
+# 1.3 GB of weights with no smaller configuration its loader accepts, so it cannot be tested offline
+# with a random checkpoint at a reasonable cost) and depth_leres (RelDepthModel on ResNeXt-101 plus
+# the pix2pix merge network its loader always builds, about 700 MB of weights; its loader also reads
+# the process's command line through argparse's parse_known_args).
+# ---------------------------------------------------------------------------------------------
+
+
+@register
+class DepthMidas(NeuralAnnotator):
+    name = "depth_midas"
+    description = "MiDaS DPT-Hybrid relative depth (controlnet-aux MidasDetector), near = bright."
+    default_model = "lllyasviel/Annotators"
+    weights_file = "dpt_hybrid-midas-501f0c75.pt"
+    MULTIPLE: ClassVar[int] = 32
+    size = ("network input reflect-padded at bottom/right to multiples of 32, depth cropped back, "
+            "then min-max normalised over the image")
+
+    def load(self, weights_dir: str) -> None:
+        from controlnet_aux import MidasDetector
+
+        self.network = MidasDetector.from_pretrained(weights_dir, filename=self.weights_file).model.to(self.device).eval()
+
+    def annotate(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return batched(images, self.run)
+
+    def run(self, same_shape: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self._torch
+        h, w = same_shape[0].shape[:2]
+        padded = pad_to_multiple(np.stack(same_shape), self.MULTIPLE)
+        with torch.inference_mode():
+            depth = self.network(self.tensor(padded) / 127.5 - 1.0)[:, :h, :w].float()
+        out = []
+        for d in depth:  # controlnet-aux's normalisation, per image, in torch
+            d = d - torch.min(d)
+            d = d / torch.max(d)
+            out.append(hwc3((d.cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)))
+        return out
+
+
+@register
+class NormalBae(NeuralAnnotator):
+    name = "normal_bae"
+    description = "Surface normals, Bae et al. (controlnet-aux NormalBaeDetector)."
+    default_model = "lllyasviel/Annotators"
+    weights_file = "scannet.pt"
+    MULTIPLE: ClassVar[int] = 32
+    size = "network input reflect-padded at bottom/right to multiples of 32, normals cropped back"
+
+    def load(self, weights_dir: str) -> None:
+        import contextlib
+        import io
+
+        from controlnet_aux import NormalBaeDetector
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its encoder prints while it builds
+            detector = NormalBaeDetector.from_pretrained(weights_dir, filename=self.weights_file)
+        self.network = detector.model.to(self.device).eval()
+        self.norm = detector.norm
+
+    def annotate(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return batched(images, self.run)
+
+    def run(self, same_shape: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self._torch
+        h, w = same_shape[0].shape[:2]
+        padded = pad_to_multiple(np.stack(same_shape), self.MULTIPLE)
+        with torch.inference_mode():
+            normal = self.network(self.norm(self.tensor(padded) / 255.0))[0][-1][:, :3, :h, :w]
+            normal = ((normal + 1) * 0.5).clip(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return [(n * 255.0).clip(0, 255).astype(np.uint8) for n in normal]

@@ -159,10 +159,12 @@ class Wholebody:
     def __init__(self, det_path: str, pose_path: str, device: str = "cpu"):
         import onnxruntime as ort
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        providers = [p for p in wanted if p in ort.get_available_providers()]  # onnxruntime-gpu brings CUDA
         options = ort.SessionOptions()
         self.det = ort.InferenceSession(det_path, options, providers=providers)
         self.pose = ort.InferenceSession(pose_path, options, providers=providers)
+        self.providers = self.det.get_providers()
         shape = self.pose.get_inputs()[0].shape  # (batch, 3, height, width)
         self.pose_size = (int(shape[3]), int(shape[2]))
 

@@ -99,8 +99,9 @@ class Decode:
 
 class Annotate:
     """One annotator over the `image` column, adding `control_<id>` (PNG) and `annotator_<id>` (JSON
-    provenance), and for pose annotators `keypoints_<id>` (OpenPose JSON). Used as a plain function for weight-free annotators (Ray tasks) and as an actor
-    class for annotators with weights (loaded once per actor)."""
+    provenance), and for pose annotators `keypoints_<id>` (OpenPose JSON). Used as a plain function
+    for weight-free annotators (Ray tasks) and as an actor class for annotators with weights (loaded
+    once per actor)."""
 
     def __init__(self, cfg: AnnotatorConfig, model: ResolvedModel | None):
         import torch

@@ -240,6 +240,28 @@ def _openpose_save(build_name: str):
     return _save(build, lambda sd: {".".join(k.split(".")[1:]): v for k, v in sd.items()})
 
 
+def _midas():
+    from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
+
+    net = DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True)
+    with torch.no_grad():  # random weights end in ReLU at ~0: lift the last conv so the depth map varies
+        net.scratch.output_conv[4].bias.fill_(1.0)
+    return net
+
+
+def _normal_bae():
+    import contextlib
+    import io
+    import types
+
+    from controlnet_aux.normalbae.nets.NNET import NNET
+
+    args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4,
+                                 importance_ratio=0.7)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return NNET(args)
+
+
 def _facenet():
     from controlnet_aux.open_pose.face import FaceNet
 
@@ -305,6 +327,9 @@ ANNOTATOR_FILES: dict[str, tuple] = {
     "body_pose_model.pth": (_openpose_save("bodypose_model"), 209),
     "hand_pose_model.pth": (_openpose_save("handpose_model"), 147),
     "facenet.pth": (_save(_facenet), 154),
+    "dpt_hybrid-midas-501f0c75.pt": (_save(_midas), 493),
+    # the released checkpoint is a training checkpoint: {"model": {"module.<key>": ...}}
+    "scannet.pt": (_save(_normal_bae, lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}}), 290),
     "yolox_l.onnx": (_onnx(_TinyYoloxHead, (1, 3, 640, 640), "images", ["output"]), 0.1),
     "dw-ll_ucoco_384.onnx": (_onnx(_TinyRTMPose, (1, 3, 384, 288), "input", ["simcc_x", "simcc_y"]), 10),
 }
@@ -319,6 +344,7 @@ def _depth_anything(directory: Path, seed: int) -> None:
                             reshape_hidden_states=False)
     config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
                                  neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
+    _quiet_transformers()
     _seeded(seed, lambda: DepthAnythingForDepthEstimation(config)).save_pretrained(directory, safe_serialization=True)
     DPTImageProcessor(do_resize=True, size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
                       resample=3, do_rescale=True, do_normalize=True, image_mean=[0.485, 0.456, 0.406],
@@ -333,8 +359,15 @@ def _upernet(directory: Path, seed: int) -> None:
                               out_features=["stage1", "stage2", "stage3", "stage4"])
     config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, auxiliary_channels=8,
                            num_labels=150, use_auxiliary_head=True)
+    _quiet_transformers()
     _seeded(seed, lambda: UperNetForSemanticSegmentation(config)).save_pretrained(directory, safe_serialization=True)
     SegformerImageProcessor(do_resize=True, size={"height": 512, "width": 512}, do_reduce_labels=False).save_pretrained(directory)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
 
 
 # annotator -> (sub-directory of the annotators directory, writer(directory, seed)): whole save_pretrained models
@@ -342,7 +375,7 @@ ANNOTATOR_DIRS: dict[str, tuple] = {
     "depth_anything": ("depth-anything", _depth_anything),
     "seg_ade20k": ("upernet-ade20k", _upernet),
 }
-HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpose_full")  # written only when asked for (see ANNOTATOR_FILES for sizes)
+HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpose_full", "depth_midas", "normal_bae")  # written only when asked for (see ANNOTATOR_FILES for sizes)
 
 
 def _annotator_names(names: Sequence[str] | str | None) -> list[str]:
@@ -370,7 +403,8 @@ def annotator_files(names: Sequence[str]) -> list[str]:
     return [f for f in ANNOTATOR_FILES if f in wanted]
 
 
-def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | None = None, seed: int = 0) -> dict[str, str]:
+def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | None = None, seed: int = 0,
+                     skip_existing: bool = False) -> dict[str, str]:
     """Write random-weight checkpoints of the given annotators' real networks under the file names
     their loaders expect (plain tensors only, so torch.load(weights_only=True) reads them; transformers
     models with save_pretrained in a sub-directory); return {annotator: its weights directory}.
@@ -381,13 +415,16 @@ def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | No
     for filename in annotator_files(names):
         writer, _ = ANNOTATOR_FILES[filename]
         path = annotators_dir / filename
+        if skip_existing and path.is_file():
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         writer(path, seed + list(ANNOTATOR_FILES).index(filename))
     dirs = {}
     for name in names:
         if name in ANNOTATOR_DIRS:
             sub, writer = ANNOTATOR_DIRS[name]
-            writer(annotators_dir / sub, seed)
+            if not (skip_existing and (annotators_dir / sub / "config.json").is_file()):
+                writer(annotators_dir / sub, seed)
             dirs[name] = str(annotators_dir / sub)
         else:
             dirs[name] = str(annotators_dir)

@@ -30,6 +30,22 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return make_tiny(tmp_path_factory.mktemp("tiny-models"), conditions=("canny", "hed"), seed=0, annotators=("hed",))
 
 
+@pytest.fixture(scope="session")
+def annotator_weights(tmp_path_factory):
+    """annotator name -> directory with its tiny random-weight checkpoints, written on first use."""
+    from pipeline.tiny import write_annotators
+
+    root = tmp_path_factory.mktemp("annotator-weights")
+    written: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in written:
+            written.update(write_annotators(root, [name], seed=0, skip_existing=True))
+        return written[name]
+
+    return get
+
+
 def write_photos(directory: Path, names=PHOTOS, fmt: str = "jpg") -> list[Path]:
     """Real photographs from scikit-image, written as image files."""
     from skimage import data

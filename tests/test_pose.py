@@ -21,7 +21,6 @@ from pipeline.dwpose import Wholebody, nms, person_boxes, yolox_decode
 from pipeline.images import array_to_png
 from pipeline.models import resolve_model
 from pipeline.stages import Annotate
-from pipeline.tiny import write_annotators
 
 OPENPOSE = {  # name -> controlnet-aux flags
     "openpose": {"include_hand": False, "include_face": False},
@@ -41,13 +40,12 @@ def photos() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> dict[str, str]:
-    return write_annotators(tmp_path_factory.mktemp("pose-weights"), ["dwpose", "openpose_full"], seed=0)
+def weights(annotator_weights) -> dict[str, str]:
+    return {name: annotator_weights(name) for name in ("dwpose", "openpose_full", *OPENPOSE)}
 
 
 def make(name: str, weights: dict[str, str]):
-    directory = weights.get(name, weights["openpose_full"])
-    return ANNOTATORS[name]({}, model=resolve_model(directory, None, ANNOTATORS[name].weights_file))
+    return ANNOTATORS[name]({}, model=resolve_model(weights[name], None, ANNOTATORS[name].weights_file))
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +117,16 @@ def test_dwpose_onnx_graphs_run_in_one_batch(dwpose):
     assert isinstance(dwpose.estimator, Wholebody) and dwpose.estimator.pose_size == (288, 384)
 
 
-@pytest.mark.parametrize("name", sorted(OPENPOSE))
-def test_openpose_equals_controlnet_aux(weights, name):
-    ours = make(name, weights)
-    d = weights["openpose_full"]
-    from controlnet_aux.open_pose import Body, Face, Hand
+@pytest.fixture(scope="module")
+def openpose_detector(weights) -> OpenposeDetector:
+    return OpenposeDetector.from_pretrained(weights["openpose_full"])  # controlnet-aux's own loader and files
 
-    detector = OpenposeDetector(Body(f"{d}/body_pose_model.pth"), Hand(f"{d}/hand_pose_model.pth"), Face(f"{d}/facenet.pth"))
-    images = photos()[:2]
+
+@pytest.mark.parametrize("name", sorted(OPENPOSE))
+def test_openpose_equals_controlnet_aux(weights, openpose_detector, name):
+    ours = make(name, weights)
+    detector = openpose_detector
+    images = photos()[:2] if name == "openpose" else photos()[:1]  # ~3 s per image and network on a CPU
     maps, extras = ours.annotate_with_extras(images)
     for image, got, doc in zip(images, maps, extras):
         h, w = image.shape[:2]
@@ -172,3 +172,23 @@ def test_annotate_stage_adds_keypoints_only_for_pose_annotators(weights):
     canny = Annotate(AnnotatorConfig(name="canny"), None)(table(images))
     assert not [c for c in canny.column_names if c.startswith("keypoints_")]
     assert json.loads(out.column("annotator_body")[0].as_py())["weights_file"] == "yolox_l.onnx,dw-ll_ucoco_384.onnx"
+
+
+def test_run_session_loops_over_a_graph_with_a_fixed_batch_of_one(tmp_path):
+    """DWPose's published graphs may have a fixed batch of 1: a stack then runs one item at a time."""
+    import onnxruntime as ort
+    import torch
+
+    from pipeline.dwpose import run_session
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 2, 3).eval()
+    torch.onnx.export(net, (torch.rand(1, 3, 8, 8),), str(tmp_path / "fixed.onnx"), input_names=["x"], dynamo=False)
+    session = ort.InferenceSession(str(tmp_path / "fixed.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 1
+    stack = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
+    (out,) = run_session(session, stack)
+    with torch.no_grad():
+        want = net(torch.from_numpy(stack)).numpy()
+    assert out.shape == (3, 2, 6, 6)
+    np.testing.assert_allclose(out, want, atol=1e-5)
