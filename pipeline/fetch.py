@@ -68,9 +68,9 @@ def fetch(cfg: JobConfig, directory: str | Path) -> list[Fetched]:
                 raise _error(role, model, f, e) from None
         out.append(Fetched(role, model, str(target), files, True))
 
-    gen = cfg.generation
-    diffusers_models = [("base_model", gen.base_model, gen.revision, "model_index.json")]
-    diffusers_models += [(f"controlnet {cn.condition}", cn.model, cn.revision, "config.json") for cn in gen.controlnets]
+    gen = cfg.generation  # None: an annotate-only job needs the annotators' weights only
+    diffusers_models = [("base_model", gen.base_model, gen.revision, "model_index.json")] if gen else []
+    diffusers_models += [(f"controlnet {cn.condition}", cn.model, cn.revision, "config.json") for cn in gen.controlnets] if gen else []
     for role, model, revision, probe in diffusers_models:
         if _is_local(model):
             out.append(_local(role, model, (probe,)))

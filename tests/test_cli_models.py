@@ -40,6 +40,15 @@ def test_fetch_with_local_models_checks_them(tmp_path, tiny_models, capsys):
     assert not (tmp_path / "m").exists()  # nothing to download
 
 
+def test_fetch_for_an_annotate_only_job_needs_no_diffusion_models(tmp_path, tiny_models, capsys):
+    cfg = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
+    del cfg["generation"]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["models", "fetch", str(tmp_path / "job.yaml"), "--dir", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "annotator hed:" in out and "base_model" not in out and "controlnet" not in out
+
+
 def test_fetch_names_a_local_model_without_its_files(tmp_path, tiny_models, capsys):
     config = write_config(tmp_path, tiny_models, name="pidinet", id="hed")  # the tiny directory has no PiDiNet file
     assert main(["models", "fetch", str(config), "--dir", str(tmp_path / "m")]) == 2
