@@ -24,7 +24,7 @@ demo: $(VENV)/.installed models/tiny/tiny_models.json
 	@echo "output: $(CURDIR)/out/demo (samples/, errors/, manifest.json)"
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 schemas: $(VENV)/.installed
 	$(PY) -m pipeline schemas
