@@ -649,6 +649,52 @@ class DepthAnything(TransformersAnnotator):
 
 
 @register
+class DepthZoe(TransformersAnnotator):
+    name = "depth_zoe"
+    description = ("ZoeDepth metric depth (transformers ZoeDepthForDepthEstimation), drawn as controlnet-aux's "
+                   "ZoeDetector does: near = bright.")
+    default_model = "Intel/zoedepth-nyu-kitti"
+    model_class = "ZoeDepthForDepthEstimation"
+    size = ("network input reflect-padded and resized by the model's image processor (aspect kept, multiples of 32), "
+            "depth resized (bicubic) back and the padding cropped by its post-processing, at the image's size; "
+            "then normalised between its 2nd and 85th percentiles per image")
+
+    class Params(Params):
+        gamma_corrected: bool = Field(False, description="Raise the normalised depth to the power 2.2 (controlnet-aux).")
+
+    def run(self, same_shape: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.draw(d) for d in self.depth(same_shape)]
+
+    def depth(self, same_shape: list[np.ndarray]) -> list[np.ndarray]:
+        """Metric depth at the image's size. A model with several metric heads (nyu-kitti) picks one head per
+        forward pass by a vote over the whole batch, so images whose own choice differs from the vote are run
+        again on their own group: every image gets the head it would get alone."""
+        torch = self._torch
+        h, w = same_shape[0].shape[:2]
+        with torch.inference_mode():
+            outputs = self.network(pixel_values=self.pixel_values(same_shape))
+            depths = self.processor.post_process_depth_estimation(outputs, source_sizes=[(h, w)] * len(same_shape))
+        depths = [d["predicted_depth"].float().cpu().numpy().astype(np.float64) for d in depths]
+        logits = outputs.domain_logits
+        if logits is not None and len(same_shape) > 1:
+            chosen = int(torch.argmax(logits.sum(dim=0)))
+            own = torch.argmax(logits, dim=-1).tolist()
+            other = [i for i, c in enumerate(own) if c != chosen]
+            if other:
+                for i, d in zip(other, self.depth([same_shape[i] for i in other])):
+                    depths[i] = d
+        return depths
+
+    def draw(self, depth: np.ndarray) -> np.ndarray:
+        """controlnet-aux's ZoeDetector post-processing: 2nd/85th percentiles to 1/0 (near = bright)."""
+        vmin, vmax = np.percentile(depth, 2), np.percentile(depth, 85)
+        depth = 1.0 - (depth - vmin) / max(vmax - vmin, 1e-12)
+        if self.params.gamma_corrected:  # clipped first: controlnet-aux's power of a negative is nan, cast to 0
+            depth = np.power(depth.clip(0, 1), 2.2)
+        return hwc3((depth * 255.0).clip(0, 255).astype(np.uint8))
+
+
+@register
 class SegAde20k(TransformersAnnotator):
     name = "seg_ade20k"
     description = "Semantic segmentation (transformers UperNetForSemanticSegmentation) in the ADE20K palette."
@@ -849,11 +895,10 @@ class DWPose(NeuralAnnotator):
 # ---------------------------------------------------------------------------------------------
 # Depth and normals (controlnet-aux networks)
 #
-# Not here yet: depth_zoe (controlnet-aux's ZoeDetector builds ZoeDepth on a BEiT-L MiDaS, about
-# 1.3 GB of weights with no smaller configuration its loader accepts, so it cannot be tested offline
-# with a random checkpoint at a reasonable cost) and depth_leres (RelDepthModel on ResNeXt-101 plus
-# the pix2pix merge network its loader always builds, about 700 MB of weights; its loader also reads
-# the process's command line through argparse's parse_known_args).
+# depth_zoe is above with the transformers models (transformers' ZoeDepth, not controlnet-aux's, whose
+# loader accepts only the BEiT-L MiDaS configuration, about 1.3 GB of weights). Not here yet:
+# depth_leres (RelDepthModel on ResNeXt-101 plus the pix2pix merge network its loader always builds,
+# about 700 MB of weights; its loader also reads the process's command line through argparse).
 # ---------------------------------------------------------------------------------------------
 
 

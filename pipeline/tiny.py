@@ -351,6 +351,42 @@ def _depth_anything(directory: Path, seed: int) -> None:
                       image_std=[0.229, 0.224, 0.225], do_pad=False).save_pretrained(directory)
 
 
+def _zoedepth(directory: Path, seed: int) -> None:
+    """ZoeDepth in the nyu-kitti layout (BEiT backbone with relative position bias, DPT neck, two metric heads
+    chosen by a patch transformer), tiny widths, the real image processor settings. The patch transformer's
+    width (128) and depth (4) are fixed by transformers' implementation. transformers' initialisation
+    (normal, std 0.02) makes the random network's features vanish, so every depth is the same; conv and
+    linear weights are re-drawn with fan-in scaling so that the depth map varies with the image."""
+    from transformers import BeitConfig, ZoeDepthConfig, ZoeDepthForDepthEstimation, ZoeDepthImageProcessor
+
+    backbone = BeitConfig(image_size=384, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                          intermediate_size=64, use_relative_position_bias=True, reshape_hidden_states=False,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = ZoeDepthConfig(
+        backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, num_relative_features=8,
+        bottleneck_features=16, bin_embedding_dim=8, num_attractors=[4, 4, 2, 1],
+        bin_configurations=[{"name": "nyu", "n_bins": 8, "min_depth": 0.001, "max_depth": 10.0},
+                            {"name": "kitti", "n_bins": 8, "min_depth": 0.001, "max_depth": 80.0}],
+        num_patch_transformer_layers=4, patch_transformer_hidden_size=128, patch_transformer_intermediate_size=128,
+        patch_transformer_num_attention_heads=4)
+
+    def build():
+        model = ZoeDepthForDepthEstimation(config)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                    torch.nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+                elif isinstance(module, torch.nn.ConvTranspose2d):
+                    torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="linear")
+        return model
+
+    _quiet_transformers()
+    _seeded(seed, build).save_pretrained(directory, safe_serialization=True)
+    ZoeDepthImageProcessor(do_pad=True, do_resize=True, size={"height": 384, "width": 512}, keep_aspect_ratio=True,
+                           ensure_multiple_of=32, resample=2, do_rescale=True, do_normalize=True,
+                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(directory)
+
+
 def _upernet(directory: Path, seed: int) -> None:
     """UperNet with a ConvNeXt backbone and 150 ADE20K classes, tiny widths, the real image processor."""
     from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
@@ -374,8 +410,12 @@ def _quiet_transformers() -> None:
 ANNOTATOR_DIRS: dict[str, tuple] = {
     "depth_anything": ("depth-anything", _depth_anything),
     "seg_ade20k": ("upernet-ade20k", _upernet),
+    "depth_zoe": ("zoedepth-nyu-kitti", _zoedepth),
 }
-HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpose_full", "depth_midas", "normal_bae")  # written only when asked for (see ANNOTATOR_FILES for sizes)
+# written only when asked for (see ANNOTATOR_FILES for sizes); depth_zoe's tiny model is small (2 MB) but is
+# left out of the default set too, which tests/test_tiny.py's layout test lists exactly
+HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpose_full", "depth_midas", "normal_bae",
+         "depth_zoe")
 
 
 def _annotator_names(names: Sequence[str] | str | None) -> list[str]:

@@ -318,6 +318,33 @@ def test_depth_anything_equals_its_processor_and_model(annotators, weights):
         assert got.min() == 0 and got.max() == 255  # min-max normalised per image
 
 
+def zoe_draw(depth: np.ndarray) -> np.ndarray:
+    """controlnet-aux's ZoeDetector post-processing of a depth map (controlnet_aux/zoe/__init__.py)."""
+    vmin, vmax = np.percentile(depth, 2), np.percentile(depth, 85)
+    depth = 1.0 - (depth - vmin) / (vmax - vmin)
+    return (depth * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def test_depth_zoe_equals_its_processor_and_model(annotators, weights):
+    import torch
+    from transformers import AutoImageProcessor, ZoeDepthForDepthEstimation
+
+    processor = AutoImageProcessor.from_pretrained(weights["depth_zoe"])
+    model = ZoeDepthForDepthEstimation.from_pretrained(weights["depth_zoe"]).eval()
+    images = odd_photos()
+    ours = annotators("depth_zoe").annotate(images)
+    for image, got in zip(images, ours):
+        with torch.no_grad():
+            outputs = model(**processor(images=image, return_tensors="pt"))
+        depth = processor.post_process_depth_estimation(outputs, source_sizes=[image.shape[:2]])[0]["predicted_depth"]
+        want = zoe_draw(depth.numpy().astype(np.float64))
+        assert np.abs(got[:, :, 0].astype(int) - want).max() <= 1
+        assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) > 100  # a depth map, not a flat one
+    gamma = annotators("depth_zoe", {"gamma_corrected": True}).annotate(images[:1])[0]
+    expected = (np.power(ours[0].astype(np.float64) / 255.0, 2.2) * 255.0).astype(np.uint8)
+    assert np.abs(gamma.astype(int) - expected).max() <= 2 and not np.array_equal(gamma, ours[0])
+
+
 def test_seg_ade20k_draws_classes_in_the_ade20k_palette(annotators, weights):
     import torch
     from controlnet_aux.util import ade_palette
