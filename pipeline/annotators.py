@@ -16,13 +16,14 @@ which. Pose annotators also return the keypoints of every image in OpenPose JSON
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
 from collections import defaultdict
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import cv2
 import numpy as np
@@ -896,9 +897,7 @@ class DWPose(NeuralAnnotator):
 # Depth and normals (controlnet-aux networks)
 #
 # depth_zoe is above with the transformers models (transformers' ZoeDepth, not controlnet-aux's, whose
-# loader accepts only the BEiT-L MiDaS configuration, about 1.3 GB of weights). Not here yet:
-# depth_leres (RelDepthModel on ResNeXt-101 plus the pix2pix merge network its loader always builds,
-# about 700 MB of weights; its loader also reads the process's command line through argparse).
+# loader accepts only the BEiT-L MiDaS configuration, about 1.3 GB of weights).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -965,3 +964,92 @@ class NormalBae(NeuralAnnotator):
             normal = self.network(self.norm(self.tensor(padded) / 255.0))[0][-1][:, :3, :h, :w]
             normal = ((normal + 1) * 0.5).clip(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return [(n * 255.0).clip(0, 255).astype(np.uint8) for n in normal]
+
+
+@register
+class DepthLeres(NeuralAnnotator):
+    """controlnet-aux's LeReS depth network (RelDepthModel, ResNeXt-101) without boost.
+
+    controlnet-aux's LeresDetector.from_pretrained also builds the pix2pix merge network used only by
+    boost, parsing its options from the process's command line (argparse on sys.argv, in a Ray
+    worker or under pytest whatever that holds) and setting torch.backends.cudnn.benchmark globally.
+    boost is not offered here, so the depth network is loaded on its own, as controlnet-aux loads it
+    (weights_only), and neither latest_net_G.pth nor the pix2pix options are touched.
+
+    controlnet-aux (like sd-webui-controlnet) never puts the depth network in eval mode, so its
+    BatchNorm layers normalise with the statistics of the one image they are given (and update their
+    running statistics, which are then never used). The maps ControlNet users know come from that;
+    here each BatchNorm normalises every image of a batch with that image's own statistics (instance
+    normalisation with the BatchNorm's affine weights), which equals controlnet-aux image by image,
+    batches, and leaves the running statistics alone."""
+
+    name = "depth_leres"
+    description = "LeReS relative depth (controlnet-aux LeresDetector, boost off), near = bright."
+    default_model = "lllyasviel/Annotators"
+    weights_file = "res101.pth"
+    MULTIPLE: ClassVar[int] = 32
+    MEAN: ClassVar[tuple[float, ...]] = (0.485, 0.456, 0.406)
+    STD: ClassVar[tuple[float, ...]] = (0.229, 0.224, 0.225)
+    size = ("network input reflect-padded at bottom/right to multiples of 32 (controlnet-aux runs it at its "
+            "detect resolution, multiples of 64), depth cropped back, then min-max normalised over the image; "
+            "BatchNorm with each image's own statistics, as controlnet-aux runs it")
+
+    class Params(Params):
+        thr_a: float = Field(0, ge=0, le=100, description="Remove near: zero the depth below this percent of 255 "
+                                                          "(before inverting); 0: off.")
+        thr_b: float = Field(0, ge=0, le=100, description="Remove background: zero the inverted depth below this "
+                                                          "percent of 255; 0: off.")
+        boost: Literal[False] = Field(False, description="controlnet-aux's boost (pix2pix merge of several "
+                                                         "resolutions) is not offered.")
+
+    def load(self, weights_dir: str) -> None:
+        from controlnet_aux.leres.leres.multi_depth_model_woauxi import RelDepthModel
+        from controlnet_aux.leres.leres.net_tools import strip_prefix_if_present
+
+        torch = self._torch
+        checkpoint = torch.load(Path(weights_dir) / self.weights_file, map_location="cpu", weights_only=True)
+        model = RelDepthModel(backbone="resnext101")
+        model.load_state_dict(strip_prefix_if_present(checkpoint["depth_model"], "module."), strict=True)
+        self.network = model.depth_model.to(self.device).eval()
+        for module in self.network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.forward = functools.partial(_batch_norm_per_image, module)
+
+    def annotate(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return batched(images, self.run)
+
+    def run(self, same_shape: list[np.ndarray]) -> list[np.ndarray]:
+        """controlnet-aux's estimateleres (BGR, ImageNet mean/std on 0-255 values, as its float ToTensor
+        does not rescale) and LeresDetector's drawing, batched."""
+        torch = self._torch
+        h, w = same_shape[0].shape[:2]
+        padded = pad_to_multiple(np.stack(same_shape)[..., ::-1], self.MULTIPLE)
+        mean = torch.tensor(self.MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.STD, device=self.device).view(1, 3, 1, 1)
+        with torch.inference_mode():
+            depth = self.network((self.tensor(padded) - mean) / std)[:, 0, :h, :w].float().cpu().numpy()
+        return [self.draw(d) for d in depth]
+
+    def draw(self, depth: np.ndarray) -> np.ndarray:
+        """LeresDetector.__call__ after its estimate: 16-bit min-max, 8 bit, thresholds, inverted (near = bright)."""
+        depth_min, depth_max = depth.min(), depth.max()
+        max_val = (2 ** 16) - 1
+        if depth_max - depth_min > np.finfo("float").eps:
+            out = max_val * (depth - depth_min) / (depth_max - depth_min)
+        else:
+            out = np.zeros(depth.shape)
+        image = cv2.convertScaleAbs(out.astype("uint16"), alpha=(255.0 / 65535.0))
+        if self.params.thr_a != 0:
+            image = cv2.threshold(image, (self.params.thr_a / 100) * 255, 255, cv2.THRESH_TOZERO)[1]
+        image = cv2.bitwise_not(image)
+        if self.params.thr_b != 0:
+            image = cv2.threshold(image, (self.params.thr_b / 100) * 255, 255, cv2.THRESH_TOZERO)[1]
+        return hwc3(image)
+
+
+def _batch_norm_per_image(bn, x):
+    """A BatchNorm2d in training mode given one image at a time, for a whole batch: each image normalised
+    with its own per-channel statistics, then the BatchNorm's affine transform; running statistics untouched."""
+    import torch
+
+    return torch.nn.functional.instance_norm(x, weight=bn.weight, bias=bn.bias, use_input_stats=True, eps=bn.eps)

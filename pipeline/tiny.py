@@ -262,6 +262,20 @@ def _normal_bae():
         return NNET(args)
 
 
+def _leres():
+    from controlnet_aux.leres.leres.multi_depth_model_woauxi import RelDepthModel
+
+    return RelDepthModel(backbone="resnext101")
+
+
+def _leres_pix2pix():
+    """The pix2pix merge network controlnet-aux's LeresDetector.from_pretrained always builds (its
+    Pix2Pix4DepthModel's netG: unet_1024, no norm); only its boost uses it."""
+    from controlnet_aux.leres.pix2pix.models import networks
+
+    return networks.define_G(2, 1, 64, "unet_1024", "none", False, "normal", 0.02, [])
+
+
 def _facenet():
     from controlnet_aux.open_pose.face import FaceNet
 
@@ -330,6 +344,9 @@ ANNOTATOR_FILES: dict[str, tuple] = {
     "dpt_hybrid-midas-501f0c75.pt": (_save(_midas), 493),
     # the released checkpoint is a training checkpoint: {"model": {"module.<key>": ...}}
     "scannet.pt": (_save(_normal_bae, lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}}), 290),
+    # the released LeReS checkpoint is a training checkpoint: {"depth_model": {"module.<key>": ...}}
+    "res101.pth": (_save(_leres, lambda sd: {"depth_model": {f"module.{k}": v for k, v in sd.items()}}), 462),
+    "latest_net_G.pth": (_save(_leres_pix2pix), 318),  # not loaded by depth_leres (no boost); for comparisons
     "yolox_l.onnx": (_onnx(_TinyYoloxHead, (1, 3, 640, 640), "images", ["output"]), 0.1),
     "dw-ll_ucoco_384.onnx": (_onnx(_TinyRTMPose, (1, 3, 384, 288), "input", ["simcc_x", "simcc_y"]), 10),
 }
@@ -415,7 +432,7 @@ ANNOTATOR_DIRS: dict[str, tuple] = {
 # written only when asked for (see ANNOTATOR_FILES for sizes); depth_zoe's tiny model is small (2 MB) but is
 # left out of the default set too, which tests/test_tiny.py's layout test lists exactly
 HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpose_full", "depth_midas", "normal_bae",
-         "depth_zoe")
+         "depth_zoe", "depth_leres")
 
 
 def _annotator_names(names: Sequence[str] | str | None) -> list[str]:

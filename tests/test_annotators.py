@@ -5,6 +5,7 @@ Neural annotators load random-weight checkpoints written by pipeline.tiny with t
 architectures, through the real loaders (controlnet-aux's from_pretrained, transformers'
 from_pretrained, onnxruntime)."""
 
+import os
 import warnings
 
 import cv2
@@ -295,6 +296,34 @@ def test_normal_bae_equals_controlnet_aux(annotators, weights):
     ours = annotators("normal_bae").annotate(photos())
     assert_same(ours, [detector(i, **RES) for i in photos()], tolerance=1)
     assert len(np.unique(ours[0].reshape(-1, 3), axis=0)) > 10  # not a flat map
+
+
+def test_depth_leres_equals_controlnet_aux(annotators, weights, monkeypatch):
+    import copy
+    import sys
+
+    from controlnet_aux.leres import LeresDetector
+    from pipeline.tiny import ANNOTATOR_FILES
+
+    directory = weights["depth_leres"]
+    pix2pix = f"{directory}/latest_net_G.pth"  # controlnet-aux's loader always builds and loads it
+    if not os.path.exists(pix2pix):
+        ANNOTATOR_FILES["latest_net_G.pth"][0](pix2pix, 0)
+    # its loader parses the pix2pix options from sys.argv (here pytest's); give it an empty command line
+    monkeypatch.setattr(sys, "argv", ["leres"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        detector = LeresDetector.from_pretrained(directory)
+    annotator = annotators("depth_leres")
+    ours = annotator.annotate(photos())
+    assert_same(ours, [detector(i, **RES) for i in photos()], tolerance=1)
+    assert len(np.unique(ours[0])) > 100  # a depth map, not a flat one
+    thresholded = copy.copy(annotator)  # the same network, other thresholds
+    thresholded.params = annotator.Params(thr_a=20, thr_b=30)
+    theirs = [detector(i, thr_a=20, thr_b=30, **RES) for i in photos()]
+    assert_same(thresholded.annotate(photos()), theirs, tolerance=1)
+    with pytest.raises(ValidationError, match="boost"):
+        annotator.Params(boost=True)
 
 
 # --- transformers models: our batched call equals the model's own processor + forward, one image at a time ---
