@@ -374,6 +374,33 @@ def test_depth_zoe_equals_its_processor_and_model(annotators, weights):
     assert np.abs(gamma.astype(int) - expected).max() <= 2 and not np.array_equal(gamma, ours[0])
 
 
+def test_depth_zoe_gives_each_image_of_a_batch_the_metric_head_it_gets_alone(weights):
+    """nyu-kitti ZoeDepth picks one metric head per forward pass by a vote over the batch: make two images
+    of one shape choose different heads, and check the batched call still equals one image at a time."""
+    import torch
+
+    annotator = make("depth_zoe", weights)  # its own copy: the classifier is changed below
+    images = [odd_photos()[0], odd_photos()[2]]  # the same shape
+    classifier = annotator.network.metric_head.mlp_classifier
+    seen = []
+    hook = classifier.linear2.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].clone()))
+    annotator.annotate([images[0]]), annotator.annotate([images[1]])
+    hook.remove()
+    with torch.no_grad():  # logits (+s, -s) with s > 0 for the first image, s < 0 for the second
+        direction = seen[0][0] - seen[1][0]
+        offset = -float(direction @ (seen[0][0] + seen[1][0])) / 2
+        classifier.linear2.weight.copy_(torch.stack([direction, -direction]))
+        classifier.linear2.bias.copy_(torch.tensor([offset, -offset]))
+        pixel_values = annotator.pixel_values(images)
+        heads = [int(torch.argmax(annotator.network(pixel_values=pixel_values[i : i + 1]).domain_logits)) for i in (0, 1)]
+        assert heads == [0, 1]
+        batch_depth = annotator.network(pixel_values=pixel_values).predicted_depth  # one head for both
+        alone_depth = torch.cat([annotator.network(pixel_values=pixel_values[i : i + 1]).predicted_depth for i in (0, 1)])
+    assert not torch.allclose(batch_depth, alone_depth)  # so the check below can fail
+    one_by_one = [annotator.annotate([image])[0] for image in images]
+    assert_same(annotator.annotate(images), one_by_one, tolerance=1)
+
+
 def test_seg_ade20k_draws_classes_in_the_ade20k_palette(annotators, weights):
     import torch
     from controlnet_aux.util import ade_palette
