@@ -23,7 +23,7 @@ import warnings
 from collections import defaultdict
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar
 
 import cv2
 import numpy as np
@@ -995,12 +995,18 @@ class DepthLeres(NeuralAnnotator):
             "BatchNorm with each image's own statistics, as controlnet-aux runs it")
 
     class Params(Params):
-        thr_a: float = Field(0, ge=0, le=100, description="Remove near: zero the depth below this percent of 255 "
+        thr_a: float = Field(0.0, ge=0, le=100, description="Remove near: zero the depth below this percent of 255 "
                                                           "(before inverting); 0: off.")
-        thr_b: float = Field(0, ge=0, le=100, description="Remove background: zero the inverted depth below this "
+        thr_b: float = Field(0.0, ge=0, le=100, description="Remove background: zero the inverted depth below this "
                                                           "percent of 255; 0: off.")
-        boost: Literal[False] = Field(False, description="controlnet-aux's boost (pix2pix merge of several "
-                                                         "resolutions) is not offered.")
+        boost: bool = Field(False, description="Only false: controlnet-aux's boost (pix2pix merge of several "
+                                               "resolutions) is not offered.")
+
+        @model_validator(mode="after")
+        def _no_boost(self):
+            if self.boost:
+                raise ValueError("boost is not offered (controlnet-aux's pix2pix merge network is not loaded)")
+            return self
 
     def load(self, weights_dir: str) -> None:
         from controlnet_aux.leres.leres.multi_depth_model_woauxi import RelDepthModel
