@@ -186,7 +186,7 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
                             keypoint_ids=[a.key for a in cfg.annotators if ANNOTATORS[a.name].extras == "keypoints"])
     t0 = time.perf_counter()
     ds = build_dataset(cfg, models, target.written if target.resuming else None)
-    ds.write_datasink(sink)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # I/O bound: never waits behind compute
     seconds = time.perf_counter() - t0
 
     written = read_written(cfg.output.path, cfg.output.storage_options)

@@ -164,7 +164,7 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
     """`python -m pipeline run` killed with SIGKILL part-way, then the same command again."""
     directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=3)
     out = tmp_path / "out"
-    data = job_dict(str(directory), str(out), tiny_models, batch_size=1, steps=6)
+    data = job_dict(str(directory), str(out), tiny_models, batch_size=1, steps=30)
     data["output"]["rows_per_file"] = 1
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
     command = [sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml")]
@@ -174,7 +174,7 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
                               start_new_session=True)
     proc = psutil.Process(driver.pid)
     deadline = time.time() + 240
-    while len(list(out.glob("samples/*.parquet"))) < 3 and driver.poll() is None and time.time() < deadline:
+    while len(list(out.glob("samples/*.parquet"))) < 1 and driver.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     family = ray_processes(proc)
     os.kill(driver.pid, signal.SIGKILL)
