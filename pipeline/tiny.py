@@ -429,10 +429,9 @@ ANNOTATOR_DIRS: dict[str, tuple] = {
     "seg_ade20k": ("upernet-ade20k", _upernet),
     "depth_zoe": ("zoedepth-nyu-kitti", _zoedepth),
 }
-# written only when asked for (see ANNOTATOR_FILES for sizes); depth_zoe's tiny model is small (2 MB) but is
-# left out of the default set too, which tests/test_tiny.py's layout test lists exactly
+# written only when asked for: full-size random checkpoints (see ANNOTATOR_FILES for sizes)
 HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpose_full", "depth_midas", "normal_bae",
-         "depth_zoe", "depth_leres")
+         "depth_leres")
 
 
 def _annotator_names(names: Sequence[str] | str | None) -> list[str]:

@@ -212,16 +212,19 @@ def generate_actor_pids() -> set[int]:
 def test_an_actor_killed_mid_batch_is_replaced_and_its_batch_redone(ray_session, tiny_models, tmp_path):
     directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=2)
     out = tmp_path / "out"
-    cfg = config(directory, out, tiny_models, batch_size=2, steps=8)
+    cfg = config(directory, out, tiny_models, batch_size=2, steps=30)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"rows_per_file": 1})})
     killed: list[int] = []
+    written_at_kill: list[int] = []
 
     def kill_one_generator():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if list(out.glob("samples/*.parquet")):  # the actor has finished a batch and is on the next
+            if files := list(out.glob("samples/*.parquet")):  # the actor has finished a batch and is on the next
                 for pid in generate_actor_pids():
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
+                written_at_kill.append(sum(pq.read_metadata(f).num_rows for f in files))
             time.sleep(0.02)
 
     killer = threading.Thread(target=kill_one_generator)
@@ -229,6 +232,7 @@ def test_an_actor_killed_mid_batch_is_replaced_and_its_batch_redone(ray_session,
     result = run(cfg)
     killer.join()
     assert killed, "no generator actor was found to kill"
+    assert written_at_kill[0] < len(good) * VARIANTS, "the generator had finished before it was killed"
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in killed)
     assert result.errors == len(bad)  # the killed batch was redone, not turned into errors
     check_exactly_once(out, directory, good, bad)

@@ -54,7 +54,8 @@ def _generate(pipe: StableDiffusionControlNetPipeline, image, **kwargs) -> np.nd
 def test_layout(tiny: dict[str, str]) -> None:
     out = Path(tiny["base_model"]).parent
     assert set(tiny) >= {"base_model", "controlnet/canny", "controlnet/hed", "annotators"}
-    assert {k for k in tiny if k.startswith("annotator/")} == {"annotator/depth_anything", "annotator/seg_ade20k"}
+    assert {k for k in tiny if k.startswith("annotator/")} == {"annotator/depth_anything", "annotator/seg_ade20k",
+                                                                    "annotator/depth_zoe"}
     assert tiny["controlnet/canny"] == str(out / "controlnet-canny")
     assert tiny["annotators"] == str(out / "annotators")
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
