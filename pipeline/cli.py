@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a job config")
     p.add_argument("config", help="job config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a Ray instance already running on "
+                                     "this machine, else a new local one; 'local' always starts a new one)")
     p.set_defaults(fn=cmd_run)
 
     models = sub.add_parser("models", help="model utilities").add_subparsers(dest="models_command", required=True)
