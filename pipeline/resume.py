@@ -14,6 +14,7 @@ import json
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -84,12 +85,12 @@ class Written:
     errors: list[dict[str, Any]] = field(default_factory=list)  # errors/: sample_id, source_uri, stage
     files: list[str] = field(default_factory=list)  # relative to the output path
 
-    @property
+    @cached_property  # sets over every written id: built once, used by the log line and the skip stages
     def done_samples(self) -> frozenset[str]:
         """Sample ids that are finished: written as a sample or as a failed sample."""
         return frozenset(self.sample_ids) | {e["sample_id"] for e in self.errors if e["sample_id"]}
 
-    @property
+    @cached_property
     def done_sources(self) -> frozenset[str]:
         """Sources rejected before variants existed (unreadable, not an image, annotator failure)."""
         return frozenset(e["source_uri"] for e in self.errors if not e["sample_id"])
