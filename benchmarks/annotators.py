@@ -64,7 +64,7 @@ def main() -> int:
             if ANNOTATORS[n].default_model:
                 weights[n] = str(Path(args.models) / ANNOTATORS[n].default_model)
     else:
-        from pipeline.tiny import HEAVY, write_annotators
+        from pipeline.testing import HEAVY, write_annotators
 
         neural = [n for n in names if ANNOTATORS[n].default_model and (args.heavy or n not in HEAVY)]
         names = [n for n in names if not ANNOTATORS[n].default_model or n in neural]

@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        from pipeline.tiny import make_tiny
+        from pipeline.testing import make_tiny
 
         models = make_tiny(work / "models", conditions=("canny", "hed"), seed=0)
         small = run_size(args.base, models, work)

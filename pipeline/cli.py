@@ -22,7 +22,7 @@ def _init_ray(address: str | None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.job import OutputExists, resolve_models, run
     from pipeline.models import ModelUnavailable
-    from pipeline.sources import SourceError
+    from pipeline.io.sources import SourceError
 
     try:
         cfg = load_config(args.config, args.set)
@@ -52,7 +52,7 @@ def failure_reason(e: BaseException) -> str:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from pipeline.tiny import make_tiny
+    from pipeline.testing import make_tiny
 
     annotators = None if args.annotators is None else args.annotators.split(",")
     paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed, annotators=annotators)

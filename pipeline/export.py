@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.report import Output
 from pipeline.schema import IMAGE
-from pipeline.sources import filesystem
+from pipeline.io.sources import filesystem
 
 FORMATS = ("controlnet-train",)
 TRAIN_SCHEMA = pa.schema([("image", IMAGE), ("conditioning_image", IMAGE), ("text", pa.string())]).with_metadata(

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from pipeline.config import GenerationConfig
-from pipeline.images import array_to_png
+from pipeline.io.images import array_to_png
 from pipeline.models import ResolvedModel
-from pipeline.stages import Row, map_batch_isolated
+from pipeline.rows import Row, map_batch_isolated
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,12 @@ from pipeline.config import JobConfig
 from pipeline.generate import Generate
 from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
 from pipeline.provenance import code_version, library_versions, new_run_id, write_json
-from pipeline.resume import OutputExists, SkipWritten, Written, fingerprint, job_identity, open_output, read_written
-from pipeline.sinks import SplitParquetSink
-from pipeline.sources import filesystem, read_source
-from pipeline.stages import Annotate, Decode, ExpandVariants
+from pipeline.io.resume import OutputExists, SkipWritten, Written, fingerprint, job_identity, open_output, read_written
+from pipeline.io.sink import SplitParquetSink
+from pipeline.io.sources import filesystem, read_source
+from pipeline.annotators.stage import Annotate
+from pipeline.io.images import Decode
+from pipeline.variants import ExpandVariants
 
 SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
 
@@ -126,7 +128,8 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
                 batch_format="pyarrow",
                 **({"num_gpus": a.num_gpus} if gpus and a.num_gpus else {"num_cpus": cpu_share[a.key]}),
             )
-    ds = ds.map_batches(ExpandVariants(cfg.seed, variants, gen.prompt if gen else None, skip), batch_format="pyarrow")
+    ds = ds.map_batches(ExpandVariants(cfg.seed, variants, gen.prompt if gen else None, skip.variant_done if skip else None),
+                        batch_format="pyarrow")
     if gen is None:
         return ds
     return ds.map_batches(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline.sources import filesystem
+from pipeline.io.sources import filesystem
 
 LIBRARIES = ("torch", "diffusers", "transformers", "controlnet-aux", "ray", "pyarrow", "numpy", "pillow", "opencv-python-headless")
 

@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from pipeline.schema import CONTROL_COLUMN, CONTROL_DOC, GENERATION_COLUMNS, IMAGE, SAMPLE_COLUMNS
-from pipeline.sources import filesystem
+from pipeline.io.sources import filesystem
 
 MAX_SOURCES = 200  # sources shown in the gallery
 THUMB_PX = 256  # longest side of a gallery thumbnail

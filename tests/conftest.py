@@ -25,7 +25,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from pipeline.tiny import make_tiny
+    from pipeline.testing import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-models"), conditions=("canny", "hed"), seed=0, annotators=("hed",))
 
@@ -33,7 +33,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def annotator_weights(tmp_path_factory):
     """annotator name -> directory with its tiny random-weight checkpoints, written on first use."""
-    from pipeline.tiny import write_annotators
+    from pipeline.testing import write_annotators
 
     root = tmp_path_factory.mktemp("annotator-weights")
     written: dict[str, str] = {}

@@ -1,7 +1,7 @@
 """Annotators on real photographs: size kept, deterministic, batch == one by one, provenance, and
 equal to controlnet-aux's own call on the same image and weights.
 
-Neural annotators load random-weight checkpoints written by pipeline.tiny with the real
+Neural annotators load random-weight checkpoints written by pipeline.testing with the real
 architectures, through the real loaders (controlnet-aux's from_pretrained, transformers'
 from_pretrained, onnxruntime)."""
 
@@ -303,7 +303,7 @@ def test_depth_leres_equals_controlnet_aux(annotators, weights, monkeypatch):
     import sys
 
     from controlnet_aux.leres import LeresDetector
-    from pipeline.tiny import ANNOTATOR_FILES
+    from pipeline.testing.annotators import ANNOTATOR_FILES
 
     directory = weights["depth_leres"]
     pix2pix = f"{directory}/latest_net_G.pth"  # controlnet-aux's loader always builds and loads it

@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.export import ExportError, export_controlnet_train
 from pipeline.job import run
 from pipeline.schema import samples_schema
-from pipeline.stages import sample_identity
+from pipeline.ids import sample_identity
 from tests.conftest import job_dict
 
 ROOT = Path(__file__).resolve().parent.parent

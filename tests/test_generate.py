@@ -12,9 +12,10 @@ from skimage import data
 from pipeline.annotators import ANNOTATORS
 from pipeline.config import load_config
 from pipeline.generate import Generate, make_scheduler
-from pipeline.images import array_to_png, png_to_array
+from pipeline.io.images import array_to_png, png_to_array
 from pipeline.job import resolve_models
-from pipeline.stages import sample_identity, table_of
+from pipeline.ids import sample_identity
+from pipeline.rows import table_of
 from tests.conftest import job_dict
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from skimage import data
 
 from pipeline.config import ImageConfig
-from pipeline.images import RejectedImage, decode_image, png_to_array, array_to_png, target_size
+from pipeline.io.images import RejectedImage, decode_image, png_to_array, array_to_png, target_size
 
 POLICY = ImageConfig(resolution=64)
 

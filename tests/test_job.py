@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from pipeline.job import run
 from pipeline.models import file_sha256, fingerprint
 from pipeline.schema import samples_schema, errors_schema
-from pipeline.stages import sample_identity
+from pipeline.ids import sample_identity
 from tests.conftest import job_dict, write_photos
 
 ROOT = Path(__file__).resolve().parent.parent

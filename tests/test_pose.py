@@ -17,10 +17,10 @@ with warnings.catch_warnings():
 
 from pipeline.annotators import ANNOTATORS
 from pipeline.config import AnnotatorConfig
-from pipeline.dwpose import Wholebody, nms, person_boxes, yolox_decode
-from pipeline.images import array_to_png
+from pipeline.annotators.dwpose import Wholebody, nms, person_boxes, yolox_decode
+from pipeline.io.images import array_to_png
 from pipeline.models import resolve_model
-from pipeline.stages import Annotate
+from pipeline.annotators.stage import Annotate
 
 OPENPOSE = {  # name -> controlnet-aux flags
     "openpose": {"include_hand": False, "include_face": False},
@@ -179,7 +179,7 @@ def test_run_session_loops_over_a_graph_with_a_fixed_batch_of_one(tmp_path):
     import onnxruntime as ort
     import torch
 
-    from pipeline.dwpose import run_session
+    from pipeline.annotators.dwpose import run_session
 
     torch.manual_seed(0)
     net = torch.nn.Conv2d(3, 2, 3).eval()

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.job import OutputExists, run
-from pipeline.stages import sample_identity
+from pipeline.ids import sample_identity
 from tests.conftest import PHOTOS, job_dict
 
 ROOT = Path(__file__).resolve().parent.parent

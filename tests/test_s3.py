@@ -17,7 +17,7 @@ import ray
 
 from pipeline.config import SourceConfig, load_config
 from pipeline.job import OutputExists, run
-from pipeline.sources import SourceError, list_files, read_bytes, read_source
+from pipeline.io.sources import SourceError, list_files, read_bytes, read_source
 from tests.conftest import job_dict, write_photos
 from tests.s3_server import s3  # noqa: F401 - the fixture
 

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import SourceConfig, load_config
 from pipeline.job import run
-from pipeline.sources import SourceError, list_files, read_source
+from pipeline.io.sources import SourceError, list_files, read_source
 from tests.conftest import job_dict, write_photos
 
 

@@ -7,9 +7,9 @@ import pyarrow as pa
 from skimage import data
 
 from pipeline.config import AnnotatorConfig
-from pipeline.images import array_to_png, png_to_array
+from pipeline.io.images import array_to_png, png_to_array
 from pipeline.models import resolve_model
-from pipeline.stages import Annotate
+from pipeline.annotators.stage import Annotate
 
 
 def row(name: str, array: np.ndarray) -> dict:

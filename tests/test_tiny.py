@@ -1,4 +1,4 @@
-"""Tests for pipeline.tiny: tiny random-weight models load through the real loaders, offline."""
+"""Tests for pipeline.testing: tiny random-weight models load through the real loaders, offline."""
 
 import os
 
@@ -15,7 +15,7 @@ from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionCont
 from PIL import Image
 
 from pipeline.annotators import ANNOTATORS
-from pipeline.tiny import MARKER, make_tiny
+from pipeline.testing import MARKER, make_tiny
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
-from pipeline.sources import filesystem
-from pipeline.stages import Row, map_rows, sample_identity
+from pipeline.io.sources import filesystem
+from pipeline.ids import sample_ids
+from pipeline.rows import map_rows
 
 # Settings that change how fast a job runs or where it reads credentials, not what it writes;
 # a resume may change them (e.g. more actors on a bigger cluster, or a bigger `limit`).
@@ -216,8 +217,8 @@ class SkipWritten:
             return batch.filter(pc.invert(pc.is_in(batch["source_uri"], value_set=sources)))
         return map_rows("resume", batch, lambda row: [] if self.finished(row, samples) else [row])
 
-    def finished(self, row: Row, samples: frozenset[str]) -> bool:
-        return all(sample_identity(self.job_seed, row["source_sha256"], v)[0] in samples for v in range(self.variants))
+    def finished(self, row: dict, samples: frozenset[str]) -> bool:
+        return all(i in samples for i in sample_ids(self.job_seed, row["source_sha256"], self.variants))
 
     def variant_done(self, sample_id: str) -> bool:
         return sample_id in self.done()[0]

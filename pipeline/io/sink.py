@@ -23,7 +23,7 @@ from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline.schema import ANNOTATOR, IMAGE, errors_schema, samples_schema
-from pipeline.sources import filesystem
+from pipeline.io.sources import filesystem
 
 ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
 

@@ -850,7 +850,7 @@ class DWPose(NeuralAnnotator):
             "keypoints mapped back to the image's pixels and drawn at the image's own size")
 
     def load(self, weights_dir: str) -> None:
-        from pipeline.dwpose import Wholebody
+        from pipeline.annotators.dwpose import Wholebody
 
         self.estimator = Wholebody(str(Path(weights_dir) / "yolox_l.onnx"), str(Path(weights_dir) / "dw-ll_ucoco_384.onnx"),
                                    self.device)

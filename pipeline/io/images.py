@@ -1,4 +1,4 @@
-"""Image codec helpers and the size policy.
+"""Images: codec helpers, the size policy, and the decode stage.
 
 Images travel between stages as PNG bytes (lossless); stages that compute on pixels decode to
 uint8 RGB arrays with `png_to_array` and encode results with `array_to_png`.
@@ -6,13 +6,19 @@ uint8 RGB arrays with `png_to_array` and encode results with `array_to_png`.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import warnings
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 
 from pipeline.config import ImageConfig
+from pipeline.io.sources import read_bytes
+from pipeline.rows import Row, map_rows
 
 
 class RejectedImage(ValueError):
@@ -99,3 +105,23 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
         return background
     return im.convert("RGB")
+
+
+class Decode:
+    """The decode stage: fetch (when only a path is known), hash, decode, orient, convert to RGB, resize."""
+
+    def __init__(self, policy: ImageConfig, storage_options: dict[str, Any]):
+        self.policy = policy
+        self.storage_options = storage_options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return map_rows("decode", batch, self.decode)
+
+    def decode(self, row: Row) -> list[Row]:
+        data = row.pop("source_bytes")
+        if data is None:
+            data = read_bytes(row["source_uri"], self.storage_options)
+        row["source_sha256"] = hashlib.sha256(data).hexdigest()
+        array, transform = decode_image(data, self.policy)
+        row.update(image=array_to_png(array), width=array.shape[1], height=array.shape[0], transform=json.dumps(transform))
+        return [row]

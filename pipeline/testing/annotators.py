@@ -1,188 +1,14 @@
-"""Tiny random-weight models with the real architectures, for offline runs and tests.
-
-`make_tiny(out_dir)` writes, in the standard on-disk layouts, a Stable Diffusion 1.5-style
-diffusers pipeline, one ControlNet per condition and the HED annotator checkpoint, so that
-the real loaders (`StableDiffusionControlNetPipeline.from_pretrained`,
-`ControlNetModel.from_pretrained`, `controlnet_aux.HEDdetector.from_pretrained`) load them
-from a local directory. The weights are random: the models run end to end at real
-shapes (VAE and ControlNet conditioning downsample 8x, 77-token prompts) but generate noise.
-
-Layout under out_dir:
-
-    stable-diffusion/          StableDiffusionPipeline.save_pretrained (no safety checker)
-    controlnet-<cond>/         ControlNetModel.save_pretrained, one per condition
-    annotators/ControlNetHED.pth   state_dict of controlnet_aux's ControlNetHED_Apache2
-    README.md
-    tiny_models.json           marker written last: {"seed": ..., "conditions": [...]}
+"""Tiny (or full-size, on request) random-weight checkpoints of every neural annotator, with its
+real architecture, under the file names its loader expects: `write_annotators(dir, names)`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from controlnet_aux.hed import ControlNetHED_Apache2
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    DDIMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-MARKER = "tiny_models.json"
-
-# Shared by the UNet and every ControlNet: a ControlNet must mirror its UNet's encoder.
-BLOCK_OUT_CHANNELS = (8, 16)
-LAYERS_PER_BLOCK = 1
-DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-CROSS_ATTENTION_DIM = 32
-ATTENTION_HEAD_DIM = 2
-NORM_NUM_GROUPS = 4
-LATENT_SIZE = 8  # default image size = LATENT_SIZE * 8 = 64 px
-
-# A few BPE merges so common words become single tokens; everything else splits into bytes.
-MERGES = [("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("c", "a"), ("ca", "t</w>")]
-
-README = """\
-# Tiny random-weight test models
-
-Written by `pipeline.tiny.make_tiny`. These models have the real architectures
-(Stable Diffusion 1.5 pipeline, ControlNets, HED annotator) but tiny sizes and
-RANDOM weights: they load through the real loaders and run end to end, but they
-generate noise. Use them only for offline runs and tests.
-"""
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The 256-character byte-level alphabet of CLIP's (and GPT-2's) BPE, in CLIP's order."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
-
-
-def _make_tokenizer(tokenizer_dir: Path) -> CLIPTokenizer:
-    """Write vocab.json/merges.txt (CLIP layout, vocab order as in CLIP) and load them."""
-    alphabet = _bytes_to_unicode()
-    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    vocab_file = tokenizer_dir / "vocab.json"
-    merges_file = tokenizer_dir / "merges.txt"
-    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES), encoding="utf-8")
-    # model_max_length must be given: the default is "very large", which breaks padding in transformers v5.
-    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
-
-
-def _write_stable_diffusion(sd_dir: Path, seed: int) -> None:
-    tokenizer = _make_tokenizer(sd_dir / "tokenizer")
-
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=1000,
-            hidden_size=CROSS_ATTENTION_DIM,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    assert len(tokenizer) <= text_encoder.config.vocab_size
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=BLOCK_OUT_CHANNELS,
-        layers_per_block=LAYERS_PER_BLOCK,
-        down_block_types=DOWN_BLOCK_TYPES,
-        up_block_types=UP_BLOCK_TYPES,
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-        attention_head_dim=ATTENTION_HEAD_DIM,
-        norm_num_groups=NORM_NUM_GROUPS,
-    )
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(  # four blocks -> scale factor 2**3 = 8, as in SD 1.5
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=LATENT_SIZE * 8,
-    )
-
-    scheduler = DDIMScheduler(  # SD 1.5's scheduler_config values
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        clip_sample=False,
-        set_alpha_to_one=False,
-    )
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(sd_dir, safe_serialization=True)
-
-
-def _write_controlnet(cn_dir: Path, seed: int) -> None:
-    torch.manual_seed(seed)
-    controlnet = ControlNetModel(
-        in_channels=4,
-        conditioning_channels=3,
-        block_out_channels=BLOCK_OUT_CHANNELS,
-        layers_per_block=LAYERS_PER_BLOCK,
-        down_block_types=DOWN_BLOCK_TYPES,
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-        attention_head_dim=ATTENTION_HEAD_DIM,
-        norm_num_groups=NORM_NUM_GROUPS,
-        conditioning_embedding_out_channels=(8, 8, 8, 8),  # three stride-2 convs: 8x, as in SD 1.5
-    )
-    # A fresh ControlNet's "zero convolutions" are all zeros, so it would have no effect at all.
-    # Give them small random weights so that the control image actually changes the output.
-    zero_convs = [
-        controlnet.controlnet_cond_embedding.conv_out,
-        *controlnet.controlnet_down_blocks,
-        controlnet.controlnet_mid_block,
-    ]
-    with torch.no_grad():
-        for conv in zero_convs:
-            for param in conv.parameters():
-                param.normal_(std=0.1)
-    controlnet.save_pretrained(cn_dir, safe_serialization=True)
-
 
 def _seeded(seed: int, build):
     torch.manual_seed(seed)
@@ -434,7 +260,7 @@ HEAVY = ("lineart_anime", "openpose", "openpose_hand", "openpose_face", "openpos
          "depth_leres")
 
 
-def _annotator_names(names: Sequence[str] | str | None) -> list[str]:
+def annotator_names(names: Sequence[str] | str | None) -> list[str]:
     from pipeline.annotators import ANNOTATORS
 
     neural = [n for n, cls in ANNOTATORS.items() if cls.default_model]
@@ -467,7 +293,7 @@ def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | No
     A file's weights depend only on the seed and the file name."""
     annotators_dir = Path(annotators_dir)
     annotators_dir.mkdir(parents=True, exist_ok=True)
-    names = _annotator_names(names)
+    names = annotator_names(names)
     for filename in annotator_files(names):
         writer, _ = ANNOTATOR_FILES[filename]
         path = annotators_dir / filename
@@ -486,42 +312,3 @@ def write_annotators(annotators_dir: str | Path, names: Sequence[str] | str | No
             dirs[name] = str(annotators_dir)
     return dirs
 
-
-def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"), seed: int = 0,
-              annotators: Sequence[str] | None = None) -> dict[str, str]:
-    """Write tiny models under out_dir; return {"base_model": path, "controlnet/<cond>": path, ...,
-    "annotators": path}.
-
-    `annotators` names the annotators whose weights to write (default: DEFAULT_ANNOTATORS, every
-    neural annotator whose full-size random checkpoint is small; "all" for every one). A model
-    field of a job config can point at `annotators` for all of them.
-
-    Deterministic for a given seed. If out_dir already holds a complete set written by this
-    function with the same seed, conditions and annotators (the marker file is written last),
-    nothing is rewritten.
-    """
-    out = Path(out_dir)
-    conditions = list(conditions)
-    paths = {"base_model": str(out / "stable-diffusion")}
-    for cond in conditions:
-        paths[f"controlnet/{cond}"] = str(out / f"controlnet-{cond}")
-    paths["annotators"] = str(out / "annotators")
-
-    marker = out / MARKER
-    annotators = _annotator_names(annotators)
-    for name in annotators:  # save_pretrained models live in their own directory
-        if name in ANNOTATOR_DIRS:
-            paths[f"annotator/{name}"] = str(out / "annotators" / ANNOTATOR_DIRS[name][0])
-    wanted = {"seed": seed, "conditions": conditions, "annotators": annotators}
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
-        return paths
-
-    out.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
-    _write_stable_diffusion(out / "stable-diffusion", seed)
-    for index, cond in enumerate(conditions):
-        _write_controlnet(out / f"controlnet-{cond}", seed + index)
-    write_annotators(out / "annotators", annotators, seed)
-    (out / "README.md").write_text(README)
-    marker.write_text(json.dumps(wanted, indent=2) + "\n")
-    return paths

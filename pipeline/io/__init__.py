@@ -1,0 +1,1 @@
+"""Reading sources, decoding images, writing and reading a run's output, resuming."""
