@@ -101,7 +101,8 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import NotARunOutput, write_documents
+    from pipeline.io.output import NotARunOutput
+    from pipeline.report import write_documents
 
     try:
         paths = write_documents(args.output, max_sources=args.max_sources)
@@ -114,7 +115,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.report import NotARunOutput, inspect_text
+    from pipeline.io.output import NotARunOutput
+    from pipeline.report import inspect_text
 
     try:
         print(inspect_text(args.output))
@@ -126,7 +128,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import ExportError, export_controlnet_train
-    from pipeline.report import NotARunOutput
+    from pipeline.io.output import NotARunOutput
 
     try:
         record = export_controlnet_train(args.output, args.dest, control=args.control, target=args.image,

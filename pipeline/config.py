@@ -118,7 +118,9 @@ PROMPT_FIELDS = frozenset({"prompt", "caption", "variant"})
 
 
 class GenerationConfig(Strict):
-    base_model: str = Field(description="Hub repo id or local directory of a Stable Diffusion 1.x pipeline.")
+    family: str = Field("sd15", description="Generator family: a module of pipeline/generators (sd15: Stable "
+                                            "Diffusion 1.x + ControlNet).")
+    base_model: str = Field(description="Hub repo id or local directory of the family's diffusers pipeline.")
     revision: str | None = None
     controlnets: list[ControlNetConfig] = Field(min_length=1)
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = Field(
@@ -137,6 +139,15 @@ class GenerationConfig(Strict):
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor when it runs on CPU.")
     actors: int = Field(1, ge=1, description="Maximum actor pool size.")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        from pipeline.generators import families
+
+        if family not in families():
+            raise ValueError(f"unknown generator family {family!r}; known: {list(families())}")
+        return family
 
 
 class OutputConfig(Strict):

@@ -12,19 +12,14 @@ Parquet with `datasets` Image features, one per samples file, in `DEST/train/`, 
 from __future__ import annotations
 
 import json
-import posixpath
-import uuid
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline.report import Output
+from pipeline.io.output import RunOutput, write_parquet
 from pipeline.schema import IMAGE
-from pipeline.io.sources import filesystem
 
-FORMATS = ("controlnet-train",)
 TRAIN_SCHEMA = pa.schema([("image", IMAGE), ("conditioning_image", IMAGE), ("text", pa.string())]).with_metadata(
     {"huggingface": json.dumps({"info": {"features": {
         "image": {"_type": "Image"}, "conditioning_image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}}})}
@@ -38,7 +33,7 @@ class ExportError(ValueError):
 def export_controlnet_train(src: str, dest: str, control: str | None = None, target: str | None = None,
                             overwrite: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `src`'s samples as (image, conditioning_image, text) rows under `dest`; returns what was done."""
-    out = Output(src, storage_options or {})
+    out = RunOutput(src, storage_options)
     manifest = out.manifest()
     columns = out.samples_schema().names
     if not columns:
@@ -55,32 +50,27 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
         raise ExportError(f"--image {target!r}: {src} has {[c for c in ('generated', 'image') if c in columns]}")
     text = "prompt" if target == "generated" else "caption"
 
-    fs, root = filesystem(dest, storage_options or {})
-    if fs.exists(posixpath.join(root, "train")) and not overwrite:
+    export = RunOutput(dest, storage_options)
+    if export.exists("train") and not overwrite:
         raise ExportError(f"{dest} already holds an export (train/); choose another path or pass --overwrite")
-    if overwrite and fs.exists(root):
-        for name in ("train", "export.json", "README.md"):
-            if fs.exists(posixpath.join(root, name)):
-                fs.rm(posixpath.join(root, name), recursive=True)
-    fs.makedirs(posixpath.join(root, "train"), exist_ok=True)
+    for name in ("train", "export.json", "README.md") if overwrite else ():
+        if export.exists(name):
+            export.fs.rm(export.path(name), recursive=True)
+    export.fs.makedirs(export.path("train"), exist_ok=True)
     files, rows = [], 0
     for i, path in enumerate(out.files("samples")):
         table = out.read_file(path, [target, f"control_{control}", text])
         captions = pc.fill_null(table.column(text), "")
         train = pa.Table.from_arrays([table.column(target), table.column(f"control_{control}"), captions], schema=TRAIN_SCHEMA)
         name = f"train/part-{i:05d}.parquet"
-        tmp = posixpath.join(root, "train", f".tmp-{uuid.uuid4().hex}")
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(train, f, compression="zstd")
-        fs.mv(tmp, posixpath.join(root, name))
+        write_parquet(export.fs, export.path(name), train)
         files.append(name)
         rows += train.num_rows
     record = {"format": "controlnet-train", "source": src, "source_run_id": manifest.get("run_id"),
               "image": target, "conditioning_image": f"control_{control}", "text": text, "rows": rows, "files": files}
-    with fs.open(posixpath.join(root, "export.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    with fs.open(posixpath.join(root, "README.md"), "w") as f:  # tells `load_dataset(dest)` which files are data
-        f.write(CARD.format(source=src, run_id=manifest.get("run_id"), target=target, control=control, text=text))
+    export.write_json("export.json", record)
+    # the card tells `load_dataset(dest)` which files are data
+    export.write_text("README.md", CARD.format(source=src, run_id=manifest.get("run_id"), target=target, control=control, text=text))
     return record
 
 

@@ -2,9 +2,9 @@
 
 `fetch(cfg, directory)` downloads, for each hub model of the config, the files its loader reads
 into `directory/<repo id>/` (the repo's own layout), so that the config can name
-`directory/<repo id>` instead of the repo id: annotators get their weight files, the base model
-and the ControlNets a diffusers snapshot. Models already given as local directories are checked
-for their files and left where they are.
+`directory/<repo id>` instead of the repo id: annotators get their weight files, the generator's
+models (as its family lists them: `Generator.model_refs`) the files of a diffusers snapshot. Models
+already given as local directories are checked for their files and left where they are.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from pathlib import Path
 
 from pipeline.annotators import ANNOTATORS
 from pipeline.config import JobConfig
+from pipeline.generators import generator_class
 from pipeline.models import ModelUnavailable
-
-# diffusers snapshots: configs, tokenizer files and safetensors weights (no .ckpt/.bin/flax/onnx copies)
-DIFFUSERS_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
-
 
 @dataclass(frozen=True)
 class Fetched:
@@ -69,16 +66,15 @@ def fetch(cfg: JobConfig, directory: str | Path) -> list[Fetched]:
         out.append(Fetched(role, model, str(target), files, True))
 
     gen = cfg.generation  # None: an annotate-only job needs the annotators' weights only
-    diffusers_models = [("base_model", gen.base_model, gen.revision, "model_index.json")] if gen else []
-    diffusers_models += [(f"controlnet {cn.condition}", cn.model, cn.revision, "config.json") for cn in gen.controlnets] if gen else []
-    for role, model, revision, probe in diffusers_models:
-        if _is_local(model):
-            out.append(_local(role, model, (probe,)))
+    refs = generator_class(gen.family).model_refs(gen) if gen else {}
+    for ref in [r for v in refs.values() for r in (v if isinstance(v, list) else [v])]:
+        if _is_local(ref.model):
+            out.append(_local(ref.role, ref.model, (ref.probe,)))
             continue
-        target = root / model
+        target = root / ref.model
         try:
-            snapshot_download(model, revision=revision, local_dir=target, allow_patterns=DIFFUSERS_FILES)
+            snapshot_download(ref.model, revision=ref.revision, local_dir=target, allow_patterns=list(ref.patterns))
         except Exception as e:  # noqa: BLE001
-            raise _error(role, model, "a snapshot", e) from None
-        out.append(Fetched(role, model, str(target), (probe,), True))
+            raise _error(ref.role, ref.model, "a snapshot", e) from None
+        out.append(Fetched(ref.role, ref.model, str(target), (ref.probe,), True))
     return out

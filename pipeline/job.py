@@ -6,7 +6,6 @@ sources -> decode -> annotate (one stage per annotator) -> expand variants -> ge
 
 from __future__ import annotations
 
-import posixpath
 import re
 import time
 from dataclasses import dataclass
@@ -17,12 +16,14 @@ import ray
 
 from pipeline.annotators import ANNOTATORS
 from pipeline.config import JobConfig
-from pipeline.generate import Generate
+from pipeline.generators import generator_class
 from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
-from pipeline.provenance import code_version, library_versions, new_run_id, write_json
-from pipeline.io.resume import OutputExists, SkipWritten, Written, fingerprint, job_identity, open_output, read_written
+from pipeline.io.output import RunOutput, Written
+from pipeline.provenance import code_version, library_versions, new_run_id
+from pipeline.schema import samples_schema
+from pipeline.io.resume import OutputExists, SkipWritten, fingerprint, job_identity, open_output
 from pipeline.io.sink import SplitParquetSink
-from pipeline.io.sources import filesystem, read_source
+from pipeline.io.sources import read_source
 from pipeline.annotators.stage import Annotate
 from pipeline.io.images import Decode
 from pipeline.variants import ExpandVariants
@@ -33,15 +34,14 @@ SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNO
 @dataclass(frozen=True)
 class Models:
     annotators: dict[str, ResolvedModel | None]  # annotator id -> weights (None: weight-free)
-    base: ResolvedModel | None  # None: an annotate-only job
-    controlnets: list[ResolvedModel]
+    generation: dict[str, Any]  # the generator's models by manifest key (empty: an annotate-only job)
 
     def provenance(self) -> dict[str, Any]:
-        return {
-            "base_model": self.base.provenance() if self.base else None,
-            "controlnets": [m.provenance() for m in self.controlnets],
-            "annotators": {k: m.provenance() if m else None for k, m in self.annotators.items()},
-        }
+        generation = {k: [m.provenance() for m in v] if isinstance(v, list) else v.provenance()
+                      for k, v in self.generation.items()}
+        # an annotate-only job records no base model and no ControlNets, as it always has
+        return (generation or {"base_model": None, "controlnets": []}) | {
+            "annotators": {k: m.provenance() if m else None for k, m in self.annotators.items()}}
 
 
 @dataclass(frozen=True)
@@ -70,20 +70,23 @@ def resolve_models(cfg: JobConfig) -> Models:
         model = a.model or cls.default_model
         annotators[a.key] = resolve_model(model, a.revision, cls.weights_file, local_only) if model else None
     if gen is None:
-        return Models(annotators=annotators, base=None, controlnets=[])
-    models = Models(
-        annotators=annotators,
-        base=resolve_model(gen.base_model, gen.revision, "model_index.json", local_only),
-        controlnets=[resolve_model(cn.model, cn.revision, "config.json", local_only) for cn in gen.controlnets],
-    )
+        return Models(annotators, {})
+    resolve = lambda ref: resolve_model(ref.model, ref.revision, ref.probe, local_only)  # noqa: E731
+    refs = generator_class(gen.family).model_refs(gen)
+    models = Models(annotators, {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()})
     if not gen.allow_pickle:
-        for m in [models.base, *models.controlnets]:
+        for m in flat(models.generation):
             if pickled := pickle_only_weights(m):
                 raise ModelUnavailable(
                     f"model {m.model!r} has pickle weights only ({', '.join(pickled[:3])}); pickle can run code when "
                     f"loaded. Convert them to safetensors, or set generation.allow_pickle=true if you trust the source"
                 )
     return models
+
+
+def flat(models: dict[str, Any]) -> list[Any]:
+    """The values of a dict of models or lists of models, as one list."""
+    return [m for v in models.values() for m in (v if isinstance(v, list) else [v])]
 
 
 def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict[str, float]:
@@ -133,8 +136,8 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     if gen is None:
         return ds
     return ds.map_batches(
-        Generate,
-        fn_constructor_kwargs={"gen": gen, "base": models.base, "controlnets": models.controlnets},
+        generator_class(gen.family),
+        fn_constructor_kwargs={"gen": gen, "models": models.generation},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors),
         batch_size=gen.batch_size,
         batch_format="pyarrow",
@@ -175,8 +178,8 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
         "job_identity": identity,
         "models": models.provenance(),
     }
-    manifest_url = posixpath.join(cfg.output.path, "manifest.json")
-    write_json(manifest_url, manifest, cfg.output.storage_options)  # marks the path as this job's, in progress
+    output = RunOutput(cfg.output.path, cfg.output.storage_options)
+    output.write_json("manifest.json", manifest)  # marks the path as this job's, in progress
     if target.resuming:
         echo(f"run {run_id}: resuming {cfg.output.path}: {len(target.written.done_samples)} samples and "
              f"{len(target.written.done_sources)} rejected inputs already written are skipped")
@@ -184,15 +187,16 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
         echo(f"run {run_id}: {cfg.source.path} -> {cfg.output.path}")
 
     control_ids = [a.key for a in cfg.annotators]
+    keypoint_ids = [a.key for a in cfg.annotators if ANNOTATORS[a.name].extras == "keypoints"]
+    schema = samples_schema(control_ids, keypoint_ids, cfg.generation.family if cfg.generation else None)
     sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
-                            cfg.output.rows_per_file, generated=cfg.generation is not None,
-                            keypoint_ids=[a.key for a in cfg.annotators if ANNOTATORS[a.name].extras == "keypoints"])
+                            cfg.output.rows_per_file, schema)
     t0 = time.perf_counter()
     ds = build_dataset(cfg, models, target.written if target.resuming else None)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # I/O bound: never waits behind compute
     seconds = time.perf_counter() - t0
 
-    written = read_written(cfg.output.path, cfg.output.storage_options)
+    written = output.written()
     counts = written.counts(cfg.generation.variants_per_image if cfg.generation else 1)
     stats = ds.stats()
     manifest.update({
@@ -205,10 +209,8 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
         "files": written.files,
     })
     manifest["runs"][-1]["finished_at"] = manifest["finished_at"]
-    fs, root = filesystem(cfg.output.path, cfg.output.storage_options)
-    with fs.open(posixpath.join(root, "stats.txt"), "w") as f:
-        f.write(stats + "\n")
-    write_json(manifest_url, manifest, cfg.output.storage_options)
+    output.write_text("stats.txt", stats + "\n")
+    output.write_json("manifest.json", manifest)
     from pipeline.report import write_documents  # report.html, README.md, croissant.json: read the output back
 
     try:

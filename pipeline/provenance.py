@@ -1,19 +1,15 @@
-"""Run-level provenance: run id, code version, library versions, and the run's manifest.json."""
+"""Run-level provenance: run id, code version, library versions."""
 
 from __future__ import annotations
 
-import json
 import platform
-import posixpath
 import subprocess
 import uuid
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 import pipeline
-from pipeline.io.sources import filesystem
 
 LIBRARIES = ("torch", "diffusers", "transformers", "controlnet-aux", "ray", "pyarrow", "numpy", "pillow", "opencv-python-headless")
 
@@ -43,13 +39,3 @@ def library_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def write_json(url: str, doc: dict[str, Any], storage_options: dict[str, Any]) -> None:
-    """Write JSON atomically: a temporary name first, then a rename."""
-    fs, path = filesystem(url, storage_options)
-    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
-    with fs.open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
-        f.write("\n")
-    fs.mv(tmp, path)

@@ -16,7 +16,6 @@ import io
 import json
 import posixpath
 import re
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from html import escape
@@ -28,93 +27,19 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from pipeline.schema import CONTROL_COLUMN, CONTROL_DOC, GENERATION_COLUMNS, IMAGE, SAMPLE_COLUMNS
-from pipeline.io.sources import filesystem
+from pipeline.generators import DEFAULT_FAMILY, generator_class
+from pipeline.io.output import NotARunOutput, RunOutput
+from pipeline.schema import IMAGE, sample_columns
 
 MAX_SOURCES = 200  # sources shown in the gallery
 THUMB_PX = 256  # longest side of a gallery thumbnail
 MAX_ERROR_GROUPS = 100  # error (stage, type, message) groups listed in the report
 
 
-class NotARunOutput(ValueError):
-    """A directory without the manifest.json a run writes last."""
-
-
-# ---------------------------------------------------------------- reading an output directory
-
-
-@dataclass
-class Output:
-    url: str
-    storage_options: dict[str, Any]
-
-    def __post_init__(self) -> None:
-        self.fs, self.root = filesystem(self.url, self.storage_options)
-
-    def location(self) -> str:
-        """The output as an absolute URL (file:// for local paths)."""
-        return self.url if "://" in self.url else "file://" + self.root
-
-    def path(self, name: str) -> str:
-        return posixpath.join(self.root, name)
-
-    def read_text(self, name: str, default: str | None = None) -> str:
-        if default is not None and not self.fs.exists(self.path(name)):
-            return default
-        with self.fs.open(self.path(name), "r") as f:
-            return f.read()
-
-    def write_text(self, name: str, text: str) -> str:
-        """Write atomically (temporary name, then rename); returns the path written."""
-        tmp = self.path(f".tmp-{uuid.uuid4().hex}")
-        with self.fs.open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        self.fs.mv(tmp, self.path(name))
-        return self.path(name)
-
-    def manifest(self) -> dict[str, Any]:
-        if not self.fs.exists(self.path("manifest.json")):
-            raise NotARunOutput(f"{self.url} holds no manifest.json: not the output of a completed run")
-        return json.loads(self.read_text("manifest.json"))
-
-    def files(self, kind: str) -> list[str]:
-        return sorted(self.fs.glob(self.path(f"{kind}/*.parquet")))
-
-    def read_file(self, path: str, columns: list[str]) -> pa.Table:
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    def read(self, kind: str, columns: list[str]) -> pa.Table | None:
-        """These columns of every file of `kind` (samples, errors); None when there are no files."""
-        tables = [self.read_file(p, columns) for p in self.files(kind)]
-        return pa.concat_tables(tables) if tables else None
-
-    def num_rows(self, kind: str) -> int:
-        total = 0
-        for p in self.files(kind):
-            with self.fs.open(p, "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
-        return total
-
-    def samples_schema(self) -> pa.Schema:
-        files = self.files("samples")
-        if not files:
-            return pa.schema([])
-        with self.fs.open(files[0], "rb") as f:
-            return pq.read_schema(f)
-
-    def control_columns(self) -> list[str]:
-        return [f.name for f in self.samples_schema() if f.type == IMAGE and f.name.startswith("control_")]
-
-    def generated(self) -> bool:
-        """Whether the run generated images (False: an annotate-only job)."""
-        return "generated" in self.samples_schema().names
-
-
 # ---------------------------------------------------------------- stats: errors, operators, models
 
 
-def error_groups(out: Output) -> list[dict[str, Any]]:
+def error_groups(out: RunOutput) -> list[dict[str, Any]]:
     """Errors grouped by (stage, type, message), most frequent first within a stage."""
     table = out.read("errors", ["stage", "error_type", "error_message", "source_uri"])
     groups: dict[tuple, dict[str, Any]] = {}
@@ -171,11 +96,15 @@ def model_rows(manifest: dict[str, Any]) -> list[dict[str, str | None]]:
         m = m or {}
         return {"role": role, "model": m.get("model"), "revision": m.get("revision"), "commit": m.get("commit")}
 
-    rows = [row("base model", models["base_model"])] if models.get("base_model") else []
-    for i, m in enumerate(models.get("controlnets", [])):
-        rows.append(row(f"controlnet ({conditions[i] if i < len(conditions) else i})", m))
-    for key, m in models.get("annotators", {}).items():
-        rows.append(row(f"annotator {key}", m))
+    rows = []
+    for key, value in models.items():  # the generator's models by role ("base_model", "controlnets"), then annotators
+        if key == "annotators":
+            rows += [row(f"annotator {k}", m) for k, m in value.items()]
+        elif isinstance(value, list):  # one model per condition
+            rows += [row(f"{key.removesuffix('s')} ({conditions[i] if i < len(conditions) else i})", m)
+                     for i, m in enumerate(value)]
+        elif value:
+            rows.append(row(key.replace("_", " "), value))
     return rows
 
 
@@ -223,7 +152,7 @@ class SourceCard:
     variants: list[dict[str, Any]]  # {variant_index, seed, prompt, sample_id, uri}
 
 
-def gallery(out: Output, max_sources: int, px: int) -> tuple[list[SourceCard], int]:
+def gallery(out: RunOutput, max_sources: int, px: int) -> tuple[list[SourceCard], int]:
     """Cards for the first `max_sources` sources (by source URI), and the number of sources in all."""
     files = out.files("samples")
     uris_by_file = {p: set(out.read_file(p, ["source_uri"]).column("source_uri").to_pylist()) for p in files}
@@ -293,7 +222,7 @@ def table_html(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def report_html(out: Output, max_sources: int = MAX_SOURCES, px: int = THUMB_PX) -> str:
+def report_html(out: RunOutput, max_sources: int = MAX_SOURCES, px: int = THUMB_PX) -> str:
     manifest = out.manifest()
     counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
     stats_text = out.read_text("stats.txt", default="")
@@ -381,9 +310,9 @@ def dataset_card(manifest: dict[str, Any], url: str) -> str:
     count_rows = "\n".join([f"| {md_cell(k.replace('_', ' '))} | {md_cell(v)} |" for k, v in counts.items() if k != "errors_by_stage"]
                            + [f"| errors at {md_cell(s)} | {n} |" for s, n in counts.get("errors_by_stage", {}).items()])
     versions = yaml.safe_dump(manifest.get("versions", {}), sort_keys=False).strip()
-    if manifest.get("config", {}).get("generation"):
+    if family := run_family(manifest):
         generation = yaml.safe_dump(generation_params(manifest), sort_keys=False, allow_unicode=True).strip()
-        what = "Source photos, one control map per annotator and Stable Diffusion + ControlNet generations"
+        what = f"Source photos, one control map per annotator and {generator_class(family).label}"
     else:
         generation = "# none: an annotate-only job (source image, control maps, caption per row)"
         what = "Source photos and one control map per annotator (an annotate-only job)"
@@ -476,18 +405,18 @@ def croissant_type(t: pa.DataType) -> str | None:
     return None
 
 
-def croissant(manifest: dict[str, Any], control_ids: list[str], url: str, generated: bool = True) -> dict[str, Any]:
+def run_family(manifest: dict[str, Any]) -> str | None:
+    """The run's generator family; None for an annotate-only run (manifests before families: sd15)."""
+    gen = manifest.get("config", {}).get("generation")
+    return (gen.get("family") or DEFAULT_FAMILY) if gen else None
+
+
+def croissant(manifest: dict[str, Any], control_ids: list[str], url: str) -> dict[str, Any]:
     """Croissant 1.0 JSON-LD: the samples Parquet files and one field per column
     (the nested `annotators` column is left out; its content is in the dataset card)."""
-    columns = []
-    for name, type_, doc in SAMPLE_COLUMNS:
-        if not generated and name in GENERATION_COLUMNS:
-            continue
-        columns.append((name, type_, doc))
-        if name == "image":
-            columns += [(CONTROL_COLUMN.format(id=c), IMAGE, CONTROL_DOC.replace("this id", repr(c))) for c in control_ids]
+    family = run_family(manifest)
     fields = []
-    for name, type_, doc in columns:
+    for name, type_, doc in sample_columns(control_ids, family=family):
         repeated = pa.types.is_list(type_)
         data_type = croissant_type(type_.value_type if repeated else type_)
         if data_type is None:
@@ -503,8 +432,8 @@ def croissant(manifest: dict[str, Any], control_ids: list[str], url: str, genera
         "@type": "sc:Dataset",
         "conformsTo": "http://mlcommons.org/croissant/1.0",
         "name": f"controlnet-dataset-{run_id}",
-        "description": "Source photos, control maps and Stable Diffusion + ControlNet generations with per-row "
-                       f"provenance, written by the ControlNet dataset pipeline (run {run_id}).",
+        "description": f"Source photos, control maps{' and ' + generator_class(family).label if family else ''} "
+                       f"with per-row provenance, written by the ControlNet dataset pipeline (run {run_id}).",
         "license": "https://spdx.org/licenses/NOASSERTION",
         "url": url,
         "citeAs": f"ControlNet dataset pipeline, run {run_id}",
@@ -514,7 +443,9 @@ def croissant(manifest: dict[str, Any], control_ids: list[str], url: str, genera
                           "description": "The samples Parquet files.", "encodingFormat": "application/x-parquet",
                           "includes": "samples/*.parquet"}],
         "recordSet": [{"@type": "cr:RecordSet", "@id": "samples", "name": "samples",
-                       "description": "One generated sample per row.", "key": {"@id": "samples/sample_id"},
+                       "description": "One generated sample per row." if family else
+                                      "One source image and its control maps per row (an annotate-only run).",
+                       "key": {"@id": "samples/sample_id"},
                        "field": fields}],
     }
 
@@ -524,20 +455,20 @@ def croissant(manifest: dict[str, Any], control_ids: list[str], url: str, genera
 
 def write_documents(url: str, storage_options: dict[str, Any] | None = None, max_sources: int = MAX_SOURCES) -> list[str]:
     """Write report.html, README.md and croissant.json into a run's output; returns their paths."""
-    out = Output(url, storage_options or {})
+    out = RunOutput(url, storage_options)
     manifest = out.manifest()
     control_ids = [c.removeprefix("control_") for c in out.control_columns()]
     return [
         out.write_text("report.html", report_html(out, max_sources)),
         out.write_text("README.md", dataset_card(manifest, url)),
         out.write_text("croissant.json",
-                       json.dumps(croissant(manifest, control_ids, out.location(), out.generated()), indent=2) + "\n"),
+                       json.dumps(croissant(manifest, control_ids, out.location()), indent=2) + "\n"),
     ]
 
 
 def inspect_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """A plain-text summary of a run's output: counts, errors, throughput, models."""
-    out = Output(url, storage_options or {})
+    out = RunOutput(url, storage_options)
     manifest = out.manifest()
     counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
     sources = out.read("samples", ["source_uri"])

@@ -12,6 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.generators import DEFAULT_FAMILY
+
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ANNOTATOR = pa.struct(
@@ -35,8 +37,9 @@ KEYPOINTS_DOC = ("Keypoints of a pose annotator with this id, OpenPose JSON: {pe
                  "hand_left_keypoints_2d, hand_right_keypoints_2d, face_keypoints_2d}], canvas_width, "
                  "canvas_height}; pixel coordinates, [x, y, confidence] per point. Only for pose annotators.")
 
-# (name, type, description); control columns go after `image`.
-SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+# The core columns of every sample, (name, type, description), in order. A generation job's samples
+# also have the variant columns, the generated image and its generator family's columns.
+HEAD_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("sample_id", pa.string(), "Deterministic id from (job seed, source sha256, variant index)."),
     ("source_uri", pa.string(), "Where the source image was read from."),
     ("source_sha256", pa.string(), "sha256 of the source file's bytes."),
@@ -49,20 +52,11 @@ SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("height", pa.int32(), "Height of image, control maps and generated image."),
     ("transform", pa.string(), "JSON record of the decode: original size and mode, EXIF orientation, resize."),
     ("image", IMAGE, "The source image after the size policy (PNG)."),
-    ("generated", IMAGE, "The generated image (PNG)."),
-    ("annotators", pa.list_(ANNOTATOR), "Provenance of every control map: annotator, params (JSON), weights."),
-    ("base_model", pa.string(), "Stable Diffusion model: hub id or local directory."),
-    ("base_model_revision", pa.string(), "Resolved commit hash (hub) or sha256 fingerprint (directory)."),
-    ("controlnet_models", pa.list_(pa.string()), "ControlNet models, one per condition."),
-    ("controlnet_revisions", pa.list_(pa.string()), "Resolved revisions of the ControlNets."),
-    ("controlnet_conditions", pa.list_(pa.string()), "Annotator id feeding each ControlNet."),
-    ("controlnet_conditioning_scale", pa.list_(pa.float64()), "Per-ControlNet conditioning scale."),
-    ("control_guidance_start", pa.list_(pa.float64()), "Per-ControlNet guidance start (fraction of steps)."),
-    ("control_guidance_end", pa.list_(pa.float64()), "Per-ControlNet guidance end (fraction of steps)."),
-    ("scheduler", pa.string(), "Scheduler name (unipc, dpmpp_2m, ddim, euler_a)."),
-    ("num_inference_steps", pa.int32(), "Denoising steps."),
-    ("guidance_scale", pa.float64(), "Classifier-free guidance scale."),
-    ("dtype", pa.string(), "Torch dtype of the diffusion models."),
+]
+VARIANT_COLUMNS = ("variant_index", "seed", "prompt", "negative_prompt")  # generation jobs only
+GENERATED_COLUMN = ("generated", IMAGE, "The generated image (PNG).")
+ANNOTATORS_COLUMN = ("annotators", pa.list_(ANNOTATOR), "Provenance of every control map: annotator, params (JSON), weights.")
+TAIL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_id", pa.string(), "The run that wrote this row."),
     ("code_version", pa.string(), "Version of this pipeline (package version and git commit)."),
     ("created_at", TIMESTAMP, "When the row was written (UTC)."),
@@ -86,23 +80,25 @@ def _with_hf_features(schema: pa.Schema) -> pa.Schema:
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
 
 
-# columns only generation jobs have; an annotate-only job's samples are the rest
-GENERATION_COLUMNS = ("variant_index", "seed", "prompt", "negative_prompt", "generated", "base_model",
-                      "base_model_revision", "controlnet_models", "controlnet_revisions", "controlnet_conditions",
-                      "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "scheduler",
-                      "num_inference_steps", "guidance_scale", "dtype")
+def generator_columns(family: str) -> list[tuple[str, pa.DataType, str]]:
+    from pipeline.generators import generator_class
+
+    return generator_class(family).columns
 
 
-def samples_schema(control_ids: list[str], keypoint_ids: list[str] = (), generated: bool = True) -> pa.Schema:
-    fields = []
-    for name, type_, _ in SAMPLE_COLUMNS:
-        if not generated and name in GENERATION_COLUMNS:
-            continue
-        fields.append(pa.field(name, type_))
-        if name == "image":
-            fields.extend(pa.field(CONTROL_COLUMN.format(id=c), IMAGE) for c in control_ids)
-            fields.extend(pa.field(KEYPOINTS_COLUMN.format(id=c), pa.string()) for c in keypoint_ids)
-    return _with_hf_features(pa.schema(fields))
+def sample_columns(control_ids: list[str], keypoint_ids: list[str] = (), family: str | None = DEFAULT_FAMILY
+                   ) -> list[tuple[str, pa.DataType, str]]:
+    """The samples' columns in order; `family` None: an annotate-only job (no variants, no generation)."""
+    columns = [c for c in HEAD_COLUMNS if family or c[0] not in VARIANT_COLUMNS]
+    columns += [(CONTROL_COLUMN.format(id=c), IMAGE, CONTROL_DOC.replace("this id", repr(c))) for c in control_ids]
+    columns += [(KEYPOINTS_COLUMN.format(id=c), pa.string(), KEYPOINTS_DOC) for c in keypoint_ids]
+    columns += [GENERATED_COLUMN] if family else []
+    columns += [ANNOTATORS_COLUMN, *(generator_columns(family) if family else []), *TAIL_COLUMNS]
+    return columns
+
+
+def samples_schema(control_ids: list[str], keypoint_ids: list[str] = (), family: str | None = DEFAULT_FAMILY) -> pa.Schema:
+    return _with_hf_features(pa.schema([pa.field(n, t) for n, t, _ in sample_columns(control_ids, keypoint_ids, family)]))
 
 
 def errors_schema() -> pa.Schema:
@@ -116,15 +112,20 @@ def describe(columns: list[tuple[str, pa.DataType, str]]) -> list[dict[str, str]
 def schema_documents() -> dict[str, Any]:
     """The machine-readable contracts written to schemas/ (file name -> JSON document)."""
     from pipeline.config import config_json_schema
+    from pipeline.generators import families
 
-    samples = describe(SAMPLE_COLUMNS)
-    at = [c["name"] for c in samples].index("image") + 1
-    samples.insert(at, {"name": CONTROL_COLUMN, "type": str(IMAGE), "description": CONTROL_DOC + " One column per annotator."})
-    samples.insert(at + 1, {"name": KEYPOINTS_COLUMN, "type": str(pa.string()), "description": KEYPOINTS_DOC})
+    samples = describe(HEAD_COLUMNS)
+    samples.append({"name": CONTROL_COLUMN, "type": str(IMAGE), "description": CONTROL_DOC + " One column per annotator."})
+    samples.append({"name": KEYPOINTS_COLUMN, "type": str(pa.string()), "description": KEYPOINTS_DOC})
+    samples += describe([GENERATED_COLUMN, ANNOTATORS_COLUMN, *generator_columns(DEFAULT_FAMILY), *TAIL_COLUMNS])
     return {
         "job_config.schema.json": config_json_schema(),
-        "samples.schema.json": {"title": "samples/*.parquet", "image_columns": "Hugging Face datasets Image structs",
-                                "columns": samples, "generation_only_columns": list(GENERATION_COLUMNS)},
+        "samples.schema.json": {
+            "title": "samples/*.parquet", "image_columns": "Hugging Face datasets Image structs",
+            "columns": samples,
+            "generation_only_columns": [*VARIANT_COLUMNS, GENERATED_COLUMN[0]] + [c[0] for c in generator_columns(DEFAULT_FAMILY)],
+            "generator_columns": {family: describe(generator_columns(family)) for family in families()},
+        },
         "errors.schema.json": {"title": "errors/*.parquet", "columns": describe(ERROR_COLUMNS)},
     }
 

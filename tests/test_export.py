@@ -51,7 +51,7 @@ def test_annotate_only_job_writes_images_controls_and_captions(annotate_only):
     table = samples(out)
     for f in (out / "samples").glob("*.parquet"):
         got = pq.read_schema(f)
-        assert got.equals(samples_schema(["canny", "hed"], generated=False), check_metadata=False), got
+        assert got.equals(samples_schema(["canny", "hed"], family=None), check_metadata=False), got
         assert set(json.loads(got.metadata[b"huggingface"])["info"]["features"]) == {"image", "control_canny", "control_hed"}
     assert "generated" not in table.column_names and "prompt" not in table.column_names
     for row in table.to_pylist():

@@ -11,7 +11,7 @@ from skimage import data
 
 from pipeline.annotators import ANNOTATORS
 from pipeline.config import load_config
-from pipeline.generate import Generate, make_scheduler
+from pipeline.generators.sd15 import StableDiffusionControlNet, make_scheduler
 from pipeline.io.images import array_to_png, png_to_array
 from pipeline.job import resolve_models
 from pipeline.ids import sample_identity
@@ -32,10 +32,10 @@ def make_rows(size=(96, 64)) -> list[dict]:
     return rows
 
 
-def generator(tiny, **gen) -> Generate:
+def generator(tiny, **gen) -> StableDiffusionControlNet:
     cfg = load_config(data=job_dict("/unused", "/unused", tiny, **gen))
     models = resolve_models(cfg)
-    return Generate(cfg.generation, models.base, models.controlnets)
+    return StableDiffusionControlNet(cfg.generation, models.generation)
 
 
 @pytest.fixture(scope="module")

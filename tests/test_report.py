@@ -19,7 +19,8 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.job import run
 from pipeline.models import fingerprint
-from pipeline.report import Output, gallery, inspect_text, report_html, thumbnail_uri
+from pipeline.io.output import RunOutput
+from pipeline.report import gallery, inspect_text, report_html, thumbnail_uri
 from tests.conftest import job_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,10 +101,10 @@ def test_gallery_renders_every_image_in_chromium(output):
 
 
 def test_gallery_caps_sources_and_says_so(output):
-    html = report_html(Output(str(output), {}), max_sources=2)
+    html = report_html(RunOutput(str(output)), max_sources=2)
     assert html.count('<section class="card">') == 2
     assert "Showing the first 2 of 5 sources" in html
-    cards, total = gallery(Output(str(output), {}), max_sources=2, px=256)
+    cards, total = gallery(RunOutput(str(output)), max_sources=2, px=256)
     assert total == 5 and [c.uri for c in cards] == sorted({r["source_uri"] for r in samples(output, ["source_uri"])})[:2]
     assert all(len(c.controls) == 2 and len(c.variants) == 2 for c in cards)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.generate import load_pipeline
+from pipeline.generators.sd15 import load_pipeline
 from pipeline.job import resolve_models, run
 from pipeline.models import ModelUnavailable
 from tests.conftest import job_dict
@@ -40,7 +40,7 @@ def test_pickle_weights_are_refused_at_start_unless_allowed(tiny_models, pickled
         resolve_models(load_config(data=data))
     cfg = load_config(data=data)
     models = resolve_models(cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"allow_pickle": True})}))
-    assert models.base.local_dir == str(pickled_base)
+    assert models.generation["base_model"].local_dir == str(pickled_base)
 
 
 def test_the_loader_itself_refuses_pickle_and_loads_it_when_allowed(tiny_models, pickled_base):
@@ -49,8 +49,8 @@ def test_the_loader_itself_refuses_pickle_and_loads_it_when_allowed(tiny_models,
     cfg = load_config(data=data)
     data["generation"]["allow_pickle"] = True
     allowed = load_config(data=data)
-    base = resolve_models(allowed).base
-    controlnets = resolve_models(allowed).controlnets
+    base = resolve_models(allowed).generation["base_model"]
+    controlnets = resolve_models(allowed).generation["controlnets"]
     with pytest.raises(EnvironmentError, match="safetensors"):
         load_pipeline(cfg.generation, base, controlnets, "cpu")  # defence in depth, past the start-up check
     pipe = load_pipeline(allowed.generation, base, controlnets, "cpu")

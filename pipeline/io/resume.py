@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
-from collections import Counter
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
-from pipeline.io.sources import filesystem
+from pipeline.generators import DEFAULT_FAMILY
+from pipeline.io.output import RunOutput, Written
 from pipeline.ids import sample_ids
 from pipeline.rows import map_rows
 
@@ -48,6 +45,8 @@ def job_identity(cfg: JobConfig, models_provenance: dict[str, Any]) -> dict[str,
         return value
 
     identity = strip({k: v for k, v in cfg.model_dump(mode="json").items() if k != "output"})
+    if (identity.get("generation") or {}).get("family") == DEFAULT_FAMILY:
+        del identity["generation"]["family"]  # so runs made before families existed still resume
     identity["model_revisions"] = _revisions(models_provenance)
     return identity
 
@@ -79,54 +78,6 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 @dataclass(frozen=True)
-class Written:
-    """What the Parquet files under an output path hold (read from their id columns only)."""
-
-    sample_ids: list[str] = field(default_factory=list)  # samples/, one per row
-    errors: list[dict[str, Any]] = field(default_factory=list)  # errors/: sample_id, source_uri, stage
-    files: list[str] = field(default_factory=list)  # relative to the output path
-
-    @cached_property  # sets over every written id: built once, used by the log line and the skip stages
-    def done_samples(self) -> frozenset[str]:
-        """Sample ids that are finished: written as a sample or as a failed sample."""
-        return frozenset(self.sample_ids) | {e["sample_id"] for e in self.errors if e["sample_id"]}
-
-    @cached_property
-    def done_sources(self) -> frozenset[str]:
-        """Sources rejected before variants existed (unreadable, not an image, annotator failure)."""
-        return frozenset(e["source_uri"] for e in self.errors if not e["sample_id"])
-
-    def counts(self, variants: int) -> dict[str, Any]:
-        rejected = sum(1 for e in self.errors if not e["sample_id"])
-        failed = len(self.errors) - rejected
-        ids = Counter(self.sample_ids + [e["sample_id"] for e in self.errors if e["sample_id"]])
-        return {
-            # every input ends as one error row before expansion, or as `variants` rows after it
-            "inputs": rejected + (len(self.sample_ids) + failed) // variants,
-            "rejected_inputs": rejected,
-            "samples": len(self.sample_ids),
-            "failed_samples": failed,
-            "errors": len(self.errors),
-            "errors_by_stage": dict(Counter(e["stage"] for e in self.errors)),
-            "duplicate_sample_ids": sum(n - 1 for n in ids.values() if n > 1),
-        }
-
-
-def read_written(path: str, storage_options: dict[str, Any]) -> Written:
-    fs, root = filesystem(path, storage_options)
-    tables, files = {}, []
-    for kind, columns in (("samples", ["sample_id"]), ("errors", ["sample_id", "source_uri", "stage"])):
-        names = sorted(p for p in fs.glob(posixpath.join(root, kind, "*.parquet")))
-        files += [posixpath.relpath(p, root) for p in names]
-        parts = []
-        for name in names:
-            with fs.open(name, "rb") as f:
-                parts.append(pq.read_table(f, columns=columns))
-        tables[kind] = pa.concat_tables(parts).to_pylist() if parts else []
-    return Written([r["sample_id"] for r in tables["samples"]], tables["errors"], files)
-
-
-@dataclass(frozen=True)
 class Output:
     path: str
     manifest: dict[str, Any] | None  # the earlier run's manifest when resuming
@@ -137,32 +88,23 @@ class Output:
         return self.manifest is not None
 
 
-def read_manifest(path: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
-    fs, root = filesystem(path, storage_options)
-    name = posixpath.join(root, "manifest.json")
-    if not fs.exists(name):
-        return None
-    with fs.open(name, "r") as f:
-        return json.load(f)
-
-
 def open_output(cfg: JobConfig, identity: dict[str, Any]) -> Output:
     """Decide where this run writes: a fresh path, the same job's earlier run (resume), a new
     version next to a different job's run, or nowhere (OutputExists)."""
-    out, options = cfg.output, cfg.output.storage_options
-    fs, root = filesystem(out.path, options)
-    existing = [p for p in RUN_FILES if fs.exists(posixpath.join(root, p))]
+    out = cfg.output
+    target = RunOutput(out.path, out.storage_options)
+    existing = [p for p in RUN_FILES if target.exists(p)]
     if out.overwrite:
         for p in existing:
-            fs.rm(posixpath.join(root, p), recursive=True)
+            target.fs.rm(target.path(p), recursive=True)
         existing = []
     if not existing:
-        fs.makedirs(root, exist_ok=True)
+        target.fs.makedirs(target.root, exist_ok=True)
         return Output(out.path, None, Written())
-    manifest = read_manifest(out.path, options)
+    manifest = target.read_manifest()
     if manifest and manifest.get("job_fingerprint") == fingerprint(identity):
-        _remove_temporaries(fs, root)
-        return Output(out.path, manifest, read_written(out.path, options))
+        target.remove_temporaries()
+        return Output(out.path, manifest, target.written())
     if out.new_version:
         base, n = _version_base(out.path), 2
         while True:
@@ -185,13 +127,6 @@ def open_output(cfg: JobConfig, identity: dict[str, Any]) -> Output:
 def _version_base(path: str) -> str:
     head, sep, tail = path.rstrip("/").rpartition("-v")
     return head if sep and tail.isdigit() else path.rstrip("/")
-
-
-def _remove_temporaries(fs, root: str) -> None:
-    """Temporary files of writes a crash interrupted (never listed in a manifest)."""
-    for pattern in (".tmp-*", "samples/.tmp-*", "errors/.tmp-*"):
-        for p in fs.glob(posixpath.join(root, pattern)):
-            fs.rm(p)
 
 
 class SkipWritten:

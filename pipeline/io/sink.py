@@ -3,7 +3,8 @@
 
 Files are written under a temporary name and renamed into place, so a reader never sees a
 partial Parquet file; a file's name derives from the rows it holds, so a retried write task
-replaces its file instead of duplicating rows. Each write task returns its counts; the driver adds them up for the manifest.
+replaces its file instead of duplicating rows. Each write task returns its row counts; the driver
+adds them up for the manifest's `this_run`.
 """
 
 from __future__ import annotations
@@ -11,41 +12,39 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import uuid
-from collections import Counter
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from pipeline.schema import ANNOTATOR, IMAGE, errors_schema, samples_schema
+from pipeline.io.output import write_parquet
 from pipeline.io.sources import filesystem
+from pipeline.schema import ANNOTATOR, IMAGE, errors_schema
 
 ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
 
 
 class SplitParquetSink(Datasink[dict]):
     def __init__(self, path: str, storage_options: dict[str, Any], run_id: str, code_version: str,
-                 control_ids: list[str], rows_per_file: int, generated: bool = True, keypoint_ids: list[str] = ()):
+                 control_ids: list[str], rows_per_file: int, schema: pa.Schema):
         self.path = path
         self.storage_options = storage_options
         self.run_id = run_id
         self.code_version = code_version
         self.control_ids = control_ids
         self.rows_per_file = rows_per_file
-        self.schema = samples_schema(control_ids, keypoint_ids, generated)
-        self.totals: dict[str, Any] = {}
+        self.schema = schema  # of samples/ (schema.samples_schema)
+        self.totals: dict[str, int] = {}  # rows this run wrote, by kind
 
     def on_write_start(self, schema=None) -> None:
         fs, root = filesystem(self.path, self.storage_options)
         for sub in ("samples", "errors"):
             fs.makedirs(posixpath.join(root, sub), exist_ok=True)
 
-    def write(self, blocks: Iterable[Block], ctx) -> dict:
+    def write(self, blocks: Iterable[Block], ctx) -> dict[str, int]:
         fs, root = filesystem(self.path, self.storage_options)
         now = datetime.now(timezone.utc)
         samples, errors = [], []
@@ -55,41 +54,21 @@ class SplitParquetSink(Datasink[dict]):
                     samples.append(self.sample_row(row, now))
                 else:
                     errors.append(self.error_row(row, now))
-        files = []
-        files += self._write(fs, root, "samples", samples, self.schema)
-        files += self._write(fs, root, "errors", errors, errors_schema())
-        return {
-            "samples": len(samples),
-            "errors": len(errors),
-            "expanded_errors": sum(1 for e in errors if e["sample_id"] is not None),
-            "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
-            "files": files,
-        }
+        self._write(fs, root, "samples", samples, self.schema)
+        self._write(fs, root, "errors", errors, errors_schema())
+        return {"samples": len(samples), "errors": len(errors)}
 
     def on_write_complete(self, write_result: WriteResult[dict]) -> None:
-        totals: dict[str, Any] = {"samples": 0, "errors": 0, "expanded_errors": 0, "errors_by_stage": Counter(), "files": []}
-        for r in write_result.write_returns:
-            for key in ("samples", "errors", "expanded_errors"):
-                totals[key] += r[key]
-            totals["errors_by_stage"].update(r["errors_by_stage"])
-            totals["files"] += r["files"]
-        totals["errors_by_stage"] = dict(totals["errors_by_stage"])
-        totals["files"].sort()
-        self.totals = totals
+        self.totals = {kind: sum(r[kind] for r in write_result.write_returns) for kind in ("samples", "errors")}
 
     def _write(self, fs, root: str, kind: str, rows: list[dict], schema: pa.Schema) -> list[str]:
         written = []
         for start in range(0, len(rows), self.rows_per_file):
             chunk = rows[start : start + self.rows_per_file]
-            table = pa.Table.from_pylist(chunk, schema=schema)
             # named by the rows it holds: a write task Ray retries replaces its own file, never adds a copy
             keys = "\n".join(f"{r['sample_id']}|{r['source_uri']}" for r in chunk)
             name = f"{kind}/part-{hashlib.sha256(keys.encode()).hexdigest()[:32]}.parquet"
-            final = posixpath.join(root, name)
-            tmp = posixpath.join(root, kind, f".tmp-{uuid.uuid4().hex}")
-            with fs.open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-            fs.mv(tmp, final)
+            write_parquet(fs, posixpath.join(root, name), pa.Table.from_pylist(chunk, schema=schema))
             written.append(name)
         return written
 

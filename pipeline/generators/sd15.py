@@ -1,28 +1,23 @@
-"""The generator actor: diffusers' StableDiffusionControlNetPipeline over batches of sample rows.
+"""Stable Diffusion 1.x + ControlNet: diffusers' `StableDiffusionControlNetPipeline`, one
+`ControlNetModel` per condition (a `MultiControlNetModel` for several).
 
-The pipeline loads once per actor (`__init__`); `__call__` handles a batch. Every row gets its own
-`torch.Generator` seeded from the row's seed, so a sample's output does not depend on which rows
-share its batch. The maths is diffusers' own: this stage only feeds it and encodes the result.
+Every row gets its own `torch.Generator` seeded from the row's seed, so a sample's output does not
+depend on which rows share its batch. The maths is diffusers' own: this module only feeds it.
 """
 
 from __future__ import annotations
 
 import io
-import logging
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
 
 from pipeline.config import GenerationConfig
-from pipeline.io.images import array_to_png
+from pipeline.generators.base import Generator, ModelRef, Models, to_uint8, torch_dtype
 from pipeline.models import ResolvedModel
-from pipeline.rows import Row, map_batch_isolated
-
-log = logging.getLogger(__name__)
+from pipeline.rows import Row
 
 
 def make_scheduler(name: str, config: Any):
@@ -39,17 +34,9 @@ def make_scheduler(name: str, config: Any):
     raise ValueError(f"unknown scheduler {name!r}")
 
 
-def torch_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def load_pipeline(gen: GenerationConfig, base: ResolvedModel, controlnets: list[ResolvedModel], device: str):
     """Load the ControlNet pipeline exactly as a diffusers user would, from hub ids or directories."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-    from diffusers import MultiControlNetModel
-
+    from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -73,15 +60,40 @@ def load_pipeline(gen: GenerationConfig, base: ResolvedModel, controlnets: list[
     return pipe.to(device)
 
 
-class Generate:
-    def __init__(self, gen: GenerationConfig, base: ResolvedModel, controlnets: list[ResolvedModel]):
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.gen = gen
-        self.pipe = load_pipeline(gen, base, controlnets, self.device)
-        self.conditions = [cn.condition for cn in gen.controlnets]
-        self.multi = len(gen.controlnets) > 1
-        self.max_batch = gen.batch_size  # lowered for good after an out-of-memory error
-        self.provenance: Row = {
+class StableDiffusionControlNet(Generator):
+    family = "sd15"
+    label = "Stable Diffusion + ControlNet generations"
+    columns = [
+        ("base_model", pa.string(), "Stable Diffusion model: hub id or local directory."),
+        ("base_model_revision", pa.string(), "Resolved commit hash (hub) or sha256 fingerprint (directory)."),
+        ("controlnet_models", pa.list_(pa.string()), "ControlNet models, one per condition."),
+        ("controlnet_revisions", pa.list_(pa.string()), "Resolved revisions of the ControlNets."),
+        ("controlnet_conditions", pa.list_(pa.string()), "Annotator id feeding each ControlNet."),
+        ("controlnet_conditioning_scale", pa.list_(pa.float64()), "Per-ControlNet conditioning scale."),
+        ("control_guidance_start", pa.list_(pa.float64()), "Per-ControlNet guidance start (fraction of steps)."),
+        ("control_guidance_end", pa.list_(pa.float64()), "Per-ControlNet guidance end (fraction of steps)."),
+        ("scheduler", pa.string(), "Scheduler name (unipc, dpmpp_2m, ddim, euler_a)."),
+        ("num_inference_steps", pa.int32(), "Denoising steps."),
+        ("guidance_scale", pa.float64(), "Classifier-free guidance scale."),
+        ("dtype", pa.string(), "Torch dtype of the diffusion models."),
+    ]
+
+    @classmethod
+    def model_refs(cls, gen: GenerationConfig) -> dict[str, ModelRef | list[ModelRef]]:
+        return {
+            "base_model": ModelRef("base_model", gen.base_model, gen.revision, "model_index.json"),
+            "controlnets": [ModelRef(f"controlnet {cn.condition}", cn.model, cn.revision, "config.json")
+                            for cn in gen.controlnets],
+        }
+
+    def load(self, models: Models) -> None:
+        self.pipe = load_pipeline(self.gen, models["base_model"], models["controlnets"], self.device)
+        self.conditions = [cn.condition for cn in self.gen.controlnets]
+        self.multi = len(self.gen.controlnets) > 1
+
+    def provenance_fields(self, models: Models) -> Row:
+        gen, base, controlnets = self.gen, models["base_model"], models["controlnets"]
+        return {
             "base_model": base.model,
             "base_model_revision": base.commit,
             "controlnet_models": [m.model for m in controlnets],
@@ -96,40 +108,9 @@ class Generate:
             "dtype": str(self.pipe.unet.dtype).removeprefix("torch."),
         }
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_batch_isolated("generate", batch, self.generate)
-
-    def generate(self, rows: list[Row]) -> list[Row]:
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            by_size[(row["width"], row["height"])].append(i)
-        out: list[Row | None] = [None] * len(rows)
-        for (width, height), idx in by_size.items():
-            images = self.run_fitting([rows[i] for i in idx], width, height)
-            for i, image in zip(idx, images):
-                out[i] = {**rows[i], **self.provenance, "generated": array_to_png(image)}
-        return out
-
-    def run_fitting(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
-        """Run in chunks of at most `max_batch`; on out-of-memory halve it and retry the chunk."""
-        images: list[np.ndarray] = []
-        start = 0
-        while start < len(rows):
-            chunk = rows[start : start + self.max_batch]
-            try:
-                images += self.run(chunk, width, height)
-            except torch.OutOfMemoryError:
-                if len(chunk) == 1:
-                    raise
-                self.max_batch = len(chunk) // 2
-                log.warning("out of memory with %d images of %dx%d: batch size now %d", len(chunk), width, height, self.max_batch)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            start += len(chunk)
-        return images
-
     def run(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
+        import torch
+
         # multi-ControlNet: per sample, one control image per net (diffusers' nested-list layout)
         controls = [[_pil(r[f"control_{c}"]) for c in self.conditions] for r in rows]
         result = self.pipe(
@@ -153,10 +134,8 @@ class Generate:
         return values if self.multi else values[0]
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """diffusers' own float [0, 1] to uint8 conversion (as in `numpy_to_pil`)."""
-    return (image * 255).round().astype(np.uint8)
-
-
 def _pil(png: bytes) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+GENERATOR = StableDiffusionControlNet

@@ -1,0 +1,129 @@
+"""The generator interface: what a family of diffusion pipelines tells the rest of the pipeline.
+
+A `Generator` is a Ray Data actor class: the pipeline loads once per actor (`__init__`) and
+`__call__` turns a batch of sample rows into rows with a `generated` image and the family's own
+provenance columns. Everything outside `pipeline/generators/` asks the class, never a family by
+name: which models it loads and which of their files to fetch (`model_refs`), the Parquet columns
+it adds (`columns`), what its samples are called in documents (`label`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import GenerationConfig
+from pipeline.io.images import array_to_png
+from pipeline.models import ResolvedModel
+from pipeline.rows import Row, map_batch_isolated
+
+log = logging.getLogger(__name__)
+
+Column = tuple[str, pa.DataType, str]  # (name, type, description)
+
+# diffusers snapshots: configs, tokenizer files and safetensors weights (no .ckpt/.bin/flax/onnx copies)
+DIFFUSERS_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One model a generator loads, as configured."""
+
+    role: str  # "base model", "controlnet canny": names it in messages
+    model: str  # hub repo id or local directory
+    revision: str | None
+    probe: str  # the file that marks the expected layout (resolution checks it, fetch requires it)
+    patterns: tuple[str, ...] = DIFFUSERS_FILES  # what `models fetch` downloads of a hub repo
+
+
+# Models of one job's generator, by key: one model, or a list (one per condition). The keys are the
+# manifest's `models` entries ("base_model", "controlnets").
+Models = dict[str, Any]
+
+
+class Generator:
+    """Base class of a generator family. Subclasses set `family`, `label`, `columns` and implement
+    `model_refs`, `load` and `run`; the base class batches rows by image size, halves the batch on
+    out-of-memory, isolates failing rows and encodes the images."""
+
+    family: ClassVar[str]
+    label: ClassVar[str]  # what the samples are, for documents: "Stable Diffusion 1.5 + ControlNet generations"
+    columns: ClassVar[list[Column]]  # provenance columns the family adds to every sample, in order
+
+    def __init__(self, gen: GenerationConfig, models: Models):
+        import torch
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.gen = gen
+        self.max_batch = gen.batch_size  # lowered for good after an out-of-memory error
+        self.load(models)
+        self.provenance: Row = self.provenance_fields(models)
+
+    @classmethod
+    def model_refs(cls, gen: GenerationConfig) -> dict[str, ModelRef | list[ModelRef]]:
+        """The models this family loads for `gen`, by manifest key."""
+        raise NotImplementedError
+
+    def load(self, models: Models) -> None:
+        raise NotImplementedError
+
+    def provenance_fields(self, models: Models) -> Row:
+        """The values of `columns`, the same for every row this actor writes."""
+        raise NotImplementedError
+
+    def run(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
+        """Generate one uint8 image per row (all rows have this size)."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return map_batch_isolated("generate", batch, self.generate)
+
+    def generate(self, rows: list[Row]) -> list[Row]:
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            by_size[(row["width"], row["height"])].append(i)
+        out: list[Row | None] = [None] * len(rows)
+        for (width, height), idx in by_size.items():
+            images = self.run_fitting([rows[i] for i in idx], width, height)
+            for i, image in zip(idx, images):
+                out[i] = {**rows[i], **self.provenance, "generated": array_to_png(image)}
+        return out
+
+    def run_fitting(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
+        """Run in chunks of at most `max_batch`; on out-of-memory halve it and retry the chunk."""
+        import torch
+
+        images: list[np.ndarray] = []
+        start = 0
+        while start < len(rows):
+            chunk = rows[start : start + self.max_batch]
+            try:
+                images += self.run(chunk, width, height)
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                self.max_batch = len(chunk) // 2
+                log.warning("out of memory with %d images of %dx%d: batch size now %d", len(chunk), width, height, self.max_batch)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += len(chunk)
+        return images
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """diffusers' own float [0, 1] to uint8 conversion (as in `numpy_to_pil`)."""
+    return (image * 255).round().astype(np.uint8)
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, name)

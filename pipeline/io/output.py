@@ -1,0 +1,180 @@
+"""A run's output directory: the one place that writes files into it atomically and reads it back.
+
+`atomic_open` writes under a temporary name in the same directory and renames into place, so a
+reader never sees a partial file (a crash leaves a `.tmp-*` file that resume removes). `RunOutput`
+reads what a run wrote (manifest, Parquet files, written ids) for resume, report, inspect and export.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.sources import filesystem
+from pipeline.schema import IMAGE
+
+KINDS = ("samples", "errors")
+
+
+class NotARunOutput(ValueError):
+    """A directory without the manifest.json a run writes."""
+
+
+@contextmanager
+def atomic_open(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb") -> Iterator[Any]:
+    """Open `path` for writing under a temporary name next to it; rename into place on success."""
+    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
+    try:
+        with fs.open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+    fs.mv(tmp, path)
+
+
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    with atomic_open(fs, path) as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the Parquet files under an output path hold (read from their id columns only)."""
+
+    sample_ids: list[str] = field(default_factory=list)  # samples/, one per row
+    errors: list[dict[str, Any]] = field(default_factory=list)  # errors/: sample_id, source_uri, stage
+    files: list[str] = field(default_factory=list)  # relative to the output path
+
+    @cached_property  # sets over every written id: built once, used by the log line and the skip stages
+    def done_samples(self) -> frozenset[str]:
+        """Sample ids that are finished: written as a sample or as a failed sample."""
+        return frozenset(self.sample_ids) | {e["sample_id"] for e in self.errors if e["sample_id"]}
+
+    @cached_property
+    def done_sources(self) -> frozenset[str]:
+        """Sources rejected before variants existed (unreadable, not an image, annotator failure)."""
+        return frozenset(e["source_uri"] for e in self.errors if not e["sample_id"])
+
+    def counts(self, variants: int) -> dict[str, Any]:
+        rejected = sum(1 for e in self.errors if not e["sample_id"])
+        failed = len(self.errors) - rejected
+        ids = Counter(self.sample_ids + [e["sample_id"] for e in self.errors if e["sample_id"]])
+        return {
+            # every input ends as one error row before expansion, or as `variants` rows after it
+            "inputs": rejected + (len(self.sample_ids) + failed) // variants,
+            "rejected_inputs": rejected,
+            "samples": len(self.sample_ids),
+            "failed_samples": failed,
+            "errors": len(self.errors),
+            "errors_by_stage": dict(Counter(e["stage"] for e in self.errors)),
+            "duplicate_sample_ids": sum(n - 1 for n in ids.values() if n > 1),
+        }
+
+
+class RunOutput:
+    """A run's output directory (local path or fsspec URL)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url
+        self.storage_options = storage_options or {}
+        self.fs, self.root = filesystem(url, self.storage_options)
+
+    def location(self) -> str:
+        """The output as an absolute URL (file:// for local paths)."""
+        return self.url if "://" in self.url else "file://" + self.root
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    # ---------------------------------------------------------------- writing
+
+    def open_atomic(self, name: str, mode: str = "wb"):
+        return atomic_open(self.fs, self.path(name), mode)
+
+    def write_text(self, name: str, text: str) -> str:
+        """Write atomically; returns the path written."""
+        with self.open_atomic(name, "w") as f:
+            f.write(text)
+        return self.path(name)
+
+    def write_json(self, name: str, doc: dict[str, Any]) -> str:
+        return self.write_text(name, json.dumps(doc, indent=2, default=str) + "\n")
+
+    def remove_temporaries(self) -> None:
+        """Temporary files of writes a crash interrupted (never listed in a manifest)."""
+        for pattern in (".tmp-*", *(f"{kind}/.tmp-*" for kind in KINDS)):
+            for p in self.fs.glob(self.path(pattern)):
+                self.fs.rm(p)
+
+    # ---------------------------------------------------------------- reading
+
+    def read_text(self, name: str, default: str | None = None) -> str:
+        if default is not None and not self.exists(name):
+            return default
+        with self.fs.open(self.path(name), "r") as f:
+            return f.read()
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        return json.loads(self.read_text("manifest.json")) if self.exists("manifest.json") else None
+
+    def manifest(self) -> dict[str, Any]:
+        manifest = self.read_manifest()
+        if manifest is None:
+            raise NotARunOutput(f"{self.url} holds no manifest.json: not the output of a run")
+        return manifest
+
+    def files(self, kind: str) -> list[str]:
+        return sorted(self.fs.glob(self.path(f"{kind}/*.parquet")))
+
+    def read_file(self, path: str, columns: list[str]) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def read(self, kind: str, columns: list[str]) -> pa.Table | None:
+        """These columns of every file of `kind` (samples, errors); None when there are no files."""
+        tables = [self.read_file(p, columns) for p in self.files(kind)]
+        return pa.concat_tables(tables) if tables else None
+
+    def num_rows(self, kind: str) -> int:
+        total = 0
+        for p in self.files(kind):
+            with self.fs.open(p, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+
+    def samples_schema(self) -> pa.Schema:
+        files = self.files("samples")
+        if not files:
+            return pa.schema([])
+        with self.fs.open(files[0], "rb") as f:
+            return pq.read_schema(f)
+
+    def control_columns(self) -> list[str]:
+        return [f.name for f in self.samples_schema() if f.type == IMAGE and f.name.startswith("control_")]
+
+    def generated(self) -> bool:
+        """Whether the run generated images (False: an annotate-only job)."""
+        return "generated" in self.samples_schema().names
+
+    def written(self) -> Written:
+        """The ids of everything written (what a resume skips, what the manifest counts)."""
+        samples = self.read("samples", ["sample_id"])
+        errors = self.read("errors", ["sample_id", "source_uri", "stage"])
+        files = [posixpath.relpath(p, self.root) for kind in KINDS for p in self.files(kind)]
+        return Written(samples.column("sample_id").to_pylist() if samples is not None else [],
+                       errors.to_pylist() if errors is not None else [], files)
