@@ -20,9 +20,9 @@ def _init_ray(address: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.io.sources import SourceError
     from pipeline.job import OutputExists, resolve_models, run
     from pipeline.models import ModelUnavailable
-    from pipeline.io.sources import SourceError
 
     try:
         cfg = load_config(args.config, args.set)
@@ -101,8 +101,8 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.docs import write_documents
     from pipeline.io.output import NotARunOutput
-    from pipeline.report import write_documents
 
     try:
         paths = write_documents(args.output, max_sources=args.max_sources)
@@ -115,8 +115,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.docs import inspect_text
     from pipeline.io.output import NotARunOutput
-    from pipeline.report import inspect_text
 
     try:
         print(inspect_text(args.output))

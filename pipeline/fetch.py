@@ -17,6 +17,7 @@ from pipeline.config import JobConfig
 from pipeline.generators import generator_class
 from pipeline.models import ModelUnavailable
 
+
 @dataclass(frozen=True)
 class Fetched:
     role: str  # "annotator <id>", "base_model", "controlnet <condition>"

@@ -15,17 +15,17 @@ from typing import Any, Callable
 import ray
 
 from pipeline.annotators import ANNOTATORS
+from pipeline.annotators.stage import Annotate
 from pipeline.config import JobConfig
 from pipeline.generators import generator_class
-from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
+from pipeline.io.images import Decode
 from pipeline.io.output import RunOutput, Written
-from pipeline.provenance import code_version, library_versions, new_run_id
-from pipeline.schema import samples_schema
-from pipeline.io.resume import OutputExists, SkipWritten, fingerprint, job_identity, open_output
+from pipeline.io.resume import OutputExists, SkipWritten, fingerprint, job_identity, open_output  # noqa: F401 (re-exported)
 from pipeline.io.sink import SplitParquetSink
 from pipeline.io.sources import read_source
-from pipeline.annotators.stage import Annotate
-from pipeline.io.images import Decode
+from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
+from pipeline.provenance import code_version, library_versions, new_run_id
+from pipeline.schema import samples_schema
 from pipeline.variants import ExpandVariants
 
 SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
@@ -136,13 +136,18 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     if gen is None:
         return ds
     return ds.map_batches(
-        generator_class(gen.family),
+        stage_named("Generate", generator_class(gen.family)),
         fn_constructor_kwargs={"gen": gen, "models": models.generation},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors),
         batch_size=gen.batch_size,
         batch_format="pyarrow",
         **({"num_gpus": gen.num_gpus} if gpus and gen.num_gpus else {"num_cpus": cpu_share["generate"]}),
     )
+
+
+def stage_named(name: str, cls: type) -> type:
+    """`cls` under the name Ray Data shows for its stage (progress, stats), whatever the family."""
+    return type(name, (cls,), {"__module__": cls.__module__, "__qualname__": name})
 
 
 def redacted(value: Any) -> Any:
@@ -211,7 +216,7 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
     manifest["runs"][-1]["finished_at"] = manifest["finished_at"]
     output.write_text("stats.txt", stats + "\n")
     output.write_json("manifest.json", manifest)
-    from pipeline.report import write_documents  # report.html, README.md, croissant.json: read the output back
+    from pipeline.docs import write_documents  # report.html, README.md, croissant.json: read the output back
 
     try:
         write_documents(cfg.output.path, cfg.output.storage_options)

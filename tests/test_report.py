@@ -20,7 +20,8 @@ from pipeline.config import load_config
 from pipeline.job import run
 from pipeline.models import fingerprint
 from pipeline.io.output import RunOutput
-from pipeline.report import gallery, inspect_text, report_html, thumbnail_uri
+from pipeline.docs import inspect_text
+from pipeline.docs.report import gallery, report_html, thumbnail_uri
 from tests.conftest import job_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,11 +146,11 @@ def test_inspect_prints_counts_errors_throughput_and_models(output, tiny_models)
 
 
 def test_inspect_reads_no_image_bytes(output, monkeypatch):
-    import pipeline.report
+    import pipeline.io.output
 
     asked = []
-    real = pipeline.report.pq.read_table
-    monkeypatch.setattr(pipeline.report.pq, "read_table", lambda f, columns: asked.append(columns) or real(f, columns=columns))
+    real = pipeline.io.output.pq.read_table
+    monkeypatch.setattr(pipeline.io.output.pq, "read_table", lambda f, columns: asked.append(columns) or real(f, columns=columns))
     inspect_text(str(output))
     assert asked and all(columns and not {"image", "generated", "control_canny", "control_hed"} & set(columns)
                          for columns in asked)

@@ -19,7 +19,6 @@ import pyarrow as pa
 
 from pipeline.config import GenerationConfig
 from pipeline.io.images import array_to_png
-from pipeline.models import ResolvedModel
 from pipeline.rows import Row, map_batch_isolated
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
 from pipeline.generators import DEFAULT_FAMILY
-from pipeline.io.output import RunOutput, Written
 from pipeline.ids import sample_ids
+from pipeline.io.output import RunOutput, Written
 from pipeline.rows import map_rows
 
 # Settings that change how fast a job runs or where it reads credentials, not what it writes;

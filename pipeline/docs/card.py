@@ -1,0 +1,108 @@
+"""README.md: a Hugging Face dataset card with the run's provenance."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from html import escape
+from typing import Any
+
+import yaml
+
+from pipeline.docs.stats import (
+    annotator_rows,
+    generation_params,
+    model_rows,
+    run_family,
+)
+from pipeline.generators import generator_class
+
+
+def md_cell(value: Any) -> str:
+    """Text for a Markdown table cell (HTML-escaped; pipes escaped)."""
+    return escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def md_code(value: Any) -> str:
+    """A Markdown code span (shown literally, so not HTML-escaped)."""
+    return "`" + str(value).replace("`", "'").replace("|", "\\|").replace("\n", " ") + "`"
+
+
+def dataset_card(manifest: dict[str, Any], url: str) -> str:
+    front = {
+        "license": "unknown",
+        "tags": ["controlnet", "synthetic", "image"],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "samples/*.parquet"}]}],
+    }
+    counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
+    models = "\n".join(f"| {md_cell(r['role'])} | {md_code(r['model']) if r['model'] else '— (no weights)'} "
+                       f"| {md_cell(r['revision'] or '—')} | {md_code(r['commit']) if r['commit'] else '—'} |"
+                       for r in model_rows(manifest))
+    annotators = "\n".join(f"| {md_cell(a['id'])} | {md_cell(a['name'])} | {md_code(json.dumps(a['params'], sort_keys=True))} |"
+                           for a in annotator_rows(manifest))
+    count_rows = "\n".join([f"| {md_cell(k.replace('_', ' '))} | {md_cell(v)} |" for k, v in counts.items() if k != "errors_by_stage"]
+                           + [f"| errors at {md_cell(s)} | {n} |" for s, n in counts.get("errors_by_stage", {}).items()])
+    versions = yaml.safe_dump(manifest.get("versions", {}), sort_keys=False).strip()
+    if family := run_family(manifest):
+        generation = yaml.safe_dump(generation_params(manifest), sort_keys=False, allow_unicode=True).strip()
+        what = f"Source photos, one control map per annotator and {generator_class(family).label}"
+    else:
+        generation = "# none: an annotate-only job (source image, control maps, caption per row)"
+        what = "Source photos and one control map per annotator (an annotate-only job)"
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
+# ControlNet dataset (run {md_cell(manifest.get("run_id"))})
+
+{what},
+written by the ControlNet dataset pipeline. Rows are in `samples/*.parquet` (image columns are
+`datasets` Image features: `image`, `control_<annotator id>`, `generated`); inputs that failed are
+in `errors/*.parquet`. Every row carries its own provenance (models, revisions, seed, prompt).
+The license depends on the source images and the models used.
+
+- run id: {md_code(manifest.get("run_id"))}
+- code version: {md_code(manifest.get("code_version"))}
+- finished: {md_cell(manifest.get("finished_at"))}
+- wall time: {md_cell(timings.get("total_s"))} s ({md_cell(timings.get("samples_per_s"))} samples/s)
+
+## Usage
+
+```python
+from datasets import load_dataset
+
+ds = load_dataset("parquet", data_files={json.dumps(posixpath.join(url, "samples/*.parquet"))}, split="train")
+```
+
+Uploaded to the Hugging Face Hub with this card, `load_dataset("<user>/<repo>")` reads the same files.
+
+## Counts
+
+| | |
+|---|---|
+{count_rows}
+
+## Models
+
+| role | model | revision (configured) | resolved revision |
+|---|---|---|---|
+{models}
+
+## Annotators
+
+| id | annotator | params |
+|---|---|---|
+{annotators}
+
+## Generation parameters
+
+```yaml
+{generation}
+```
+
+## Library versions
+
+```yaml
+{versions}
+```
+"""

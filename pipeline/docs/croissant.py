@@ -1,0 +1,77 @@
+"""croissant.json: Croissant 1.0 metadata (JSON-LD) of the samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.docs.stats import run_family
+from pipeline.generators import generator_class
+from pipeline.schema import IMAGE, sample_columns
+
+CROISSANT_CONTEXT = {
+    "@language": "en", "@vocab": "https://schema.org/", "citeAs": "cr:citeAs", "column": "cr:column",
+    "conformsTo": "dct:conformsTo", "cr": "http://mlcommons.org/croissant/", "rai": "http://mlcommons.org/croissant/RAI/",
+    "data": {"@id": "cr:data", "@type": "@json"}, "dataType": {"@id": "cr:dataType", "@type": "@vocab"},
+    "dct": "http://purl.org/dc/terms/", "examples": {"@id": "cr:examples", "@type": "@json"}, "extract": "cr:extract",
+    "field": "cr:field", "fileProperty": "cr:fileProperty", "fileObject": "cr:fileObject", "fileSet": "cr:fileSet",
+    "format": "cr:format", "includes": "cr:includes", "isLiveDataset": "cr:isLiveDataset", "jsonPath": "cr:jsonPath",
+    "key": "cr:key", "md5": "cr:md5", "parentField": "cr:parentField", "path": "cr:path", "recordSet": "cr:recordSet",
+    "references": "cr:references", "regex": "cr:regex", "repeated": "cr:repeated", "replace": "cr:replace",
+    "sc": "https://schema.org/", "separator": "cr:separator", "source": "cr:source", "subField": "cr:subField",
+    "transform": "cr:transform", "equivalentProperty": "cr:equivalentProperty", "samplingRate": "cr:samplingRate",
+}
+
+
+def croissant_type(t: pa.DataType) -> str | None:
+    if t == IMAGE:
+        return "sc:ImageObject"
+    if pa.types.is_string(t):
+        return "sc:Text"
+    if pa.types.is_integer(t):
+        return "sc:Integer"
+    if pa.types.is_floating(t):
+        return "sc:Float"
+    if pa.types.is_timestamp(t):
+        return "sc:Date"
+    return None
+
+
+def croissant(manifest: dict[str, Any], control_ids: list[str], url: str) -> dict[str, Any]:
+    """Croissant 1.0 JSON-LD: the samples Parquet files and one field per column
+    (the nested `annotators` column is left out; its content is in the dataset card)."""
+    family = run_family(manifest)
+    fields = []
+    for name, type_, doc in sample_columns(control_ids, family=family):
+        repeated = pa.types.is_list(type_)
+        data_type = croissant_type(type_.value_type if repeated else type_)
+        if data_type is None:
+            continue
+        source: dict[str, Any] = {"fileSet": {"@id": "samples-parquet"}, "extract": {"column": name}}
+        if type_ == IMAGE:
+            source["transform"] = {"jsonPath": "bytes"}
+        fields.append({"@type": "cr:Field", "@id": f"samples/{name}", "name": name, "description": doc,
+                       "dataType": data_type, "source": source, **({"repeated": True} if repeated else {})})
+    run_id = str(manifest.get("run_id"))
+    return {
+        "@context": CROISSANT_CONTEXT,
+        "@type": "sc:Dataset",
+        "conformsTo": "http://mlcommons.org/croissant/1.0",
+        "name": f"controlnet-dataset-{run_id}",
+        "description": f"Source photos, control maps{' and ' + generator_class(family).label if family else ''} "
+                       f"with per-row provenance, written by the ControlNet dataset pipeline (run {run_id}).",
+        "license": "https://spdx.org/licenses/NOASSERTION",
+        "url": url,
+        "citeAs": f"ControlNet dataset pipeline, run {run_id}",
+        "datePublished": manifest.get("finished_at"),
+        "keywords": ["controlnet", "synthetic", "image"],
+        "distribution": [{"@type": "cr:FileSet", "@id": "samples-parquet", "name": "samples-parquet",
+                          "description": "The samples Parquet files.", "encodingFormat": "application/x-parquet",
+                          "includes": "samples/*.parquet"}],
+        "recordSet": [{"@type": "cr:RecordSet", "@id": "samples", "name": "samples",
+                       "description": "One generated sample per row." if family else
+                                      "One source image and its control maps per row (an annotate-only run).",
+                       "key": {"@id": "samples/sample_id"},
+                       "field": fields}],
+    }

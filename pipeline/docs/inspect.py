@@ -1,0 +1,50 @@
+"""What `python -m pipeline inspect OUT` prints: counts, errors, throughput, models."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from pipeline.docs.stats import (
+    error_groups,
+    fmt_rate,
+    fmt_seconds,
+    model_rows,
+    parse_stats,
+)
+from pipeline.io.output import RunOutput
+
+
+def inspect_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A plain-text summary of a run's output: counts, errors, throughput, models."""
+    out = RunOutput(url, storage_options)
+    manifest = out.manifest()
+    counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
+    sources = out.read("samples", ["source_uri"])
+    lines = [f"run {manifest.get('run_id')}  code {manifest.get('code_version')}  finished {manifest.get('finished_at')}",
+             f"output: {url}", "", "counts (manifest):"]
+    lines += [f"  {k.replace('_', ' ')}: {v}" for k, v in counts.items() if k != "errors_by_stage"]
+    lines += ["counts (parquet):",
+              f"  samples: {out.num_rows('samples')} rows in {len(out.files('samples'))} files, "
+              f"{len(set(sources.column('source_uri').to_pylist())) if sources is not None else 0} sources",
+              f"  errors: {out.num_rows('errors')} rows in {len(out.files('errors'))} files", "", "errors:"]
+    errors = error_groups(out)
+    by_stage: dict[str, list] = defaultdict(list)
+    for g in errors:
+        by_stage[g["stage"]].append(g)
+    for stage, groups in by_stage.items():
+        lines.append(f"  {stage}: {sum(g['count'] for g in groups)}")
+        lines += [f"    {g['count']} x {g['type']}: {g['message']}" for g in groups]
+    if not errors:
+        lines.append("  none")
+    lines += ["", "throughput:",
+              f"  {counts.get('samples', 0)} samples in {fmt_seconds(timings.get('total_s'))} "
+              f"= {timings.get('samples_per_s')} samples/s"]
+    operators, _ = parse_stats(out.read_text("stats.txt", default=""))
+    lines += [f"  {op['name']}: {fmt_seconds(op['wall_s'])}, {op['output_rows']} rows, {fmt_rate(op['rows_per_s'])}"
+              for op in operators]
+    lines += ["", "models:"]
+    lines += [f"  {r['role']}: {r['model'] or '(no weights)'}"
+              + (f" @ {r['commit']}" if r["commit"] else "") + (f" (revision {r['revision']})" if r["revision"] else "")
+              for r in model_rows(manifest)]
+    return "\n".join(lines)
