@@ -18,14 +18,18 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-# Shared by the UNet and every ControlNet: a ControlNet must mirror its UNet's encoder.
-BLOCK_OUT_CHANNELS = (8, 16)
-LAYERS_PER_BLOCK = 1
-DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 CROSS_ATTENTION_DIM = 32
-ATTENTION_HEAD_DIM = 2
-NORM_NUM_GROUPS = 4
+# Shared by the UNet and every ControlNet: a ControlNet must mirror its UNet's encoder.
+ENCODER = dict(
+    in_channels=4,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    cross_attention_dim=CROSS_ATTENTION_DIM,
+    attention_head_dim=2,
+    norm_num_groups=4,
+)
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 LATENT_SIZE = 8  # default image size = LATENT_SIZE * 8 = 64 px
 
 # A few BPE merges so common words become single tokens; everything else splits into bytes.
@@ -82,18 +86,7 @@ def write_stable_diffusion(sd_dir: Path, seed: int) -> None:
     assert len(tokenizer) <= text_encoder.config.vocab_size
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=BLOCK_OUT_CHANNELS,
-        layers_per_block=LAYERS_PER_BLOCK,
-        down_block_types=DOWN_BLOCK_TYPES,
-        up_block_types=UP_BLOCK_TYPES,
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-        attention_head_dim=ATTENTION_HEAD_DIM,
-        norm_num_groups=NORM_NUM_GROUPS,
-    )
+    unet = UNet2DConditionModel(sample_size=LATENT_SIZE, out_channels=4, up_block_types=UP_BLOCK_TYPES, **ENCODER)
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(  # four blocks -> scale factor 2**3 = 8, as in SD 1.5
@@ -134,15 +127,9 @@ def write_stable_diffusion(sd_dir: Path, seed: int) -> None:
 def write_controlnet(cn_dir: Path, seed: int) -> None:
     torch.manual_seed(seed)
     controlnet = ControlNetModel(
-        in_channels=4,
         conditioning_channels=3,
-        block_out_channels=BLOCK_OUT_CHANNELS,
-        layers_per_block=LAYERS_PER_BLOCK,
-        down_block_types=DOWN_BLOCK_TYPES,
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-        attention_head_dim=ATTENTION_HEAD_DIM,
-        norm_num_groups=NORM_NUM_GROUPS,
         conditioning_embedding_out_channels=(8, 8, 8, 8),  # three stride-2 convs: 8x, as in SD 1.5
+        **ENCODER,
     )
     # A fresh ControlNet's "zero convolutions" are all zeros, so it would have no effect at all.
     # Give them small random weights so that the control image actually changes the output.
