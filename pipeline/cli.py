@@ -20,22 +20,35 @@ def _init_ray(address: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.io.lock import OutputLocked
     from pipeline.io.sources import SourceError
-    from pipeline.job import OutputExists, resolve_models, run
+    from pipeline.job import OutputExists, execute, finished, prepare, resolve_models
     from pipeline.models import ModelUnavailable
 
+    plan = None
     try:
         cfg = load_config(args.config, args.set)
         models = resolve_models(cfg)  # fail fast, before a cluster is started or joined
-        _init_ray(args.address)
-        result = run(cfg, models)
-    except (ConfigError, ModelUnavailable, OutputExists, SourceError) as e:
+        plan = prepare(cfg, models)  # source and output checked, output locked: still no Ray
+        if plan.complete:
+            finished(plan)  # says so; nothing is written
+            return 0
+        else:
+            _init_ray(args.address)
+            result = execute(plan)
+    except (ConfigError, ModelUnavailable, OutputExists, OutputLocked, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was written is kept; run the same command again to resume", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - e.g. a model that cannot load in its actor: one readable line
         print(f"error: the run stopped: {failure_reason(e)}; what was written is kept, and running the same "
               f"command again resumes it", file=sys.stderr)
         return 1
+    finally:
+        if plan is not None:
+            plan.lock.release()
     print(result.summary())
     return 0
 
@@ -65,7 +78,7 @@ def cmd_annotators(args: argparse.Namespace) -> int:
     from pipeline.annotators import ANNOTATORS
 
     for name, cls in ANNOTATORS.items():
-        weights = (f"weights: {cls.default_model} ({', '.join(cls.files())})" if cls.default_model else "no weights")
+        weights = (f"weights: {cls.default_model} ({', '.join(cls.files)})" if cls.default_model else "no weights")
         print(f"{name}: {cls.description} [{weights}]")
         if not cls.Params.model_fields:
             print("    (no parameters)")
@@ -73,8 +86,8 @@ def cmd_annotators(args: argparse.Namespace) -> int:
             kind = getattr(info.annotation, "__name__", str(info.annotation))
             doc = f" - {info.description}" if info.description else ""
             print(f"    {field}: {kind} = {info.default!r}{doc}")
-        if cls.extras:
-            print(f"    adds column {cls.extras}_<id> (OpenPose JSON)")
+        if cls.keypoints:
+            print("    adds column keypoints_<id> (OpenPose JSON)")
     return 0
 
 

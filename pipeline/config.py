@@ -32,6 +32,9 @@ class SourceConfig(Strict):
     path: str | list[str] = Field(description="Directory, glob or file(s); local path or fsspec URL (s3://…).")
     image_column: str = Field("image", description="Parquet: column with image bytes, a path, or an {bytes, path} struct.")
     caption_column: str | None = Field(None, description="Parquet: optional caption column.")
+    allowed_roots: list[str] = Field([], description="Parquet: paths in the image column must lie under one of these "
+                                                     "directories or URL prefixes (default: the Parquet file's own "
+                                                     "directory); others become error rows.")
     caption_key: str = Field("caption", description="WebDataset: key in a sample's .json holding the caption "
                                                     "(used when the sample has no .txt).")
     extensions: list[str] = Field(list(IMAGE_EXTENSIONS), description="Images: file extensions to read; "
@@ -55,6 +58,8 @@ class ImageConfig(Strict):
     max_aspect_ratio: float = Field(
         4.0, ge=1, description="Inputs whose long side exceeds this many times the short side are rejected."
     )
+    max_bytes: int = Field(256 * 2**20, gt=0, description="Inputs larger than this many bytes are rejected unread "
+                                                          "(default 256 MiB).")
 
 
 class AnnotatorConfig(Strict):

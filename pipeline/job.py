@@ -6,7 +6,6 @@ sources -> decode -> annotate (one stage per annotator) -> expand variants -> ge
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,16 +19,14 @@ from pipeline.config import JobConfig
 from pipeline.generators import generator_class
 from pipeline.io.images import Decode
 from pipeline.io.output import RunOutput, Written
-from pipeline.io.resume import OutputExists, SkipWritten, fingerprint, job_identity, open_output  # noqa: F401 (re-exported)
+from pipeline.io.lock import RunLock
+from pipeline.io.resume import FirstCopy, Output, OutputExists, SkipWritten, fingerprint, job_identity, open_output
 from pipeline.io.sink import SplitParquetSink
-from pipeline.io.sources import read_source
+from pipeline.io.sources import Listing, list_inputs, read_source, source_extensions
 from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
-from pipeline.provenance import code_version, library_versions, new_run_id
+from pipeline.provenance import code_version, library_versions, new_run_id, redacted
 from pipeline.schema import samples_schema
 from pipeline.variants import ExpandVariants
-
-SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
-
 
 @dataclass(frozen=True)
 class Models:
@@ -68,7 +65,7 @@ def resolve_models(cfg: JobConfig) -> Models:
     for a in cfg.annotators:
         cls = ANNOTATORS[a.name]
         model = a.model or cls.default_model
-        annotators[a.key] = resolve_model(model, a.revision, cls.weights_file, local_only) if model else None
+        annotators[a.key] = resolve_model(model, a.revision, cls.files[0] if cls.files else None, local_only) if model else None
     if gen is None:
         return Models(annotators, {})
     resolve = lambda ref: resolve_model(ref.model, ref.revision, ref.probe, local_only)  # noqa: E731
@@ -92,6 +89,7 @@ def flat(models: dict[str, Any]) -> list[Any]:
 def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict[str, float]:
     """CPUs each actor claims, scaled down if the actors would leave no CPU for read and decode tasks."""
     wanted = {a.key: a.num_cpus for a in cfg.annotators if models.annotators[a.key] and not (gpus and a.num_gpus)}
+    wanted["dedupe"] = 0.1  # a set lookup per input
     if cfg.generation and not (gpus and cfg.generation.num_gpus):
         wanted["generate"] = cfg.generation.num_cpus
     total = sum(wanted.values())
@@ -100,7 +98,8 @@ def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict
     return {k: round(v * scale, 3) for k, v in wanted.items()}
 
 
-def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None) -> ray.data.Dataset:
+def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None,
+                  listing: Listing | None = None) -> ray.data.Dataset:
     """The job's Dataset; with `written` (an earlier run's output) the work it holds is skipped."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
@@ -112,12 +111,15 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
         done = ray.put((written.done_samples, written.done_sources))
         skip = SkipWritten(done, cfg.seed, variants, after_decode=True)
 
-    ds = read_source(cfg.source)
+    ds = read_source(cfg.source, listing)
     if skip is not None:
         ds = ds.map_batches(SkipWritten(done, cfg.seed, variants, after_decode=False), batch_format="pyarrow")
-    ds = ds.map_batches(Decode(cfg.image, cfg.source.storage_options), batch_format="pyarrow", batch_size=16)
+    ds = ds.map_batches(Decode(cfg.image, cfg.source.storage_options, cfg.source.extensions), batch_format="pyarrow",
+                        batch_size=16)
     if skip is not None:
         ds = ds.map_batches(skip, batch_format="pyarrow")
+    ds = ds.map_batches(FirstCopy, compute=ray.data.ActorPoolStrategy(size=1), batch_format="pyarrow",
+                        num_cpus=cpu_share["dedupe"])  # one actor sees every input's content hash
     for a in cfg.annotators:
         model = models.annotators[a.key]
         if model is None:
@@ -150,31 +152,86 @@ def stage_named(name: str, cls: type) -> type:
     return type(name, (cls,), {"__module__": cls.__module__, "__qualname__": name})
 
 
-def redacted(value: Any) -> Any:
-    """The config as data, with storage secrets replaced."""
-    if isinstance(value, dict):
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) and v else redacted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redacted(v) for v in value]
-    return value
+@dataclass
+class Plan:
+    """What a run will do, decided before Ray starts: the inputs (listed once), the output (validated,
+    locked), and whether an earlier run of the same job is resumed or already complete."""
+
+    cfg: JobConfig
+    models: Models
+    identity: dict[str, Any]
+    listing: Listing
+    target: Output
+    lock: RunLock
+
+    @property
+    def inputs_key(self) -> str:
+        """The listed inputs (names, sizes, modification stamps) and how many of them the job reads."""
+        return f"{self.listing.digest}:{self.cfg.source.limit}"
+
+    @property
+    def complete(self) -> bool:
+        """An earlier run of this job finished on exactly these inputs: there is nothing to do."""
+        manifest = self.target.manifest or {}
+        return bool(manifest.get("completed")) and manifest.get("inputs_key") == self.inputs_key
+
+
+def prepare(cfg: JobConfig, models: Models | None = None) -> Plan:
+    """Check the source and the output before anything is written or deleted, take the output's lock,
+    and open it (fresh, resumed, a new version, or refused). Needs no Ray. Release `plan.lock` when done."""
+    models = models or resolve_models(cfg)
+    listing = list_inputs(cfg.source, source_extensions(cfg.source))  # SourceError: nothing is touched
+    output = RunOutput(cfg.output.path, cfg.output.storage_options)
+    if output.fs.isfile(output.root):
+        raise OutputExists(f"output.path {cfg.output.path} is a file, not a directory")
+    identity = redacted(job_identity(cfg, models.provenance()))  # credentials may change between runs
+    lock = RunLock(output, new_run_id())
+    try:
+        lock.acquire()
+    except PermissionError as e:
+        raise OutputExists(f"output.path {cfg.output.path} is not writable: {e.strerror or e}") from None
+    try:
+        target = open_output(cfg, identity)
+    except BaseException:
+        lock.release()
+        raise
+    if target.path != cfg.output.path:
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": target.path})})
+    return Plan(cfg, models, identity, listing, target, lock)
 
 
 def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None] = print) -> RunResult:
     """Run a job on the Ray instance this process is connected to (one is started if none is).
 
     Into an output path holding an interrupted run of the same job, it resumes: what is written
-    stays, the rest is done."""
-    models = models or resolve_models(cfg)
-    identity = job_identity(cfg, models.provenance())
-    target = open_output(cfg, identity)
-    if target.path != cfg.output.path:
-        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": target.path})})
-    run_id, started = new_run_id(), datetime.now(timezone.utc)
+    stays, the rest is done; a run of the same job that finished on the same inputs is left as it is."""
+    plan = prepare(cfg, models)
+    try:
+        return finished(plan, echo) if plan.complete else execute(plan, echo)
+    finally:
+        plan.lock.release()
+
+
+def finished(plan: Plan, echo: Callable[[str], None] = print) -> RunResult:
+    """The result of the earlier run that completed this job; nothing is written."""
+    manifest = plan.target.manifest
+    counts = manifest["counts"]
+    echo(f"{plan.cfg.output.path} is complete: run {manifest['run_id']} wrote this job on these inputs; "
+         f"nothing to do")
+    return RunResult(manifest["run_id"], plan.cfg.output.path, counts["inputs"], counts["samples"], counts["errors"],
+                     0.0, manifest)
+
+
+def execute(plan: Plan, echo: Callable[[str], None] = print) -> RunResult:
+    """Run the planned job on Ray (started if this process has no instance yet)."""
+    cfg, models, identity, target = plan.cfg, plan.models, plan.identity, plan.target
+    run_id, started = plan.lock.run_id, datetime.now(timezone.utc)
     version = code_version()
     manifest: dict[str, Any] = {
         "run_id": run_id,
         "completed": False,
         "job_fingerprint": fingerprint(identity),
+        "inputs_key": plan.inputs_key,
         "runs": (target.manifest or {}).get("runs", []) + [{"run_id": run_id, "started_at": started.isoformat()}],
         "started_at": started.isoformat(),
         "code_version": version,
@@ -192,12 +249,12 @@ def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None
         echo(f"run {run_id}: {cfg.source.path} -> {cfg.output.path}")
 
     control_ids = [a.key for a in cfg.annotators]
-    keypoint_ids = [a.key for a in cfg.annotators if ANNOTATORS[a.name].extras == "keypoints"]
+    keypoint_ids = [a.key for a in cfg.annotators if ANNOTATORS[a.name].keypoints]
     schema = samples_schema(control_ids, keypoint_ids, cfg.generation.family if cfg.generation else None)
     sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
                             cfg.output.rows_per_file, schema)
     t0 = time.perf_counter()
-    ds = build_dataset(cfg, models, target.written if target.resuming else None)
+    ds = build_dataset(cfg, models, target.written if target.resuming else None, plan.listing)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # I/O bound: never waits behind compute
     seconds = time.perf_counter() - t0
 

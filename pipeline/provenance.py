@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 import uuid
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import pipeline
 
@@ -39,3 +41,25 @@ def library_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+# Fields that hold credentials in fsspec filesystems' options (s3fs, gcsfs, adlfs, HTTP headers), by exact
+# name (case-insensitive): `caption_key` or `key_prefix` are not secrets, `key` and `secret` are.
+SECRET_FIELDS = frozenset({
+    "key", "secret", "token", "password", "passwd", "session_token", "security_token", "access_key", "secret_key",
+    "access_key_id", "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "account_key", "sas", "sas_token", "credential", "credentials", "connection_string", "client_secret",
+    "api_key", "apikey", "auth", "authorization", "proxy-authorization", "cookie", "private_key",
+})
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]*)@")
+
+
+def redacted(value: Any) -> Any:
+    """A config as data with credentials replaced: known secret fields, and passwords in URLs."""
+    if isinstance(value, dict):
+        return {k: "<redacted>" if str(k).lower() in SECRET_FIELDS and v else redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    if isinstance(value, str):
+        return URL_CREDENTIALS.sub(r"\g<scheme>\g<user>:<redacted>@", value)
+    return value

@@ -8,6 +8,7 @@ untouched. One bad row never fails its batch or the job.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable, Iterable
 
 import pyarrow as pa
@@ -31,9 +32,17 @@ def is_error(row: Row) -> bool:
     return row.get("error_stage") is not None
 
 
+ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def error_message(exc: BaseException) -> str:
+    """The exception's message without object addresses, so identical failures group together."""
+    return ADDRESS.sub("", str(exc) or repr(exc))
+
+
 def error_row(row: Row, stage: str, exc: BaseException) -> Row:
     log.warning("%s failed for %s: %s: %s", stage, row.get("source_uri"), type(exc).__name__, exc)
-    return {**row, "error_stage": stage, "error_type": type(exc).__name__, "error_message": str(exc) or repr(exc)}
+    return {**row, "error_stage": stage, "error_type": type(exc).__name__, "error_message": error_message(exc)}
 
 
 def map_rows(stage: str, batch: pa.Table, fn: Callable[[Row], Iterable[Row]]) -> pa.Table:

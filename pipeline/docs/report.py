@@ -10,9 +10,9 @@ import base64
 import io
 import json
 from dataclasses import dataclass
-from html import escape
 from typing import Any
 
+import jinja2
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
@@ -82,26 +82,6 @@ def gallery(out: RunOutput, max_sources: int, px: int) -> tuple[list[SourceCard]
     return [cards[u] for u in sorted(cards)], len(all_uris)
 
 
-def figure(uri: str, caption: str, title: str, cls: str) -> str:
-    return (f'<figure class="{cls}"><img src="{uri}" alt="{escape(caption)}" title="{escape(title)}">'
-            f"<figcaption>{escape(caption)}</figcaption></figure>")
-
-
-def card_html(card: SourceCard) -> str:
-    name = card.uri.rsplit("/", 1)[-1]
-    figures = [figure(card.image, "source", card.uri, "source")]
-    figures += [figure(uri, col.removeprefix("control_"), f"control map {col}", "control")
-                for col, uri in card.controls.items()]
-    for v in card.variants:
-        title = f"prompt: {v['prompt']}\nseed: {v['seed']}\nvariant: {v['variant_index']}\nsample_id: {v['sample_id']}"
-        figures.append(
-            f'<figure class="generated"><img src="{v["uri"]}" alt="generated variant {v["variant_index"]}" '
-            f'title="{escape(title)}"><figcaption>#{v["variant_index"]} · seed {v["seed"]}'
-            f'<br><span class="prompt">{escape(v["prompt"] or "")}</span></figcaption></figure>')
-    return (f'<section class="card"><h3 title="{escape(card.uri)}">{escape(name)}</h3>'
-            f'<div class="row">{"".join(figures)}</div></section>')
-
-
 # ---------------------------------------------------------------- report.html
 
 STYLE = """
@@ -115,12 +95,62 @@ figcaption{font-size:12px;color:#555}.source figcaption{font-weight:bold}.genera
 """
 
 
-def table_html(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="n">{c}</td>' if isinstance(c, (int, float)) else f"<td>{escape(str(c))}</td>"
-                         for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+# Every value reaches the page through Jinja's autoescape: nothing read from an output (manifest values,
+# URIs, prompts, error messages) can add markup.
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">
+<title>Run {{ run_id }}</title><style>{{ style }}</style></head>
+<body>
+{%- macro table(header, rows) %}
+<table><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
+{%- for row in rows %}<tr>{% for c in row %}{% if c is number %}<td class="n">{{ c }}</td>{% else %}<td>{{ c }}</td>{% endif %}{% endfor %}</tr>{% endfor %}</table>
+{%- endmacro %}
+<h1>ControlNet dataset · run {{ run_id }}</h1>
+{{ table(["", ""], [["output", url], ["code version", manifest.code_version], ["started", manifest.started_at],
+                    ["finished", manifest.finished_at]]) }}
+<h2>Counts</h2>
+{{ table(["", ""], counts) }}
+<h2>Throughput</h2>
+<p>{{ samples }} samples in {{ total_s }} = {{ samples_per_s }} samples/s</p>
+{%- if operators %}
+{{ table(["operator", "wall time", "output rows", "throughput"], operators) }}
+{%- if dataset_rate %}<p>Ray Data dataset throughput: {{ dataset_rate }}</p>{% endif %}
+{%- else %}
+<p>No per-operator timings could be read from stats.txt.</p>
+{%- endif %}
+<details><summary>Ray Data stats (stats.txt)</summary><pre>{{ stats_text }}</pre></details>
+<h2>Errors</h2>
+{%- if errors %}
+{{ table(["stage", "type", "message", "count", "examples"], errors) }}
+{%- if more_errors %}<p class="note">{{ more_errors }} more error groups not listed.</p>{% endif %}
+{%- else %}
+<p>None.</p>
+{%- endif %}
+<h2>Models</h2>
+{{ table(["role", "model", "revision (configured)", "resolved revision"], models) }}
+{{ table(["annotator", "name", "params"], annotators) }}
+<h2>Samples</h2>
+{%- if n_sources > cards|length %}
+<p class="note">Showing the first {{ cards|length }} of {{ n_sources }} sources (sorted by source URI); rebuild with <code>python -m pipeline report OUT --max-sources N</code> to show more.</p>
+{%- else %}
+<p>All {{ n_sources }} sources. Hover over an image for its prompt and seed.</p>
+{%- endif %}
+{%- for card in cards %}
+<section class="card"><h3 title="{{ card.uri }}">{{ card.uri.rsplit("/", 1)[-1] }}</h3><div class="row">
+<figure class="source"><img src="{{ card.image }}" alt="source" title="{{ card.uri }}"><figcaption>source</figcaption></figure>
+{%- for col, uri in card.controls.items() %}
+<figure class="control"><img src="{{ uri }}" alt="{{ col[8:] }}" title="control map {{ col }}"><figcaption>{{ col[8:] }}</figcaption></figure>
+{%- endfor %}
+{%- for v in card.variants %}
+<figure class="generated"><img src="{{ v.uri }}" alt="generated variant {{ v.variant_index }}" title="prompt: {{ v.prompt }}
+seed: {{ v.seed }}
+variant: {{ v.variant_index }}
+sample_id: {{ v.sample_id }}"><figcaption>#{{ v.variant_index }} · seed {{ v.seed }}<br><span class="prompt">{{ v.prompt or "" }}</span></figcaption></figure>
+{%- endfor %}
+</div></section>
+{%- endfor %}
+</body></html>
+"""
 
 
 def report_html(out: RunOutput, max_sources: int = MAX_SOURCES, px: int = THUMB_PX) -> str:
@@ -130,54 +160,19 @@ def report_html(out: RunOutput, max_sources: int = MAX_SOURCES, px: int = THUMB_
     operators, dataset_rate = parse_stats(stats_text)
     cards, n_sources = gallery(out, max_sources, px)
     errors = error_groups(out)
-    run_id = str(manifest.get("run_id"))
-
-    parts = [f"<h1>ControlNet dataset · run {escape(run_id)}</h1>",
-             table_html(["", ""], [["output", out.url], ["code version", manifest.get("code_version")],
-                                   ["started", manifest.get("started_at")], ["finished", manifest.get("finished_at")]])]
-    parts.append("<h2>Counts</h2>")
-    parts.append(table_html(["", ""], [[k.replace("_", " "), v] for k, v in counts.items() if k != "errors_by_stage"]
-                            + [[f"errors at {s}", n] for s, n in counts.get("errors_by_stage", {}).items()]))
-    parts.append("<h2>Throughput</h2>")
-    parts.append(f"<p>{counts.get('samples', 0)} samples in {fmt_seconds(timings.get('total_s'))}"
-                 f" = {escape(str(timings.get('samples_per_s')))} samples/s</p>")
-    if operators:
-        parts.append(table_html(["operator", "wall time", "output rows", "throughput"],
-                                [[op["name"], fmt_seconds(op["wall_s"]), op["output_rows"] if op["output_rows"] is not None
-                                  else "—", fmt_rate(op["rows_per_s"])] for op in operators]))
-        if dataset_rate is not None:
-            parts.append(f"<p>Ray Data dataset throughput: {fmt_rate(dataset_rate)}</p>")
-    else:
-        parts.append("<p>No per-operator timings could be read from stats.txt.</p>")
-    parts.append(f"<details><summary>Ray Data stats (stats.txt)</summary><pre>{escape(stats_text)}</pre></details>")
-
-    parts.append("<h2>Errors</h2>")
-    if errors:
-        shown = errors[:MAX_ERROR_GROUPS]
-        parts.append(table_html(["stage", "type", "message", "count", "examples"],
-                                [[g["stage"], g["type"], g["message"], g["count"], "\n".join(map(str, g["examples"]))]
-                                 for g in shown]))
-        if len(errors) > len(shown):
-            parts.append(f'<p class="note">{len(errors) - len(shown)} more error groups not listed.</p>')
-    else:
-        parts.append("<p>None.</p>")
-
-    parts.append("<h2>Models</h2>")
-    parts.append(table_html(["role", "model", "revision (configured)", "resolved revision"],
-                            [[r["role"], r["model"] or "— (no weights)", r["revision"] or "—", r["commit"] or "—"]
-                             for r in model_rows(manifest)]))
-    parts.append(table_html(["annotator", "name", "params"],
-                            [[a["id"], a["name"], json.dumps(a["params"], sort_keys=True)] for a in annotator_rows(manifest)]))
-
-    parts.append("<h2>Samples</h2>")
-    if n_sources > len(cards):
-        parts.append(f'<p class="note">Showing the first {len(cards)} of {n_sources} sources (sorted by source URI); '
-                     f"rebuild with <code>python -m pipeline report OUT --max-sources N</code> to show more.</p>")
-    else:
-        parts.append(f"<p>All {n_sources} sources. Hover over an image for its prompt and seed.</p>")
-    parts.extend(card_html(c) for c in cards)
-
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<link rel="icon" href="data:,">'
-            f"<title>Run {escape(run_id)}</title><style>{STYLE}</style></head>\n<body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+    return jinja2.Environment(autoescape=True).from_string(TEMPLATE).render(
+        run_id=str(manifest.get("run_id")), style=STYLE, url=out.url, manifest=manifest,
+        counts=[[k.replace("_", " "), v] for k, v in counts.items() if k != "errors_by_stage"]
+               + [[f"errors at {s}", n] for s, n in counts.get("errors_by_stage", {}).items()],
+        samples=counts.get("samples", 0), total_s=fmt_seconds(timings.get("total_s")),
+        samples_per_s=timings.get("samples_per_s"),
+        operators=[[op["name"], fmt_seconds(op["wall_s"]), op["output_rows"] if op["output_rows"] is not None else "—",
+                    fmt_rate(op["rows_per_s"])] for op in operators],
+        dataset_rate=fmt_rate(dataset_rate) if dataset_rate is not None else None, stats_text=stats_text,
+        errors=[[g["stage"], g["type"], g["message"], g["count"], "\n".join(map(str, g["examples"]))]
+                for g in errors[:MAX_ERROR_GROUPS]],
+        more_errors=max(0, len(errors) - MAX_ERROR_GROUPS),
+        models=[[r["role"], r["model"] or "— (no weights)", r["revision"] or "—", r["commit"] or "—"]
+                for r in model_rows(manifest)],
+        annotators=[[a["id"], a["name"], json.dumps(a["params"], sort_keys=True)] for a in annotator_rows(manifest)],
+        cards=cards, n_sources=n_sources)

@@ -94,12 +94,12 @@ def generation_params(manifest: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def fmt_seconds(s: float | None) -> str:
-    return "—" if s is None else f"{s:.2f} s"
+def fmt_seconds(s: Any) -> str:
+    return f"{s:.2f} s" if isinstance(s, (int, float)) else "—"
 
 
-def fmt_rate(r: float | None) -> str:
-    return "—" if r is None else f"{r:.3g} rows/s"
+def fmt_rate(r: Any) -> str:
+    return f"{r:.3g} rows/s" if isinstance(r, (int, float)) else "—"
 
 
 def run_family(manifest: dict[str, Any]) -> str | None:

@@ -17,7 +17,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from pipeline.config import ImageConfig
-from pipeline.io.sources import read_bytes
+from pipeline.io.sources import InputTooLarge, read_bytes
 from pipeline.rows import Row, map_rows
 
 
@@ -45,20 +45,32 @@ def target_size(width: int, height: int, policy: ImageConfig) -> tuple[int, int]
     return (max(m, round(width * scale / m) * m), max(m, round(height * scale / m) * m))
 
 
-def decode_image(data: bytes, policy: ImageConfig) -> tuple[np.ndarray, dict]:
+# file extension -> the Pillow format that may open it; nothing else is ever decoded (EPS would run
+# Ghostscript, for one)
+FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
+
+
+def pillow_formats(extensions: list[str]) -> list[str]:
+    """The Pillow formats of the configured extensions (those Pillow decodes)."""
+    return sorted({FORMATS[e.lower().lstrip(".")] for e in extensions if e.lower().lstrip(".") in FORMATS})
+
+
+def decode_image(data: bytes, policy: ImageConfig, formats: list[str] | None = None) -> tuple[np.ndarray, dict]:
     """Decode source bytes into an RGB uint8 array at the policy's size.
 
-    Returns the array and a record of the transform (original size and mode, EXIF rotation, new
-    size). Raises RejectedImage with a readable reason for anything that cannot become a sample.
+    Only the Pillow `formats` given are opened (default: every format of `FORMATS`). Returns the array
+    and a record of the transform (original size and mode, EXIF rotation, new size). Raises
+    RejectedImage with a readable reason for anything that cannot become a sample.
     """
     if not data:
         raise RejectedImage("empty file (0 bytes)")
+    formats = formats or sorted(set(FORMATS.values()))
     pil_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = None  # image.max_pixels replaces Pillow's own limit, checked on the header
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=formats)
             width, height = im.size
             if width * height > policy.max_pixels:
                 raise RejectedImage(f"{width}x{height} pixels is over image.max_pixels={policy.max_pixels}")
@@ -67,61 +79,95 @@ def decode_image(data: bytes, policy: ImageConfig) -> tuple[np.ndarray, dict]:
         raise
     except Image.DecompressionBombError as e:
         raise RejectedImage(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise RejectedImage(f"not an image in an allowed format ({', '.join(formats)})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         raise RejectedImage(f"not a decodable image: {e}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
     mode = im.mode
     orientation = im.getexif().get(0x0112, 1)
-    im = ImageOps.exif_transpose(im)
+    ignored = None
+    if isinstance(orientation, int) and 1 <= orientation <= 8:
+        im = ImageOps.exif_transpose(im)
+    else:  # a tag of the wrong type or value (text, bytes, 0): a good photo with a bad tag, not a bad photo
+        ignored, orientation = repr(orientation)[:80], 1
     if min(im.size) < policy.min_side:
         raise RejectedImage(f"{im.width}x{im.height} is smaller than image.min_side={policy.min_side}")
     if max(im.size) > policy.max_aspect_ratio * min(im.size):
         raise RejectedImage(f"{im.width}x{im.height} has an aspect ratio over image.max_aspect_ratio={policy.max_aspect_ratio:g}")
-    im = _to_rgb(im)
+    im, value_range = _to_rgb(im)
     size = target_size(im.width, im.height, policy)
     if size != im.size:
         im = im.resize(size, Image.Resampling.LANCZOS)
     transform = {
         "original_size": [width, height],
         "original_mode": mode,
-        "exif_orientation": int(orientation),
+        "exif_orientation": orientation,
+        **({"exif_orientation_ignored": ignored} if ignored else {}),
+        **({"value_range": value_range} if value_range else {}),
         "size": list(size),
         "resize": f"short side to {policy.resolution}, sides to multiples of {policy.multiple_of}, lanczos",
     }
     return np.asarray(im), transform
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any mode to RGB; transparency is composited on white rather than dropped to black."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray((arr / peak * 255.0).round().astype(np.uint8))
+def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[float] | None]:
+    """Any mode to RGB; transparency is composited on white rather than dropped to black. Wide modes
+    are scaled to 8 bits: 16-bit by their format's range (0-65535, or 0-255 when no value exceeds it),
+    32-bit integer and float by the image's own range (returned, to be recorded)."""
+    value_range = None
+    if im.mode.startswith("I;16"):
+        values = np.asarray(im)
+        im = Image.fromarray(_scaled(values, 0, 65535 if values.max() > 255 else 255))
+    elif im.mode in ("I", "F"):
+        values = np.asarray(im)
+        finite = values[np.isfinite(values)] if im.mode == "F" else values
+        if finite.size == 0:
+            raise RejectedImage(f"a {im.mode} image without finite values")
+        low, high = float(finite.min()), float(finite.max())
+        value_range = [low, high]
+        im = Image.fromarray(_scaled(np.nan_to_num(values, nan=low, posinf=high, neginf=low), low, high))
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGB", im.size, (255, 255, 255))
         background.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
-        return background
-    return im.convert("RGB")
+        return background, value_range
+    return im.convert("RGB"), value_range
+
+
+def _scaled(values: np.ndarray, low: float, high: float, rows: int = 256) -> np.ndarray:
+    """`values` mapped linearly from [low, high] to uint8, a block of rows at a time, so that the float
+    copies never exceed a block (decode memory stays a few bytes per pixel on an 8k x 8k image)."""
+    out = np.empty(values.shape, np.uint8)
+    scale = 255.0 / (high - low) if high > low else 0.0
+    for start in range(0, values.shape[0], rows):
+        block = (values[start : start + rows].astype(np.float32) - low) * scale
+        out[start : start + rows] = np.clip(block.round(), 0, 255)
+    return out
 
 
 class Decode:
     """The decode stage: fetch (when only a path is known), hash, decode, orient, convert to RGB, resize."""
 
-    def __init__(self, policy: ImageConfig, storage_options: dict[str, Any]):
+    def __init__(self, policy: ImageConfig, storage_options: dict[str, Any], extensions: list[str] | None = None):
         self.policy = policy
         self.storage_options = storage_options
+        self.formats = pillow_formats(extensions) if extensions else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return map_rows("decode", batch, self.decode)
 
     def decode(self, row: Row) -> list[Row]:
         data = row.pop("source_bytes")
+        if error := row.pop("source_error", None):
+            raise RejectedImage(error)
         if data is None:
-            data = read_bytes(row["source_uri"], self.storage_options)
+            data = read_bytes(row["source_uri"], self.storage_options, self.policy.max_bytes)
+        elif len(data) > self.policy.max_bytes:
+            raise InputTooLarge(f"{len(data)} bytes is over image.max_bytes={self.policy.max_bytes}")
         row["source_sha256"] = hashlib.sha256(data).hexdigest()
-        array, transform = decode_image(data, self.policy)
+        array, transform = decode_image(data, self.policy, self.formats)
         row.update(image=array_to_png(array), width=array.shape[1], height=array.shape[0], transform=json.dumps(transform))
         return [row]

@@ -7,6 +7,7 @@ reads what a run wrote (manifest, Parquet files, written ids) for resume, report
 
 from __future__ import annotations
 
+import base64
 import json
 import posixpath
 import uuid
@@ -28,6 +29,27 @@ KINDS = ("samples", "errors")
 
 class NotARunOutput(ValueError):
     """A directory without the manifest.json a run writes."""
+
+
+class UnsafeParquet(ValueError):
+    """A Parquet file whose columns would run code when read (Arrow extension types, e.g. pickled objects)."""
+
+
+def check_plain_parquet(f, name: str) -> None:
+    """Refuse a Parquet file that declares Arrow extension types. Reading those can unpickle data
+    (Ray's `arrow_pickled_object`), so a crafted file in a shared bucket could run code. The check reads
+    the footer's key-value metadata only, without deserialising the Arrow schema stored there."""
+    metadata = pq.read_metadata(f).metadata or {}
+    if b"ARROW:extension:name" in base64.b64decode(metadata.get(b"ARROW:schema", b"")):
+        raise UnsafeParquet(f"{name} declares Arrow extension columns; refusing to read it (only plain Parquet "
+                            f"as this pipeline writes it is read back)")
+    f.seek(0)
+
+
+def read_parquet(f, name: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file's columns, after `check_plain_parquet`."""
+    check_plain_parquet(f, name)
+    return pq.read_table(f, columns=columns)
 
 
 @contextmanager
@@ -53,14 +75,18 @@ def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> 
 class Written:
     """What the Parquet files under an output path hold (read from their id columns only)."""
 
-    sample_ids: list[str] = field(default_factory=list)  # samples/, one per row
+    samples: list[dict[str, Any]] = field(default_factory=list)  # samples/: sample_id, source_uri, one per row
     errors: list[dict[str, Any]] = field(default_factory=list)  # errors/: sample_id, source_uri, stage
     files: list[str] = field(default_factory=list)  # relative to the output path
 
-    @cached_property  # sets over every written id: built once, used by the log line and the skip stages
-    def done_samples(self) -> frozenset[str]:
-        """Sample ids that are finished: written as a sample or as a failed sample."""
-        return frozenset(self.sample_ids) | {e["sample_id"] for e in self.errors if e["sample_id"]}
+    @property
+    def sample_ids(self) -> list[str]:
+        return [r["sample_id"] for r in self.samples]
+
+    @cached_property  # built once, used by the log line and the skip stages
+    def done_samples(self) -> dict[str, str]:
+        """Sample ids that are finished (written as a sample or as a failed sample) -> their source uri."""
+        return {r["sample_id"]: r["source_uri"] for r in self.samples + self.errors if r["sample_id"]}
 
     @cached_property
     def done_sources(self) -> frozenset[str]:
@@ -143,7 +169,7 @@ class RunOutput:
 
     def read_file(self, path: str, columns: list[str]) -> pa.Table:
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            return read_parquet(f, path, columns)
 
     def read(self, kind: str, columns: list[str]) -> pa.Table | None:
         """These columns of every file of `kind` (samples, errors); None when there are no files."""
@@ -162,6 +188,7 @@ class RunOutput:
         if not files:
             return pa.schema([])
         with self.fs.open(files[0], "rb") as f:
+            check_plain_parquet(f, files[0])
             return pq.read_schema(f)
 
     def control_columns(self) -> list[str]:
@@ -173,8 +200,8 @@ class RunOutput:
 
     def written(self) -> Written:
         """The ids of everything written (what a resume skips, what the manifest counts)."""
-        samples = self.read("samples", ["sample_id"])
+        samples = self.read("samples", ["sample_id", "source_uri"])
         errors = self.read("errors", ["sample_id", "source_uri", "stage"])
         files = [posixpath.relpath(p, self.root) for kind in KINDS for p in self.files(kind)]
-        return Written(samples.column("sample_id").to_pylist() if samples is not None else [],
+        return Written(samples.to_pylist() if samples is not None else [],
                        errors.to_pylist() if errors is not None else [], files)

@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
-from pipeline.generators import DEFAULT_FAMILY
 from pipeline.ids import sample_ids
 from pipeline.io.output import RunOutput, Written
 from pipeline.rows import map_rows
@@ -44,9 +43,9 @@ def job_identity(cfg: JobConfig, models_provenance: dict[str, Any]) -> dict[str,
             return [strip(v) for v in value]
         return value
 
-    identity = strip({k: v for k, v in cfg.model_dump(mode="json").items() if k != "output"})
-    if (identity.get("generation") or {}).get("family") == DEFAULT_FAMILY:
-        del identity["generation"]["family"]  # so runs made before families existed still resume
+    # settings left at their defaults are left out, so a setting added in a later version (with a default that
+    # keeps what earlier versions did) does not make earlier runs look like a different job
+    identity = strip({k: v for k, v in cfg.model_dump(mode="json", exclude_defaults=True).items() if k != "output"})
     identity["model_revisions"] = _revisions(models_provenance)
     return identity
 
@@ -129,16 +128,21 @@ def _version_base(path: str) -> str:
     return head if sep and tail.isdigit() else path.rstrip("/")
 
 
+class DuplicateContent(ValueError):
+    """An input whose bytes equal another input's: it would get the same sample ids."""
+
+
 class SkipWritten:
     """Drop work an earlier run of this job wrote. Before decode: sources rejected as a whole.
-    After decode: sources whose every variant is written (so no annotator runs for them again)."""
+    After decode: sources whose every variant is written (so no annotator runs for them again); a
+    source whose variants were written from another source with the same content is a duplicate."""
 
     def __init__(self, done_ref, job_seed: int, variants: int, after_decode: bool):
         self.done_ref, self.job_seed, self.variants, self.after_decode = done_ref, job_seed, variants, after_decode
-        self._done: tuple[frozenset[str], pa.Array] | None = None
+        self._done: tuple[dict[str, str], pa.Array] | None = None
 
-    def done(self) -> tuple[frozenset[str], pa.Array]:
-        """(finished sample ids, rejected source uris), fetched once per worker."""
+    def done(self) -> tuple[dict[str, str], pa.Array]:
+        """(finished sample ids -> source uri, rejected source uris), fetched once per worker."""
         if self._done is None:
             import ray
 
@@ -150,10 +154,33 @@ class SkipWritten:
         samples, sources = self.done()
         if not self.after_decode:
             return batch.filter(pc.invert(pc.is_in(batch["source_uri"], value_set=sources)))
-        return map_rows("resume", batch, lambda row: [] if self.finished(row, samples) else [row])
+        return map_rows("dedupe", batch, lambda row: self.unfinished(row, samples))
 
-    def finished(self, row: dict, samples: frozenset[str]) -> bool:
-        return all(i in samples for i in sample_ids(self.job_seed, row["source_sha256"], self.variants))
+    def unfinished(self, row: dict, samples: dict[str, str]) -> list[dict]:
+        owners = {samples.get(i) for i in sample_ids(self.job_seed, row["source_sha256"], self.variants)}
+        if None in owners:
+            return [row]  # work left; variant expansion skips the written variants
+        if row["source_uri"] in owners:
+            return []
+        raise DuplicateContent(f"same content as {min(owners)}")
 
     def variant_done(self, sample_id: str) -> bool:
         return sample_id in self.done()[0]
+
+
+class FirstCopy:
+    """The one actor that sees every decoded input: the first input with some content keeps it, later
+    inputs with the same bytes become error rows naming the first, so sample ids stay unique and every
+    copy is accounted for."""
+
+    def __init__(self):
+        self.first: dict[bytes, str] = {}  # 16 bytes of the content hash -> the uri that has it
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return map_rows("dedupe", batch, self.check)
+
+    def check(self, row: dict) -> list[dict]:
+        first = self.first.setdefault(bytes.fromhex(row["source_sha256"])[:16], row["source_uri"])
+        if first != row["source_uri"]:
+            raise DuplicateContent(f"same content as {first}")
+        return [row]

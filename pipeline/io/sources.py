@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import posixpath
+import stat
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote_to_bytes
 
 import fsspec
 import pyarrow as pa
@@ -25,9 +30,19 @@ from pipeline.config import SourceConfig
 if TYPE_CHECKING:
     import pandas as pd
 
+log = logging.getLogger(__name__)
+
 
 class SourceError(ValueError):
     """A source that does not exist or holds nothing readable."""
+
+
+class NotARegularFile(OSError):
+    """An input that is a FIFO, a device or a directory, not a file."""
+
+
+class InputTooLarge(ValueError):
+    """An input with more bytes than `image.max_bytes`."""
 
 
 def filesystem(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -35,57 +50,122 @@ def filesystem(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.Abstra
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Re-attach the protocol fsspec strips (local paths stay plain paths)."""
+    """Re-attach the protocol fsspec strips (local paths stay plain paths, see `local_uri`)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+    return local_uri(path) if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def list_files(cfg: SourceConfig, extensions: list[str]) -> list[str]:
-    """Every file with one of `extensions` under the configured directories/globs, sorted, as full URIs."""
+def local_uri(path: str) -> str:
+    """A local path as recorded in rows: the path itself, or where its name is not valid UTF-8 (any bytes
+    are allowed in file names), a `file://` URL of its percent-encoded bytes, which `read_bytes` opens."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(path), safe="/")
+
+
+def local_path(uri: str) -> str:
+    """The file system path of a local uri (the inverse of `local_uri`)."""
+    return os.fsdecode(unquote_to_bytes(uri.removeprefix("file://"))) if uri.startswith("file://") else uri
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The inputs of a source: files (images, Parquet or tar shards) as full URIs, sorted, and a digest of
+    their names, sizes and modification stamps (a re-run of a finished job with the same digest has
+    nothing to do)."""
+
+    uris: list[str]
+    digest: str
+    skipped: int = 0  # entries that are not regular files (FIFOs, devices, broken links): never read
+
+
+def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
+    """Every regular file with one of `extensions` under the configured directories/globs."""
     extensions = {"." + e.lower().lstrip(".") for e in extensions}
-    found: set[str] = set()
+    found: dict[str, str] = {}
+    skipped = 0
     for url in cfg.paths:
         fs, path = filesystem(url, cfg.storage_options)
         if fs.isdir(path):
-            candidates = fs.find(path)
+            candidates = fs.find(path, detail=True)
         elif any(ch in path for ch in "*?["):
-            candidates = fs.glob(path)
+            candidates = fs.glob(path, detail=True)
         elif fs.isfile(path):
-            candidates = [path]
+            candidates = {path: fs.info(path)}
         else:
             raise SourceError(f"source.path {url!r} does not exist")
-        found.update(full_uri(fs, p) for p in candidates if posixpath.splitext(p)[1].lower() in extensions)
+        for p, info in candidates.items():
+            if posixpath.splitext(p)[1].lower() not in extensions:
+                continue
+            if info.get("type") != "file":  # a FIFO, a device or a link to one would hang or never end a read
+                skipped += 1
+                continue
+            uri = full_uri(fs, p)
+            found[uri] = f"{uri}\0{info.get('size')}\0{info.get('mtime') or info.get('ETag') or info.get('LastModified')}"
     if not found:
         raise SourceError(f"source.path {cfg.path!r} holds no files with extensions {sorted(extensions)}")
-    return sorted(found)
+    uris = sorted(found)
+    digest = hashlib.sha256("\n".join(found[u] for u in uris).encode("utf-8", "surrogateescape")).hexdigest()
+    if skipped:
+        log.warning("source.path %r: %d entries are not regular files (FIFOs, devices, links to them); skipped",
+                    cfg.path, skipped)
+    return Listing(uris, digest, skipped)
 
 
-def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
-    with fsspec.open(uri, "rb", **storage_options) as f:
-        return f.read()
+def list_files(cfg: SourceConfig, extensions: list[str]) -> list[str]:
+    """Every regular file with one of `extensions` under the configured paths, sorted, as full URIs."""
+    return list_inputs(cfg, extensions).uris
 
 
-def read_source(cfg: SourceConfig) -> ray.data.Dataset:
+def read_bytes(uri: str, storage_options: dict[str, Any], max_bytes: int | None = None) -> bytes:
+    """The bytes of a file, at most `max_bytes` (more: InputTooLarge). Local and remote paths are opened
+    as they are, never as fsspec URL chains (`a::b.jpg` is the file `a::b.jpg`)."""
+    limit = -1 if max_bytes is None else max_bytes + 1
+    if "://" not in uri or uri.startswith("file://"):
+        path = local_path(uri)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            raise NotARegularFile(f"not a regular file: {uri}")
+        with open(path, "rb") as f:
+            data = f.read(limit)
+    else:
+        protocol = uri.split("://", 1)[0]
+        with fsspec.filesystem(protocol, **storage_options).open(uri, "rb") as f:
+            data = f.read(limit)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InputTooLarge(f"over image.max_bytes={max_bytes} bytes")
+    return data
+
+
+def source_extensions(cfg: SourceConfig) -> list[str]:
+    """What a source lists: image files, Parquet files or tar shards."""
+    return {"images": cfg.extensions, "parquet": ["parquet"], "webdataset": ["tar"]}[cfg.type]
+
+
+def read_source(cfg: SourceConfig, listing: Listing | None = None) -> ray.data.Dataset:
+    """The source as rows {source_uri, source_bytes, caption}; `listing` saves listing it again."""
+    listing = listing or list_inputs(cfg, source_extensions(cfg))
     if cfg.type == "images":
-        uris = list_files(cfg, cfg.extensions)
+        uris = listing.uris
         uris = uris[: cfg.limit] if cfg.limit else uris
         return ray.data.from_items(
             [{"source_uri": u, "source_bytes": None, "caption": None} for u in uris],
             override_num_blocks=min(len(uris), 200),
         )
-    ds = _read_webdataset(cfg) if cfg.type == "webdataset" else _read_parquet(cfg)
+    ds = _read_webdataset(cfg, listing) if cfg.type == "webdataset" else _read_parquet(cfg, listing)
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
-def _arrow_files(cfg: SourceConfig, extensions: list[str]) -> tuple[fsspec.AbstractFileSystem, list[str], pafs.FileSystem]:
+def _arrow_files(cfg: SourceConfig, listing: Listing) -> tuple[fsspec.AbstractFileSystem, list[str], pafs.FileSystem]:
     """The listed files as paths within one filesystem, plus that filesystem wrapped for Ray's readers."""
     fs, _ = filesystem(cfg.paths[0], cfg.storage_options)
-    paths = [filesystem(p, cfg.storage_options)[1] for p in list_files(cfg, extensions)]
+    paths = [fs._strip_protocol(local_path(p)) for p in listing.uris]
     return fs, paths, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def _read_parquet(cfg: SourceConfig) -> ray.data.Dataset:
-    fs, paths, arrow_fs = _arrow_files(cfg, ["parquet"])
+def _read_parquet(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
+    fs, paths, arrow_fs = _arrow_files(cfg, listing)
     columns = [cfg.image_column] + ([cfg.caption_column] if cfg.caption_column else [])
     ds = ray.data.read_parquet(paths, columns=columns, include_paths=True, filesystem=arrow_fs)
     image_col, caption_col = cfg.image_column, cfg.caption_column
@@ -98,25 +178,48 @@ def _read_parquet(cfg: SourceConfig) -> ray.data.Dataset:
             if isinstance(data, str):
                 data, name = None, data
             parquet_uri = full_uri(fs, row["path"])
+            error = None
             if name and data is None:
-                # a path column: relative paths are relative to the Parquet file
+                # a path column: relative paths are relative to the Parquet file, and every path must lie
+                # under source.allowed_roots (default: the Parquet file's own directory)
                 uri = name if "://" in name or name.startswith("/") else posixpath.join(posixpath.dirname(parquet_uri), name)
+                roots = cfg.allowed_roots or [posixpath.dirname(parquet_uri)]
+                if not under_roots(uri, roots):
+                    error = f"path {uri!r} is outside source.allowed_roots {roots}"
             else:
                 uri = f"{parquet_uri}#{name or 'sha256=' + hashlib.sha256(data or b'').hexdigest()[:16]}"
-            rows.append({"source_uri": uri, "source_bytes": data, "caption": row.get(caption_col) if caption_col else None})
+            rows.append({"source_uri": uri, "source_bytes": data, "caption": row.get(caption_col) if caption_col else None,
+                         "source_error": error})
         return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
     return ds.map_batches(normalize, batch_format="pyarrow")
 
 
-def _read_webdataset(cfg: SourceConfig) -> ray.data.Dataset:
+def _normalized(uri: str) -> str:
+    """A uri with `.` and `..` resolved (and, for local paths, symbolic links), to compare with roots."""
+    if "://" in uri and not uri.startswith("file://"):
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+    return os.path.realpath(local_path(uri))
+
+
+def under_roots(uri: str, roots: list[str]) -> bool:
+    """Whether `uri` lies under one of `roots` (directories or URL prefixes)."""
+    target = _normalized(uri)
+    for root in map(_normalized, roots):
+        if target == root or target.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def _read_webdataset(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
     """WebDataset tar shards: members sharing a key (`sample01.jpg`, `sample01.txt`) form a sample.
 
     The image is the first member whose extension is in `extensions`; the caption is the `.txt`
     member, else `caption_key` in the `.json` member. Samples without an image member are not
     inputs (as non-image files in a folder are not). source_uri is `<shard URI>#<key>`.
     """
-    fs, paths, arrow_fs = _arrow_files(cfg, ["tar"])
+    fs, paths, arrow_fs = _arrow_files(cfg, listing)
     image_exts = list(dict.fromkeys(e.lower().lstrip(".") for e in cfg.extensions))
     wanted = set(image_exts) | {"txt", "json"}
     ds = ray.data.read_webdataset(
@@ -135,7 +238,7 @@ def _read_webdataset(cfg: SourceConfig) -> ray.data.Dataset:
             if image is not None:
                 uri = f"{full_uri(fs, sample['__url__'])}#{sample['__key__']}"
                 caption = _webdataset_caption(members, caption_key)
-                rows.append({"source_uri": uri, "source_bytes": image, "caption": caption})
+                rows.append({"source_uri": uri, "source_bytes": image, "caption": caption, "source_error": None})
         return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
     # The reader yields pandas blocks whose columns are the members found in the shard; batch_size=None
@@ -155,4 +258,6 @@ def _webdataset_caption(members: dict[str, bytes], json_key: str) -> str | None:
     return None
 
 
-SOURCE_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_bytes", pa.binary()), ("caption", pa.string())])
+# source_error: why a row cannot be read at all (e.g. a path outside source.allowed_roots); decode rejects it
+SOURCE_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_bytes", pa.binary()), ("caption", pa.string()),
+                           ("source_error", pa.string())])
