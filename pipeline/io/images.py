@@ -80,7 +80,7 @@ def decode_image(data: bytes, policy: ImageConfig, formats: list[str] | None = N
     except Image.DecompressionBombError as e:
         raise RejectedImage(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
-        raise RejectedImage(f"not an image in an allowed format ({', '.join(formats)})") from None
+        raise RejectedImage(f"not a decodable image in an allowed format ({', '.join(formats)})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         raise RejectedImage(f"not a decodable image: {e}") from None
     finally:
@@ -118,16 +118,11 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[float] | None]:
     32-bit integer and float by the image's own range (returned, to be recorded)."""
     value_range = None
     if im.mode.startswith("I;16"):
-        values = np.asarray(im)
-        im = Image.fromarray(_scaled(values, 0, 65535 if values.max() > 255 else 255))
+        im = Image.fromarray(_scaled(im, 0, 65535 if im.getextrema()[1] > 255 else 255))
     elif im.mode in ("I", "F"):
-        values = np.asarray(im)
-        finite = values[np.isfinite(values)] if im.mode == "F" else values
-        if finite.size == 0:
-            raise RejectedImage(f"a {im.mode} image without finite values")
-        low, high = float(finite.min()), float(finite.max())
+        low, high = _finite_range(im)
         value_range = [low, high]
-        im = Image.fromarray(_scaled(np.nan_to_num(values, nan=low, posinf=high, neginf=low), low, high))
+        im = Image.fromarray(_scaled(im, low, high))
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
@@ -137,14 +132,34 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[float] | None]:
     return im.convert("RGB"), value_range
 
 
-def _scaled(values: np.ndarray, low: float, high: float, rows: int = 256) -> np.ndarray:
-    """`values` mapped linearly from [low, high] to uint8, a block of rows at a time, so that the float
-    copies never exceed a block (decode memory stays a few bytes per pixel on an 8k x 8k image)."""
-    out = np.empty(values.shape, np.uint8)
+STRIP = 1 << 18  # values converted at a time: decode memory stays ~1 byte per pixel beyond Pillow's own
+
+
+def _strips(im: Image.Image):
+    """The image as float32 arrays of whole rows, about STRIP values each."""
+    rows = max(1, STRIP // im.width)
+    for y in range(0, im.height, rows):
+        yield y, np.asarray(im.crop((0, y, im.width, min(im.height, y + rows))), dtype=np.float32)
+
+
+def _finite_range(im: Image.Image) -> tuple[float, float]:
+    low, high = np.inf, -np.inf
+    for _, strip in _strips(im):
+        finite = strip[np.isfinite(strip)]
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if low > high:
+        raise RejectedImage(f"a {im.mode} image without finite values")
+    return low, high
+
+
+def _scaled(im: Image.Image, low: float, high: float) -> np.ndarray:
+    """The image's values mapped linearly from [low, high] to uint8 (non-finite ones clipped), a strip at a time."""
+    out = np.empty((im.height, im.width), np.uint8)
     scale = 255.0 / (high - low) if high > low else 0.0
-    for start in range(0, values.shape[0], rows):
-        block = (values[start : start + rows].astype(np.float32) - low) * scale
-        out[start : start + rows] = np.clip(block.round(), 0, 255)
+    for y, strip in _strips(im):
+        strip = np.nan_to_num(strip, nan=low, posinf=high, neginf=low)
+        out[y : y + len(strip)] = np.clip(((strip - low) * scale).round(), 0, 255)
     return out
 
 

@@ -99,7 +99,8 @@ def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
         for p, info in candidates.items():
             if posixpath.splitext(p)[1].lower() not in extensions:
                 continue
-            if info.get("type") != "file":  # a FIFO, a device or a link to one would hang or never end a read
+            dangling = info.get("islink") and not fs.exists(p)  # listed: its read fails, an error row says so
+            if info.get("type") != "file" and not dangling:  # a FIFO, a device or a link to one: a read would hang
                 skipped += 1
                 continue
             uri = full_uri(fs, p)
