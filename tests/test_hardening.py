@@ -320,3 +320,31 @@ def test_a_finished_job_run_again_writes_nothing(hostile):
     result = run(load_config(data=annotate_only(hostile["dir"], out)))
     assert result.run_id == hostile["result"].run_id
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_ctrl_c_prints_one_line_and_exits_130_and_the_run_resumes(tiny_models, photos_dir, tmp_path):
+    import signal
+    import subprocess
+
+    import yaml
+
+    from tests.helpers import ROOT, cli, cli_command, cli_env, job_dict
+
+    out = tmp_path / "out"
+    data = job_dict(str(photos_dir), str(out), tiny_models, batch_size=1, steps=25)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    args = ("run", tmp_path / "job.yaml", "--address", "local")  # its own Ray instance, as a user's would be
+    driver = subprocess.Popen(cli_command(*args), cwd=ROOT, env=cli_env({"RAY_ADDRESS": ""}), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    while not (out / "manifest.json").exists() and driver.poll() is None:  # the run has started its work
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)
+    stdout, stderr = driver.communicate()
+    assert driver.returncode == 130, stderr[-3000:]
+    assert "interrupted: what was written is kept; run the same command again to resume" in stderr.splitlines()
+    assert "Traceback" not in stderr
+    assert json.loads((out / "manifest.json").read_text())["completed"] is False
+    again = cli(*args, env={"RAY_ADDRESS": ""}, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["samples"] == len(list(photos_dir.iterdir())) * 2 and counts["duplicate_sample_ids"] == 0
