@@ -7,11 +7,10 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket")  # camera is grayscale, astronaut a person
+# the plain helpers live in tests/helpers.py; PHOTOS and job_dict stay importable from here as well
+from tests.helpers import PHOTOS, job_dict, write_photos  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -46,48 +45,8 @@ def annotator_weights(tmp_path_factory):
     return get
 
 
-def write_photos(directory: Path, names=PHOTOS, fmt: str = "jpg") -> list[Path]:
-    """Real photographs from scikit-image, written as image files."""
-    from skimage import data
-
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in names:
-        path = directory / f"{name}.{fmt}"
-        Image.fromarray(np.asarray(getattr(data, name)())).save(path)
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="session")
 def photos_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("photos")
     write_photos(directory)
     return directory
-
-
-def job_dict(source: str, output: str, tiny: dict[str, str], **generation) -> dict:
-    """A complete job config as data: canny + hed, two ControlNets, tiny models, 64 px."""
-    return {
-        "seed": 7,
-        "source": {"type": "images", "path": source},
-        "image": {"resolution": 64},
-        "annotators": [
-            {"name": "canny", "params": {"low_threshold": 50, "high_threshold": 150}},
-            {"name": "hed", "model": tiny["annotators"]},
-        ],
-        "generation": {
-            "base_model": tiny["base_model"],
-            "controlnets": [
-                {"condition": "canny", "model": tiny["controlnet/canny"]},
-                {"condition": "hed", "model": tiny["controlnet/hed"], "conditioning_scale": 0.5, "guidance_end": 0.8},
-            ],
-            "steps": 3,
-            "variants_per_image": 2,
-            "prompt": {"prompts": ["a painting", "a photo at night"], "template": "{prompt} of {caption}",
-                       "negative": "blurry"},
-            "batch_size": 3,
-            **generation,
-        },
-        "output": {"path": output},
-    }

@@ -1,8 +1,5 @@
 """`python -m pipeline annotators` and `python -m pipeline models fetch`, offline."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -10,7 +7,7 @@ import yaml
 from pipeline.annotators import ANNOTATORS
 from pipeline.cli import main
 
-from .conftest import job_dict
+from tests.helpers import cli, job_dict
 
 
 def test_annotators_lists_every_annotator_with_params_and_weights(capsys):
@@ -58,10 +55,9 @@ def test_fetch_names_a_local_model_without_its_files(tmp_path, tiny_models, caps
 
 def test_fetch_from_an_unreachable_hub_fails_with_one_line(tmp_path, tiny_models):
     config = write_config(tmp_path, tiny_models, model="lllyasviel/Annotators")
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
-           "HF_HUB_DOWNLOAD_TIMEOUT": "2", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "models", "fetch", str(config), "--dir", str(tmp_path / "m")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "2", "HF_HOME": str(tmp_path / "hf")}  # online, to a port nothing listens on
+    proc = cli("models", "fetch", config, "--dir", tmp_path / "m", env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1

@@ -1,10 +1,12 @@
 """Job config validation: key paths in messages, --set overrides, safe prompt templates."""
 
+import re
+
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from tests.conftest import job_dict
+from tests.helpers import job_dict
 
 TINY = {"annotators": "/m/annotators", "base_model": "/m/sd", "controlnet/canny": "/m/c", "controlnet/hed": "/m/h"}
 
@@ -22,44 +24,76 @@ def test_valid_config_loads_with_defaults():
     assert [a.key for a in cfg.annotators] == ["canny", "hed"]
 
 
-def test_unknown_key_is_rejected_with_its_path():
-    data = config()
-    data["generation"]["controlnets"][1]["scale"] = 2.0
-    with pytest.raises(ConfigError, match=r"generation\.controlnets\.1\.scale: unknown key"):
-        load_config(data=data)
+class SetArgs(tuple):
+    """A mutation given as `--set KEY=VALUE` arguments to load_config."""
+
+    def __new__(cls, *assignments: str):
+        return super().__new__(cls, assignments)
 
 
-def test_wrong_type_is_rejected_with_its_path():
-    data = config()
-    data["generation"]["steps"] = "many"
-    with pytest.raises(ConfigError, match=r"generation\.steps: .*integer"):
-        load_config(data=data)
+def set_path(data: dict, path: str, value) -> None:
+    """Set the value at a dotted key path ("generation.controlnets.0.condition"; list items by index)."""
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
-def test_unknown_annotator_and_bad_params_are_named():
-    data = config(annotators=[{"name": "sobel"}])
-    with pytest.raises(ConfigError, match=r"annotators\.0\.name: unknown annotator 'sobel'"):
-        load_config(data=data)
-    data = config(annotators=[{"name": "canny", "params": {"low_threshold": 200, "high_threshold": 100}}])
-    with pytest.raises(ConfigError, match=r"annotators\.0\.params: .*low_threshold must not exceed"):
-        load_config(data=data)
-    data = config(annotators=[{"name": "canny", "params": {"sigma": 1}}])
-    with pytest.raises(ConfigError, match=r"annotators\.0\.params: sigma: Extra inputs"):
-        load_config(data=data)
+# prompt templates that would reach beyond the row's fields: (template, the message, verbatim)
+TEMPLATE_ERRORS = [
+    ("{prompt.__class__}", "template field {prompt.__class__} is not one of ['caption', 'prompt', 'variant']"),
+    ("{caption[0]}", "template field {caption[0]} is not one of ['caption', 'prompt', 'variant']"),
+    ("{os}", "template field {os} is not one of ['caption', 'prompt', 'variant']"),
+    ("{prompt!r}", "template field {prompt} may not carry a format spec or conversion"),
+    ("{prompt:>10}", "template field {prompt} may not carry a format spec or conversion"),
+]
+
+# (id, mutation of the valid config(), regex the ConfigError must match). A mutation is a dict of
+# dotted key path -> new value, a function that changes the config in place, or SetArgs.
+CONFIG_ERRORS = [
+    ("unknown-key", {"generation.controlnets.1.scale": 2.0}, r"generation\.controlnets\.1\.scale: unknown key"),
+    ("wrong-type", {"generation.steps": "many"}, r"generation\.steps: .*integer"),
+    ("unknown-annotator", {"annotators": [{"name": "sobel"}]}, r"annotators\.0\.name: unknown annotator 'sobel'"),
+    ("annotator-params-invalid",
+     {"annotators": [{"name": "canny", "params": {"low_threshold": 200, "high_threshold": 100}}]},
+     r"annotators\.0\.params: .*low_threshold must not exceed"),
+    ("annotator-param-unknown", {"annotators": [{"name": "canny", "params": {"sigma": 1}}]},
+     r"annotators\.0\.params: sigma: Extra inputs"),
+    ("controlnet-condition-not-an-annotator", {"generation.controlnets.0.condition": "depth"},
+     r"generation\.controlnets\.0\.condition: 'depth' is not an annotator id \['canny', 'hed'\]"),
+    ("unsupported-scheduler", {"generation.scheduler": "pndm"},
+     r"generation\.scheduler: Input should be 'unipc', 'dpmpp_2m', 'ddim' or 'euler_a'"),
+    *[(f"template-{template}", {"generation.prompt.template": template},
+       re.escape(f"generation.prompt.template: {error}")) for template, error in TEMPLATE_ERRORS],
+    ("guidance-window-reversed",
+     lambda data: data["generation"]["controlnets"][0].update(guidance_start=0.9, guidance_end=0.2),
+     r"generation\.controlnets\.0: guidance_start must be smaller"),
+    ("overwrite-and-new-version", {"output.overwrite": True, "output.new_version": True},
+     "output: set at most one of overwrite and new_version"),
+    ("aspect-ratio-below-1", {"image": {"max_aspect_ratio": 0.5}},
+     r"image\.max_aspect_ratio: .*greater than or equal to 1"),
+    ("set-without-value", SetArgs("generation.steps"), "expected KEY=VALUE"),
+    ("set-index-out-of-range", SetArgs("generation.controlnets.5.model=x"), r"list index '5' out of range"),
+    ("set-unknown-key", SetArgs("generation.typo=1"), r"generation\.typo: unknown key"),
+]
 
 
-def test_controlnet_condition_must_name_an_annotator():
-    data = config()
-    data["generation"]["controlnets"][0]["condition"] = "depth"
-    with pytest.raises(ConfigError, match=r"generation\.controlnets\.0\.condition: 'depth'"):
-        load_config(data=data)
-
-
-def test_unsupported_scheduler_is_rejected():
-    data = config()
-    data["generation"]["scheduler"] = "pndm"
-    with pytest.raises(ConfigError, match=r"generation\.scheduler"):
-        load_config(data=data)
+@pytest.mark.parametrize("mutation, message", [pytest.param(m, msg, id=i) for i, m, msg in CONFIG_ERRORS])
+def test_invalid_config_is_rejected_naming_the_key(mutation, message):
+    data, overrides = config(), []
+    if isinstance(mutation, SetArgs):
+        overrides = list(mutation)
+    elif isinstance(mutation, dict):
+        for path, value in mutation.items():
+            set_path(data, path, value)
+    else:
+        mutation(data)
+    with pytest.raises(ConfigError, match=message):
+        load_config(data=data, overrides=overrides)
 
 
 def test_set_overrides_any_key(tmp_path):
@@ -74,50 +108,19 @@ def test_set_overrides_any_key(tmp_path):
     assert cfg.seed == 3
 
 
-def test_set_errors_are_clear(tmp_path):
+@pytest.mark.parametrize("text, message", [pytest.param(None, "cannot read config", id="missing-file"),
+                                           pytest.param("source: [unclosed", "not valid YAML", id="bad-yaml")])
+def test_unreadable_config_file(tmp_path, text, message):
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(config()))
-    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
-        load_config(path, ["generation.steps"])
-    with pytest.raises(ConfigError, match=r"list index '5' out of range"):
-        load_config(path, ["generation.controlnets.5.model=x"])
-    with pytest.raises(ConfigError, match=r"generation\.typo: unknown key"):
-        load_config(path, ["generation.typo=1"])
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
 
 
-def test_missing_file_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config"):
-        load_config(tmp_path / "nope.yaml")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("source: [unclosed")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad)
-
-
-@pytest.mark.parametrize("template", ["{prompt.__class__}", "{caption[0]}", "{os}", "{prompt!r}", "{prompt:>10}"])
-def test_prompt_templates_cannot_reach_beyond_row_fields(template):
-    data = config()
-    data["generation"]["prompt"]["template"] = template
-    with pytest.raises(ConfigError, match=r"generation\.prompt\.template"):
-        load_config(data=data)
-
-
-def test_guidance_window_must_be_ordered():
-    data = config()
-    data["generation"]["controlnets"][0].update(guidance_start=0.9, guidance_end=0.2)
-    with pytest.raises(ConfigError, match="guidance_start must be smaller"):
-        load_config(data=data)
-
-
-def test_output_policies_and_annotate_only_jobs():
-    data = config()
-    data["output"].update(overwrite=True, new_version=True)
-    with pytest.raises(ConfigError, match="output: set at most one of overwrite and new_version"):
-        load_config(data=data)
+def test_annotate_only_jobs_and_pickle_off_by_default():
     data = config()
     del data["generation"]
     cfg = load_config(data=data)
     assert cfg.generation is None and [a.key for a in cfg.annotators] == ["canny", "hed"]
-    with pytest.raises(ConfigError, match=r"image\.max_aspect_ratio: .*greater than or equal to 1"):
-        load_config(data=config(image={"max_aspect_ratio": 0.5}))
     assert load_config(data=config()).generation.allow_pickle is False

@@ -2,9 +2,6 @@
 
 import io
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,17 +15,11 @@ from pipeline.export import ExportError, export_controlnet_train
 from pipeline.job import run
 from pipeline.schema import samples_schema
 from pipeline.ids import sample_identity
-from tests.conftest import job_dict
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import cli, job_dict, read_parquet_dir
 
 
 def pixels(image: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(image["bytes"])))
-
-
-def samples(out: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(f) for f in sorted((out / "samples").glob("*.parquet"))])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +39,7 @@ def annotate_only(ray_session, tiny_models, photos_dir, tmp_path_factory):
 def test_annotate_only_job_writes_images_controls_and_captions(annotate_only):
     cfg, result, out, photos = annotate_only
     assert (result.inputs, result.samples, result.errors) == (len(photos) + 1, len(photos), 1)
-    table = samples(out)
+    table = read_parquet_dir(out / "samples")
     for f in (out / "samples").glob("*.parquet"):
         got = pq.read_schema(f)
         assert got.equals(samples_schema(["canny", "hed"], family=None), check_metadata=False), got
@@ -81,7 +72,7 @@ def test_export_controlnet_train_from_an_annotate_only_run(annotate_only, tmp_pa
     assert ds.column_names == ["image", "conditioning_image", "text"]  # train_controlnet.py's default order
     assert isinstance(ds.features["image"], ImageFeature) and isinstance(ds.features["conditioning_image"], ImageFeature)
     assert ds.features["text"] == Value("string")
-    source = {r["caption"]: r for r in samples(out).to_pylist()}
+    source = {r["caption"]: r for r in read_parquet_dir(out / "samples").to_pylist()}
     assert sorted(ds["text"]) == sorted(source)
     for row in ds:
         want = source[row["text"]]
@@ -98,18 +89,15 @@ def test_export_from_a_generation_run_pairs_generated_images_with_prompts(ray_se
     data["annotators"] = data["annotators"][:1]
     data["generation"]["controlnets"] = data["generation"]["controlnets"][:1]
     run(load_config(data=data))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "out"), str(tmp_path / "train"),
-                           "--format", "controlnet-train"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = cli("export", tmp_path / "out", tmp_path / "train", "--format", "controlnet-train")
     assert proc.returncode == 0, proc.stderr
     assert "(generated, control_canny, prompt)" in proc.stdout
-    exported = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "train" / "train").glob("*.parquet")])
-    want = samples(tmp_path / "out")
+    exported = read_parquet_dir(tmp_path / "train" / "train")
+    want = read_parquet_dir(tmp_path / "out" / "samples")
     assert sorted(exported["text"].to_pylist()) == sorted(want["prompt"].to_pylist())
     assert sorted(r["bytes"] for r in exported["image"].to_pylist()) == sorted(r["bytes"] for r in want["generated"].to_pylist())
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "out"), str(tmp_path / "t2"),
-                           "--format", "controlnet-train", "--control", "depth"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    proc = cli("export", tmp_path / "out", tmp_path / "t2", "--format", "controlnet-train", "--control", "depth")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'out'} has no control map 'depth'; it has ['canny']"
 
@@ -126,7 +114,7 @@ def test_pose_job_keeps_keypoints_next_to_the_skeleton(ray_session, annotator_we
     files = sorted((tmp_path / "out" / "samples").glob("*.parquet"))
     schema = pq.read_schema(files[0])
     assert schema.field("keypoints_dwpose").type == pa.string() and "keypoints_canny" not in schema.names
-    rows = samples(tmp_path / "out").to_pylist()
+    rows = read_parquet_dir(tmp_path / "out" / "samples").to_pylist()
     people = 0
     for row in rows:
         doc = json.loads(row["keypoints_dwpose"])

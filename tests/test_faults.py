@@ -6,13 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
-from skimage import data
 
 from pipeline.config import load_config
 from pipeline.job import run
-from tests.conftest import job_dict
+from tests.helpers import job_dict, photo, read_parquet_dir
 
 
 def save(path: Path, image: Image.Image, fmt: str | None = None, **kw) -> None:
@@ -22,18 +20,18 @@ def save(path: Path, image: Image.Image, fmt: str | None = None, **kw) -> None:
 def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tiny_models, tmp_path):
     d = tmp_path / "messy"
     d.mkdir()
-    photo = Image.fromarray(data.astronaut())
+    astronaut = Image.fromarray(photo("astronaut"))
     # converted, not rejected
-    save(d / "cmyk.jpg", photo.convert("CMYK"), "JPEG")
-    save(d / "gray16.png", Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257))
-    save(d / "palette.png", photo.convert("P"))
-    save(d / "alpha.png", photo.convert("RGBA"))
-    save(d / "gray.png", Image.fromarray(data.camera()))
+    save(d / "cmyk.jpg", astronaut.convert("CMYK"), "JPEG")
+    save(d / "gray16.png", Image.fromarray(np.asarray(astronaut.convert("L"), dtype=np.uint16) * 257))
+    save(d / "palette.png", astronaut.convert("P"))
+    save(d / "alpha.png", astronaut.convert("RGBA"))
+    save(d / "gray.png", Image.fromarray(photo("camera")).convert("L"))  # the grayscale photograph, mode L
     exif = Image.Exif()
     exif[0x0112] = 8
-    save(d / "exif-rotated.jpg", Image.fromarray(data.coffee()), "JPEG", exif=exif)
-    save(d / "name with spaces.jpg", Image.fromarray(data.chelsea()))
-    save(d / "ünïcødé 写真.jpg", Image.fromarray(data.rocket()))
+    save(d / "exif-rotated.jpg", Image.fromarray(photo("coffee")), "JPEG", exif=exif)
+    save(d / "name with spaces.jpg", Image.fromarray(photo("chelsea")))
+    save(d / "ünïcødé 写真.jpg", Image.fromarray(photo("rocket")))
     # rejected, each with its reason
     good_jpeg = (d / "name with spaces.jpg").read_bytes()
     (d / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 5])
@@ -46,7 +44,7 @@ def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tin
 
     result = run(load_config(data=job_dict(str(d), str(tmp_path / "out"), tiny_models, variants_per_image=1)))
 
-    samples = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out" / "samples").glob("*.parquet")])
+    samples = read_parquet_dir(tmp_path / "out" / "samples")
     names = sorted(Path(u).name for u in samples["source_uri"].to_pylist())
     assert names == sorted(["cmyk.jpg", "gray16.png", "palette.png", "alpha.png", "gray.png", "exif-rotated.jpg",
                             "name with spaces.jpg", "ünïcødé 写真.jpg"])
@@ -56,8 +54,7 @@ def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tin
         image = Image.open(io.BytesIO(row["image"]["bytes"]))
         assert image.mode == "RGB" and image.size == (row["width"], row["height"])
 
-    errors = {Path(r["source_uri"]).name: r for f in (tmp_path / "out" / "errors").glob("*.parquet")
-              for r in pq.read_table(f).to_pylist()}
+    errors = {Path(r["source_uri"]).name: r for r in read_parquet_dir(tmp_path / "out" / "errors").to_pylist()}
     reasons = {name: e["error_message"] for name, e in errors.items()}
     assert set(reasons) == {"truncated.jpg", "empty.png", "text.jpg", "bomb.png", "too-small.png", "panorama.jpg",
                             "dangling.jpg"}

@@ -7,7 +7,6 @@ import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
-from skimage import data
 
 from pipeline.annotators import ANNOTATORS
 from pipeline.config import load_config
@@ -16,14 +15,14 @@ from pipeline.io.images import array_to_png, png_to_array
 from pipeline.job import resolve_models
 from pipeline.ids import sample_identity
 from pipeline.rows import table_of
-from tests.conftest import job_dict
+from tests.helpers import job_dict, photo
 
 
 def make_rows(size=(96, 64)) -> list[dict]:
     canny = ANNOTATORS["canny"]({})
     rows = []
     for i, name in enumerate(("astronaut", "coffee", "chelsea", "rocket")):
-        image = np.asarray(Image.fromarray(getattr(data, name)()).convert("RGB").resize(size))
+        image = photo(name, size)
         hed_like = 255 - canny.annotate([image])[0]  # a second, different control map
         _, seed = sample_identity(0, name, i)
         rows.append({"width": size[0], "height": size[1], "image": array_to_png(image), "seed": seed,

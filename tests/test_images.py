@@ -5,10 +5,10 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data
 
 from pipeline.config import ImageConfig
 from pipeline.io.images import RejectedImage, decode_image, png_to_array, array_to_png, target_size
+from tests.helpers import photo
 
 POLICY = ImageConfig(resolution=64)
 
@@ -28,8 +28,7 @@ def test_size_policy_keeps_aspect_and_rounds_to_multiple_of_8(size):
 
 
 def test_real_photo_is_resized_and_transform_recorded():
-    photo = data.coffee()  # 600x400
-    array, transform = decode_image(encode(Image.fromarray(photo), "JPEG"), POLICY)
+    array, transform = decode_image(encode(Image.fromarray(photo("coffee")), "JPEG"), POLICY)  # 600x400
     assert array.shape == (64, 96, 3) and array.dtype == np.uint8
     assert transform["original_size"] == [600, 400]
     assert transform["size"] == [96, 64]
@@ -37,25 +36,30 @@ def test_real_photo_is_resized_and_transform_recorded():
 
 
 def test_exif_orientation_is_applied():
-    photo = Image.fromarray(data.coffee())  # landscape
-    exif = photo.getexif()
+    landscape = Image.fromarray(photo("coffee"))
+    exif = landscape.getexif()
     exif[0x0112] = 6  # rotate 90° clockwise on display
-    array, transform = decode_image(encode(photo, "JPEG", exif=exif), POLICY)
+    array, transform = decode_image(encode(landscape, "JPEG", exif=exif), POLICY)
     assert array.shape[0] > array.shape[1]  # displayed as portrait
     assert transform["exif_orientation"] == 6
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
 def test_other_modes_are_converted_to_rgb(mode):
-    photo = Image.fromarray(data.astronaut())
+    astronaut = Image.fromarray(photo("astronaut"))
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257))
+        image = Image.fromarray((np.asarray(astronaut.convert("L"), dtype=np.uint16) * 257))
     else:
-        image = photo.convert(mode)
+        image = astronaut.convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     array, transform = decode_image(encode(image, fmt), POLICY)
     assert array.shape == (64, 64, 3) and array.dtype == np.uint8
+    assert transform["original_mode"] == mode
     assert array.std() > 10  # still a photograph, not a blank page
+    # and the same photograph: its brightness follows the RGB original's, pixel by pixel
+    reference, _ = decode_image(encode(astronaut), POLICY)
+    gray = lambda a: a.astype(float).mean(axis=2)
+    assert np.abs(gray(array) - gray(reference)).mean() < 5
 
 
 def test_transparent_pixels_become_white():
@@ -65,7 +69,7 @@ def test_transparent_pixels_become_white():
 
 
 def test_bad_inputs_are_rejected_with_a_reason():
-    good = encode(Image.fromarray(data.chelsea()), "JPEG")
+    good = encode(Image.fromarray(photo("chelsea")), "JPEG")
     with pytest.raises(RejectedImage, match="empty file"):
         decode_image(b"", POLICY)
     with pytest.raises(RejectedImage, match="not a decodable image"):
@@ -83,5 +87,5 @@ def test_bad_inputs_are_rejected_with_a_reason():
 
 
 def test_png_round_trip_is_lossless():
-    photo = data.astronaut()
-    np.testing.assert_array_equal(png_to_array(array_to_png(photo)), photo)
+    astronaut = photo("astronaut")
+    np.testing.assert_array_equal(png_to_array(array_to_png(astronaut)), astronaut)

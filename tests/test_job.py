@@ -4,8 +4,6 @@ import hashlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +18,11 @@ from pipeline.job import run
 from pipeline.models import file_sha256, fingerprint
 from pipeline.schema import samples_schema, errors_schema
 from pipeline.ids import sample_identity
-from tests.conftest import job_dict, write_photos
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, cli, job_dict, read_parquet_dir
 
 
 def read(out: Path, kind: str) -> pa.Table:
-    files = sorted((out / kind).glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else errors_schema().empty_table()
+    return read_parquet_dir(out / kind, schema_if_empty=errors_schema() if kind == "errors" else None)
 
 
 def by_id(table: pa.Table) -> dict[str, dict]:
@@ -181,11 +176,6 @@ def test_parquet_source_with_captions(ray_session, tiny_models, photos_dir, tmp_
     assert all(r["source_uri"].startswith(str(tmp_path / "shard-0.parquet") + "#sha256=") for r in rows)
     (error,) = read(tmp_path / "out", "errors").to_pylist()
     assert error["stage"] == "decode"
-
-
-def cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 def test_cli_config_error_exits_nonzero_with_key_path(tmp_path, tiny_models):

@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import job_dict
+from tests.helpers import ROOT, job_dict
 
-ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 
 

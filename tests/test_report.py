@@ -7,11 +7,8 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
@@ -22,9 +19,8 @@ from pipeline.models import fingerprint
 from pipeline.io.output import RunOutput
 from pipeline.docs import inspect_text
 from pipeline.docs.report import gallery, report_html, thumbnail_uri
-from tests.conftest import job_dict
+from tests.helpers import cli, job_dict, read_parquet_dir
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # an input whose name is markup: it must show as text, never become an element or break an attribute
 EVIL = 'bad"<img src=x onerror=alert(1)>.png'
@@ -45,12 +41,7 @@ def output(ray_session, tiny_models, photos_dir, tmp_path_factory):
 
 
 def samples(out: Path, columns: list[str]) -> list[dict]:
-    return [r for f in sorted((out / "samples").glob("*.parquet")) for r in pq.read_table(f, columns=columns).to_pylist()]
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    return read_parquet_dir(out / "samples", columns=columns).to_pylist()
 
 
 def open_in_chromium(page_path: Path) -> dict:

@@ -9,14 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -25,22 +22,19 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.job import OutputExists, run
 from pipeline.ids import sample_identity
-from tests.conftest import PHOTOS, job_dict
+from tests.helpers import PHOTOS, ROOT, cli, cli_command, cli_env, job_dict, photo, read_parquet_dir
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = 2
 
 
 def make_inputs(directory: Path, per_photo: int) -> tuple[Path, set[str], set[str]]:
     """Distinct crops of the real photographs plus two bad files; returns (dir, good names, bad names)."""
-    from skimage import data
-
     directory.mkdir(parents=True, exist_ok=True)
     good = set()
     for name in PHOTOS:
-        photo = np.asarray(getattr(data, name)())
+        pixels = photo(name)
         for k in range(per_photo):
-            crop = photo[8 * k : 8 * k + 200, 12 * k : 12 * k + 240]
+            crop = pixels[8 * k : 8 * k + 200, 12 * k : 12 * k + 240]
             Image.fromarray(crop).save(directory / f"{name} crop {k}.jpg")  # spaces in names on purpose
             good.add(f"{name} crop {k}.jpg")
     (directory / "truncated.jpg").write_bytes((directory / f"{PHOTOS[0]} crop 0.jpg").read_bytes()[:500])
@@ -53,18 +47,13 @@ def expected_ids(directory: Path, names: set[str], seed: int = 7) -> set[str]:
             for n in names for v in range(VARIANTS)}
 
 
-def table(out: Path, kind: str) -> pa.Table:
-    files = sorted((out / kind).glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f, columns=["sample_id", "source_uri"]) for f in files])
-
-
 def check_exactly_once(out: Path, directory: Path, good: set[str], bad: set[str]) -> dict:
     """Every input exactly once; returns the manifest."""
-    samples = table(out, "samples").to_pylist()
+    samples = read_parquet_dir(out / "samples", columns=["sample_id", "source_uri"]).to_pylist()
     ids = [r["sample_id"] for r in samples]
     assert len(ids) == len(set(ids)), "a sample_id appears twice"
     assert set(ids) == expected_ids(directory, good), "samples missing or unexpected"
-    errors = table(out, "errors").to_pylist()
+    errors = read_parquet_dir(out / "errors", columns=["sample_id", "source_uri"]).to_pylist()
     assert sorted(Path(e["source_uri"]).name for e in errors) == sorted(bad)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["completed"] is True
@@ -121,7 +110,7 @@ def test_interrupted_output_is_completed_without_redoing_work(ray_session, tiny_
 
     result = run(cfg)
     assert result.manifest["this_run"] == {"samples": len(lost), "errors": 0}  # only the lost ones were redone
-    assert {r["sample_id"] for r in table(out, "samples").to_pylist()} >= lost_ids
+    assert set(read_parquet_dir(out / "samples", columns=["sample_id"])["sample_id"].to_pylist()) >= lost_ids
     assert all((out / name).read_bytes() == data for name, data in kept.items())  # finished work untouched
     check_exactly_once(out, directory, good, bad)
 
@@ -152,7 +141,7 @@ def test_a_different_job_is_refused_naming_what_changed(ray_session, tiny_models
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["generation"]["steps"] == 4 and len(manifest["runs"]) == 1
     assert replaced.samples == len(good)
-    steps = pa.concat_tables([pq.read_table(f) for f in out.glob("samples/*.parquet")])["num_inference_steps"]
+    steps = read_parquet_dir(out / "samples", columns=["num_inference_steps"])["num_inference_steps"]
     assert set(steps.to_pylist()) == {4}
 
 
@@ -168,11 +157,11 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
     data["output"]["rows_per_file"] = 1
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
     # its own local Ray instance (the test session has one running, which a plain ray.init() would join)
-    command = [sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--address", "local"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    args = ("run", tmp_path / "job.yaml", "--address", "local")
+    no_address = {"RAY_ADDRESS": ""}
 
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    driver = subprocess.Popen(cli_command(*args), cwd=ROOT, env=cli_env(no_address), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     proc = psutil.Process(driver.pid)
     deadline = time.time() + 240
     while len(list(out.glob("samples/*.parquet"))) < 1 and driver.poll() is None and time.time() < deadline:
@@ -190,10 +179,10 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["completed"] is False, "the job finished before it was killed: make it longer"
     written = {str(p.relative_to(out)): p.read_bytes() for p in out.glob("*/*.parquet")}
-    written_ids = {r["sample_id"] for r in table(out, "samples").to_pylist()}
+    written_ids = set(read_parquet_dir(out / "samples", columns=["sample_id"])["sample_id"].to_pylist())
     assert 0 < len(written_ids) < len(good) * VARIANTS
 
-    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = cli(*args, env=no_address, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stdout
     manifest = check_exactly_once(out, directory, good, bad)

@@ -18,7 +18,7 @@ import ray
 from pipeline.config import SourceConfig, load_config
 from pipeline.job import OutputExists, run
 from pipeline.io.sources import SourceError, list_files, read_bytes, read_source
-from tests.conftest import job_dict, write_photos
+from tests.helpers import job_dict, read_parquet_dir, write_photos
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
 
@@ -47,20 +47,15 @@ def output_objects(s3) -> dict[str, bytes]:
     return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
 
 
-def parquet_rows(objects: dict[str, bytes], kind: str) -> list[dict]:
-    tables = [pq.read_table(io.BytesIO(data)) for name, data in objects.items() if name.startswith(kind + "/")]
-    return pa.concat_tables(tables).to_pylist() if tables else []
-
-
 def test_job_reads_from_and_writes_to_s3(s3, photos, s3_run):
     _, result = s3_run
     assert (result.inputs, result.samples, result.errors) == (6, 5, 1)
     objects = output_objects(s3)
-    samples = parquet_rows(objects, "samples")
+    samples = read_parquet_dir(f"{s3.bucket}/runs/one/samples", fs=s3.fs()).to_pylist()
     assert sorted(r["source_uri"] for r in samples) == sorted(s3.url("photos", name) for name in photos)
     for r in samples:
         assert r["source_sha256"] == hashlib.sha256(photos[r["source_uri"].rsplit("/", 1)[1]]).hexdigest()
-    (error,) = parquet_rows(objects, "errors")
+    (error,) = read_parquet_dir(f"{s3.bucket}/runs/one/errors", fs=s3.fs()).to_pylist()
     assert error["source_uri"] == s3.url("photos", "truncated.jpg")
     assert error["stage"] == "decode" and "not a decodable image" in error["error_message"]
 

@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.generators.sd15 import load_pipeline
 from pipeline.job import resolve_models, run
 from pipeline.models import ModelUnavailable
-from tests.conftest import job_dict
+from tests.helpers import job_dict
 
 OUTPUT_NAMES = re.compile(r"^((samples|errors)/part-[0-9a-f]{32}\.parquet|manifest\.json|stats\.txt|report\.html|README\.md|croissant\.json)$")
 

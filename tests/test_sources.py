@@ -6,18 +6,13 @@ import json
 import tarfile
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import SourceConfig, load_config
 from pipeline.job import run
 from pipeline.io.sources import SourceError, list_files, read_source
-from tests.conftest import job_dict, write_photos
-
-
-def read(out: Path, kind: str) -> list[dict]:
-    return pa.concat_tables([pq.read_table(f) for f in sorted((out / kind).glob("*.parquet"))]).to_pylist()
+from tests.helpers import job_dict, read_parquet_dir, write_photos
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -63,13 +58,13 @@ def test_webdataset_job(ray_session, tiny_models, photos, tmp_path):
     result = run(load_config(data=data), echo=lambda _: None)
 
     assert (result.inputs, result.samples, result.errors) == (4, 3, 1)
-    samples = {r["source_uri"]: r for r in read(tmp_path / "out", "samples")}
+    samples = {r["source_uri"]: r for r in read_parquet_dir(tmp_path / "out" / "samples").to_pylist()}
     shard0, shard1 = (str(tmp_path / f"shard-00{i}.tar") for i in (0, 1))
     assert {uri: r["caption"] for uri, r in samples.items()} == {
         f"{shard0}#astronaut": "an astronaut", f"{shard0}#chelsea": "a cat", f"{shard1}#coffee": "a cup"}
     assert samples[f"{shard0}#chelsea"]["prompt"] == "a painting of a cat"
     assert samples[f"{shard1}#coffee"]["source_sha256"] == hashlib.sha256(photos["coffee.jpg"]).hexdigest()
-    (error,) = read(tmp_path / "out", "errors")
+    (error,) = read_parquet_dir(tmp_path / "out" / "errors").to_pylist()
     assert error["source_uri"] == f"{shard1}#broken" and error["stage"] == "decode"
     assert error["source_sha256"] == hashlib.sha256(photos["rocket.jpg"][:500]).hexdigest()
 
@@ -113,12 +108,12 @@ def test_hugging_face_datasets_parquet_export(ray_session, tiny_models, photos, 
     result = run(load_config(data=data), echo=lambda _: None)
 
     assert (result.inputs, result.samples, result.errors) == (4, 3, 1)
-    samples = {r["source_uri"]: r for r in read(tmp_path / "out", "samples")}
+    samples = {r["source_uri"]: r for r in read_parquet_dir(tmp_path / "out" / "samples").to_pylist()}
     assert {uri: r["prompt"] for uri, r in samples.items()} == {
         f"{export}#astronaut.jpg": "a painting of an astronaut",
         f"{export}#chelsea.png": "a painting of a cat",
         str(tmp_path / "coffee.jpg"): "a painting of a cup",
     }
     assert samples[f"{export}#chelsea.png"]["source_sha256"] == hashlib.sha256(photos["chelsea.png"]).hexdigest()
-    (error,) = read(tmp_path / "out", "errors")
+    (error,) = read_parquet_dir(tmp_path / "out" / "errors").to_pylist()
     assert error["source_uri"] == f"{export}#broken.jpg" and error["stage"] == "decode"

@@ -15,7 +15,7 @@ from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionCont
 from PIL import Image
 
 from pipeline.annotators import ANNOTATORS
-from pipeline.testing import MARKER, make_tiny
+from pipeline.testing import HEAVY, MARKER, make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,10 @@ def test_layout(tiny: dict[str, str]) -> None:
     assert (out / "annotators" / "ControlNetHED.pth").is_file()
     assert "random" in (out / "README.md").read_text().lower()
     marker = json.loads((out / MARKER).read_text())
-    assert marker == {"seed": 0, "conditions": ["canny", "hed"], "annotators": marker["annotators"]}
+    # the default set: every neural annotator (one with a default_model) but the heavy ones, in registry order
+    default = [name for name, cls in ANNOTATORS.items() if cls.default_model and name not in HEAVY]
+    assert {"hed", "dwpose", "depth_anything"} <= set(default) and "canny" not in default
+    assert marker == {"seed": 0, "conditions": ["canny", "hed"], "annotators": default}
     assert "hed" in marker["annotators"] and "lineart_anime" not in marker["annotators"]  # heavy: only on request
     for name in marker["annotators"]:
         for f in ANNOTATORS[name].files():
@@ -107,6 +110,12 @@ def test_multi_controlnet_pipeline_runs(tiny: dict[str, str], pipe: StableDiffus
     assert images.shape == (1, 64, 64, 3)
     assert np.isfinite(images).all()
     assert images.min() >= 0.0 and images.max() <= 1.0
+    # Each ControlNet counts: with the hed one at scale 0 the result is the canny-only pipeline's,
+    # and at 0.5 it moves the result away from it.
+    canny_only = _generate(pipe, _control_image(0))
+    hed_off = _generate(multi, [_control_image(0), _control_image(1)], controlnet_conditioning_scale=[1.0, 0.0])
+    np.testing.assert_allclose(hed_off, canny_only, atol=1e-5)
+    assert np.abs(images - canny_only).max() > 0.01
 
 
 def test_conditions_have_different_weights(tiny: dict[str, str]) -> None:
@@ -139,9 +148,14 @@ def test_hed_annotator_loads_and_runs(tiny: dict[str, str]) -> None:
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
     hed = HEDdetector.from_pretrained(tiny["annotators"])
-    edges = hed(_control_image(0), detect_resolution=64, image_resolution=64, output_type="np")
+    detect = lambda image: hed(image, detect_resolution=64, image_resolution=64, output_type="np")
+    edges = detect(_control_image(0))
     assert edges.shape == (64, 64, 3)
     assert edges.dtype == np.uint8
+    # a map that depends on its input, the same each time: not a constant the loader fell back to
+    assert edges.std() > 1
+    np.testing.assert_array_equal(detect(_control_image(0)), edges)
+    assert not np.array_equal(detect(_control_image(1)), edges)
 
 
 def test_idempotent(tiny: dict[str, str]) -> None:
