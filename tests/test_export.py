@@ -55,7 +55,9 @@ def test_annotate_only_job_writes_images_controls_and_captions(annotate_only):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["completed"] and manifest["models"]["base_model"] is None
     assert (out / "report.html").is_file() and "annotate-only" in (out / "README.md").read_text()
-    assert run(cfg).manifest["this_run"] == {"samples": 0, "errors": 0}  # resumes like any job
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert run(cfg).run_id == manifest["run_id"]  # a finished job, like any: nothing to do, nothing written
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_export_controlnet_train_from_an_annotate_only_run(annotate_only, tmp_path):

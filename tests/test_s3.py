@@ -70,8 +70,8 @@ def test_job_reads_from_and_writes_to_s3(s3, photos, s3_run):
 def test_same_job_resumes_and_another_job_is_refused_on_s3(s3, s3_run):
     cfg, _ = s3_run
     before = {n: d for n, d in output_objects(s3).items() if n.endswith(".parquet")}
-    again = run(cfg)  # the same job into the same prefix: resumes, finds nothing left to do
-    assert again.manifest["this_run"] == {"samples": 0, "errors": 0}
+    again = run(cfg)  # the same job into the same prefix on the same inputs: complete, nothing to do
+    assert again.run_id == json.loads(output_objects(s3)["manifest.json"])["run_id"]
     assert (again.inputs, again.samples, again.errors) == (6, 5, 1)
     assert {n: d for n, d in output_objects(s3).items() if n.endswith(".parquet")} == before
     data = cfg.model_dump()

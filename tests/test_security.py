@@ -81,7 +81,7 @@ def test_output_names_cannot_be_steered_by_input_names(ray_session, tiny_models,
     folder = tmp_path / "in" / "folder"
     folder.mkdir()
     (folder / "ünïcødé 写真 photo.jpg").write_bytes(photo)
-    (folder / "with spaces & $(touch pwned).jpg").write_bytes(photo)
+    (folder / "with spaces & $(touch pwned).jpg").write_bytes(images[1]["bytes"])  # other content: not a duplicate
 
     work = tmp_path / "work"
     work.mkdir()
