@@ -9,34 +9,50 @@ import sys
 from pipeline.config import ConfigError, load_config
 
 
-def _init_ray(address: str | None) -> None:
+class RayUnavailable(RuntimeError):
+    """Ray could not be started or joined."""
+
+
+def _init_ray(address: str | None, verbose: bool = False) -> None:
     import ray
 
+    from pipeline.console import quiet_ray
+
+    options = {} if verbose else quiet_ray()
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)  # the laptop default: a local Ray instance
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(include_dashboard=False, **options)  # the laptop default: a local Ray instance
+    except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
+        raise RayUnavailable(f"could not {'join Ray at ' + address if address else 'start a local Ray instance'}: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.set)  # config errors before anything heavy is imported
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from pipeline.io.lock import OutputLocked
+    from pipeline.io.output import UnsafeParquet
     from pipeline.io.sources import SourceError
     from pipeline.job import OutputExists, execute, finished, prepare, resolve_models
     from pipeline.models import ModelUnavailable
 
+    say = (lambda line: None) if args.quiet else print
     plan = None
     try:
-        cfg = load_config(args.config, args.set)
         models = resolve_models(cfg)  # fail fast, before a cluster is started or joined
         plan = prepare(cfg, models)  # source and output checked, output locked: still no Ray
         if plan.complete:
-            finished(plan)  # says so; nothing is written
+            finished(plan, say)  # says so; nothing is written
             return 0
-        else:
-            _init_ray(args.address)
-            result = execute(plan)
-    except (ConfigError, ModelUnavailable, OutputExists, OutputLocked, SourceError) as e:
+        _init_ray(args.address, args.verbose)
+        result = execute(plan, say, bar=not args.quiet)
+    except (ModelUnavailable, OutputExists, OutputLocked, SourceError, UnsafeParquet, RayUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -50,6 +66,72 @@ def cmd_run(args: argparse.Namespace) -> int:
         if plan is not None:
             plan.lock.release()
     print(result.summary())
+    if not args.quiet:
+        print_tables(result)
+    return 0
+
+
+def print_tables(result) -> None:
+    """The stages' time shares and throughputs, and the output's errors by reason."""
+    from pipeline.console import error_lines, stage_table
+    from pipeline.io.output import RunOutput
+
+    print("stages (time measured in each stage; they overlap):")
+    print("\n".join(stage_table(result.manifest.get("stages", {}))))
+    errors = RunOutput(result.output, result.manifest["config"]["output"].get("storage_options") or {}).read(
+        "errors", ["stage", "error_type", "error_message"])
+    if errors is not None and errors.num_rows:
+        print("errors by reason:")
+        print("\n".join(error_lines(errors.to_pylist())))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a run would do, without running it (no Ray)."""
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.io.lock import OutputLocked
+    from pipeline.io.sources import SourceError
+    from pipeline.job import OutputExists, flat, prepare, resolve_models
+    from pipeline.models import ModelUnavailable
+
+    try:
+        models = resolve_models(cfg)
+        plan = prepare(cfg, models, dry_run=True)  # nothing locked, deleted or created
+    except (ModelUnavailable, OutputExists, OutputLocked, SourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg, variants = plan.cfg, cfg.generation.variants_per_image if cfg.generation else 1
+    listed = len(plan.listing.uris)
+    inputs = min(listed, cfg.source.limit) if cfg.source.limit and cfg.source.type == "images" else listed
+    what = {"images": "image files", "parquet": "Parquet files", "webdataset": "tar shards"}[cfg.source.type]
+    print(f"source: {cfg.source.path}: {listed} {what}" + (f", {inputs} read (source.limit)" if inputs != listed else "")
+          + (f"; {plan.listing.skipped} entries that are not regular files skipped" if plan.listing.skipped else ""))
+    overwrite = cfg.output.overwrite and not plan.target.resuming and plan.target.path == cfg.output.path
+    print(f"output: {cfg.output.path}: " + ("complete: nothing to do" if plan.complete else
+                                            "resume" if plan.target.resuming else
+                                            "replaces what is there (output.overwrite)" if overwrite else "new"))
+    written = plan.target.written
+    if plan.target.resuming:
+        print(f"  a resume skips {len(written.done_samples)} written samples and {len(written.done_sources)} "
+              f"rejected inputs")
+    todo = 0 if plan.complete else plan.expected_inputs
+    if todo is not None:
+        print(f"to do: {todo} inputs -> {todo * variants} {'samples' if cfg.generation else 'rows'} "
+              f"({variants} per input)")
+    else:
+        print(f"to do: every image in the {listed} {what} ({variants} samples per image)")
+    print("models:")
+    for key, model in models.annotators.items():
+        print(f"  annotator {key}: " + (f"{model.model} @ {model.commit}" if model else "(no weights)"))
+    for model in flat(models.generation):
+        print(f"  {model.model} @ {model.commit}")
+    if cfg.generation and args.seconds_per_image and todo is not None:
+        seconds = todo * variants * args.seconds_per_image / max(cfg.generation.actors, 1)
+        print(f"estimate: {seconds / 3600:.2f} GPU-hours on {cfg.generation.actors} actor(s) at "
+              f"{args.seconds_per_image:g} s per image")
     return 0
 
 
@@ -139,6 +221,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.io.lock import OutputLocked
+    from pipeline.io.output import NotARunOutput
+    from pipeline.models import ModelUnavailable
+    from pipeline.scorers.rescore import NotScorable, score_output
+
+    try:
+        score_output(args.output, args.set)
+    except (ConfigError, ModelUnavailable, NotARunOutput, NotScorable, OutputLocked) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import ExportError, export_controlnet_train
     from pipeline.io.output import NotARunOutput
@@ -154,16 +250,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+SET_HELP = ("override a config key (repeatable): KEY=VALUE sets it (YAML, or text where the schema wants text), "
+            "KEY+=VALUE appends to a list")
+
+
+def prog_name() -> str:
+    """`controlnet-pipeline` when run as the console script, else `python -m pipeline`."""
+    return "python -m pipeline" if sys.argv[0].endswith("__main__.py") or sys.argv[0] == "-m" \
+        else os.path.basename(sys.argv[0]) or "controlnet-pipeline"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="ControlNet dataset pipeline on Ray.")
+    from pipeline import __version__
+
+    parser = argparse.ArgumentParser(prog=prog_name(), description="ControlNet dataset pipeline on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a job config")
     p.add_argument("config", help="job config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a Ray instance already running on "
                                      "this machine, else a new local one; 'local' always starts a new one)")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and progress bars")
+    loud.add_argument("-q", "--quiet", action="store_true", help="print only the summary line and errors (for scripts)")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("plan", help="what a run would do: inputs, samples, models and revisions, what a resume skips")
+    p.add_argument("config", help="job config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--seconds-per-image", type=float, help="measured seconds per generated image on one actor: "
+                                                           "prints an estimate of the generation time")
+    p.set_defaults(fn=cmd_plan)
 
     models = sub.add_parser("models", help="model utilities").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("make-tiny", help="write tiny random-weight models for offline runs and tests")
@@ -177,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p = models.add_parser("fetch", help="download every model file a job config needs into DIR/<repo id>/")
     p.add_argument("config", help="job config YAML")
     p.add_argument("--dir", required=True, help="local directory; configs can then name DIR/<repo id>")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.set_defaults(fn=cmd_fetch)
 
     p = sub.add_parser("annotators", help="list the annotators, their parameters and weights")
@@ -195,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="print a run's counts, errors, throughput and models")
     p.add_argument("output", help="the run's output.path (local path or fsspec URL)")
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("score", help="score a run's samples (quality gate) in place, without generating anything")
+    p.add_argument("output", help="the run's output.path (local path or fsspec URL)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set or override a key of the quality section, e.g. quality.min.canny=0.3 (repeatable)")
+    p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("export", help="write a run's samples in another layout")
     p.add_argument("output", help="the run's output.path")

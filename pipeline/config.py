@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
-SCHEDULERS = ("unipc", "dpmpp_2m", "ddim", "euler_a")
+SCHEDULERS = ("unipc", "dpmpp_2m", "ddim", "euler_a", "flow_match_euler")  # the last: flux and sd3 only
+MODES = ("text2img", "img2img", "inpaint")
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,10 @@ class ControlNetConfig(Strict):
     conditioning_scale: float = Field(1.0, ge=0)
     guidance_start: float = Field(0.0, ge=0, le=1)
     guidance_end: float = Field(1.0, ge=0, le=1)
+    control_mode: int | str | None = Field(
+        None, description="Union ControlNets (sdxl_union; flux with a Union checkpoint): the condition type, a number or "
+                          "a name of the family's table (openpose, depth, hed, canny, normal, segmentation, ...); "
+                          "default: looked up from the condition's annotator name.")
 
     @model_validator(mode="after")
     def _start_before_end(self) -> ControlNetConfig:
@@ -122,6 +128,17 @@ class PromptConfig(Strict):
 PROMPT_FIELDS = frozenset({"prompt", "caption", "variant"})
 
 
+class MaskConfig(Strict):
+    """Inpaint mask (white: repainted), made per row from one annotator's output."""
+
+    annotator: str = Field(description="Annotator id: a seg_ade20k annotator (with `classes`) or a pose annotator "
+                                       "(the bounding box of the people it found).")
+    classes: list[int] = Field([], description="seg_ade20k: ADE20K class indices forming the region (12: person).")
+    repaint: Literal["inside", "outside"] = Field(
+        "outside", description="outside: repaint everything but the region (keep the subject); inside: the region.")
+    margin: int = Field(0, ge=0, description="Grow the region by this many pixels before masking.")
+
+
 class GenerationConfig(Strict):
     family: str = Field("sd15", description="Generator family: a module of pipeline/generators (sd15: Stable "
                                             "Diffusion 1.x + ControlNet).")
@@ -135,7 +152,17 @@ class GenerationConfig(Strict):
     allow_pickle: bool = Field(
         False, description="Also load pickle checkpoints (.bin/.ckpt). Default: safetensors only, as pickle can run code."
     )
-    scheduler: Literal[SCHEDULERS] = "unipc"  # type: ignore[valid-type]
+    scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
+        "unipc", description="sd15/sdxl: unipc, dpmpp_2m, ddim, euler_a; flux/sd3: flow_match_euler (their default).")
+    mode: Literal[MODES] = Field(  # type: ignore[valid-type]
+        "text2img", description="text2img; img2img (the source image is the starting point, `strength`); inpaint "
+                                "(`mask` says what is repainted, `strength`).")
+    strength: float = Field(0.8, gt=0, le=1, description="img2img/inpaint: how far the source is noised (1: fully).")
+    mask: MaskConfig | None = Field(None, description="inpaint: where the mask comes from.")
+    guess_mode: bool = Field(False, description="sd15/sdxl: the ControlNet recognises the content without prompt "
+                                                "(ControlNet's guess mode; guidance_scale 3-5 recommended).")
+    true_cfg_scale: float = Field(1.0, ge=1, description="flux text2img: real classifier-free guidance with the negative "
+                                                         "prompt when > 1 (twice the compute).")
     steps: int = Field(20, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0)
     variants_per_image: int = Field(1, ge=1)
@@ -153,6 +180,41 @@ class GenerationConfig(Strict):
         if family not in families():
             raise ValueError(f"unknown generator family {family!r}; known: {list(families())}")
         return family
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_scheduler(cls, data: Any) -> Any:
+        """A family's own default scheduler (flow_match_euler for flux and sd3)."""
+        from pipeline.generators import families, generator_class
+
+        if isinstance(data, dict) and "scheduler" not in data and data.get("family", "sd15") in families():
+            default = generator_class(data.get("family", "sd15")).schedulers[0]
+            data = {**data, "scheduler": default} if default != "unipc" else data
+        return data
+
+
+class QualityConfig(Strict):
+    """The quality gate after generation: control fidelity per condition (the same annotator re-run on the
+    generated image, compared with the source's control map), optional CLIP and sharpness scores, and
+    what happens to samples below the thresholds."""
+
+    min: dict[str, float] = Field({}, description="Lower bounds: annotator id (metrics where higher is better: edge "
+                                                  "F1, SSIM, mIoU, PCK), `clip` or `sharpness` -> threshold.")
+    max: dict[str, float] = Field({}, description="Upper bounds: annotator id (error metrics: depth RMSE, normals "
+                                                  "angular error) -> threshold.")
+    action: Literal["flag", "drop"] = Field("flag", description="flag: every sample stays in samples/ with `passed`; "
+                                                                "drop: samples that fail go to rejected/ (same schema).")
+    conditions: list[str] | None = Field(None, description="Annotator ids to score (default: every one with a metric).")
+    pck_alpha: float = Field(0.2, gt=0, le=1, description="Pose: a keypoint matches within this fraction of the "
+                                                          "person's box.")
+    clip_model: str | None = Field(None, description="CLIP model (hub id or local directory, transformers CLIPModel) "
+                                                     "for `clip_score`; none: no CLIP score.")
+    clip_revision: str | None = None
+    sharpness: bool = Field(False, description="Add `sharpness_score` (variance of the Laplacian).")
+    batch_size: int = Field(8, ge=1)
+    actors: int = Field(1, ge=1, description="Maximum actor pool size of the scoring stage.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per scoring actor, used when the cluster has GPUs.")
+    num_cpus: float = Field(1.0, gt=0)
 
 
 class OutputConfig(Strict):
@@ -179,6 +241,8 @@ class JobConfig(Strict):
     generation: GenerationConfig | None = Field(
         None, description="Omit for an annotate-only job: rows of image, control maps, caption and keypoints."
     )
+    quality: QualityConfig | None = Field(None, description="Score every generated sample and gate on the scores "
+                                                           "(needs generation).")
     output: OutputConfig
 
     @model_validator(mode="after")
@@ -198,7 +262,48 @@ class JobConfig(Strict):
         for i, cn in enumerate(self.generation.controlnets if self.generation else []):
             if cn.condition not in keys:
                 raise ValueError(f"generation.controlnets.{i}.condition: {cn.condition!r} is not an annotator id {keys}")
+        if self.generation:  # the family's own checks (modes, knobs, control modes); may fill in derived values
+            from pipeline.generators import generator_class
+
+            object.__setattr__(self, "generation", generator_class(self.generation.family).check(self))
+        if self.quality is not None:
+            check_quality(self.quality, {a.key: a.name for a in self.annotators}, self.generation is not None)
         return self
+
+
+def check_quality(quality: QualityConfig, annotators: dict[str, str], generates: bool) -> None:
+    """The quality section against the job's annotators (id -> name): each bound names a scored
+    condition (or clip, sharpness) in the direction its metric runs."""
+    from pipeline.scorers.base import CLIP, SHARPNESS, metric_for
+
+    if not generates:
+        raise ValueError("quality: needs a generation section (it scores generated images)")
+    for key in (CLIP, SHARPNESS):
+        if key in annotators:
+            raise ValueError(f"quality: annotator id {key!r} is reserved for the {key} score; set another `id`")
+    scored = quality.conditions if quality.conditions is not None else [k for k, n in annotators.items() if metric_for(n)]
+    for i, key in enumerate(quality.conditions or []):
+        if key not in annotators:
+            raise ValueError(f"quality.conditions.{i}: {key!r} is not an annotator id {list(annotators)}")
+        if metric_for(annotators[key]) is None:
+            raise ValueError(f"quality.conditions.{i}: annotator {annotators[key]!r} has no fidelity metric")
+    for bound, limits in (("min", quality.min), ("max", quality.max)):
+        for key in limits:
+            if key == CLIP:
+                if quality.clip_model is None:
+                    raise ValueError(f"quality.{bound}.clip: set quality.clip_model to compute a CLIP score")
+                want = "min"
+            elif key == SHARPNESS:
+                if not quality.sharpness:
+                    raise ValueError(f"quality.{bound}.sharpness: set quality.sharpness=true to compute it")
+                want = "min"
+            elif key not in scored:
+                raise ValueError(f"quality.{bound}.{key}: not a scored condition (scored: {scored}, clip, sharpness)")
+            else:
+                want = metric_for(annotators[key]).bound
+            if bound != want:
+                raise ValueError(f"quality.{bound}.{key}: higher is {'better' if want == 'min' else 'worse'} for "
+                                 f"this score; give its threshold under quality.{want}")
 
 
 def _first_error(e: ValidationError) -> str:
@@ -208,24 +313,84 @@ def _first_error(e: ValidationError) -> str:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    """Apply one `--set` override in place.
+
+    `a.b.c=VALUE` sets a key (or a list item, `a.list.0=VALUE`); `a.list+=VALUE` appends to a list. The
+    value is parsed as YAML (`3`, `true`, `[1, 2]`, `{k: v}`), except where the schema wants a string
+    (`prompt.template={prompt}, {caption}` and `negative=yes` stay text) or the text is not valid YAML;
+    a single value given for a list of strings replaces the list with that one item."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE or KEY+=VALUE")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    append = key.endswith("+")
+    parts = key.removesuffix("+").strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {assignment!r}: empty key segment")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         node = _child(node, part, ".".join(parts[: i + 1]), create=True)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    wanted = _annotation(parts)
+    value = _parse_value(raw, wanted, append)
     last = parts[-1]
+    if append:
+        current = node.get(last, []) if isinstance(node, dict) else node[_index(node, last, key)]
+        if not isinstance(current, list):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts)} is not a list")
+        value = current + (value if isinstance(value, list) else [value])
     if isinstance(node, list):
         node[_index(node, last, key)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
         raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:-1])} is not a mapping or list")
+
+
+def _parse_value(raw: str, wanted: Any, append: bool) -> Any:
+    item, structured = _list_item(wanted), raw.lstrip().startswith(("[", "{"))
+    if _is_str(wanted) or (append and _is_str(item)) or (str in _options(wanted) and not structured):
+        return raw
+    if _is_str(item) and not structured:
+        return [raw]  # a list of strings given one string
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw  # not YAML: the text itself
+
+
+def _annotation(parts: list[str]) -> Any:
+    """The type the job config schema declares at a dotted key (None where it does not say)."""
+    model: Any = JobConfig
+    annotation: Any = None
+    for part in parts:
+        model = _model_of(annotation) if annotation is not None else model
+        if part.isdigit():
+            annotation = _list_item(annotation)
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+    return annotation
+
+
+def _options(annotation: Any) -> list[Any]:
+    """The members of a union (`X | None`), or the annotation itself."""
+    return [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) \
+        else [annotation]
+
+
+def _model_of(annotation: Any) -> Any:
+    return next((a for a in _options(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def _list_item(annotation: Any) -> Any:
+    for a in _options(annotation):
+        if get_origin(a) is list:
+            return get_args(a)[0]
+    return None
+
+
+def _is_str(annotation: Any) -> bool:
+    return annotation is not None and _options(annotation) == [str]
 
 
 def _index(node: list, part: str, path: str) -> int:

@@ -6,8 +6,9 @@ sources -> decode -> annotate (one stage per annotator) -> expand variants -> ge
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -15,7 +16,8 @@ import ray
 
 from pipeline.annotators import ANNOTATORS
 from pipeline.annotators.stage import Annotate
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, QualityConfig
+from pipeline.console import Bar, Progress, timed
 from pipeline.generators import generator_class
 from pipeline.io.images import Decode
 from pipeline.io.output import RunOutput, Written
@@ -26,19 +28,22 @@ from pipeline.io.sources import Listing, list_inputs, read_source, source_extens
 from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
 from pipeline.provenance import code_version, library_versions, new_run_id, redacted
 from pipeline.schema import samples_schema
+from pipeline.scorers.stage import Score, needs_actor, quality_record, score_columns
 from pipeline.variants import ExpandVariants
 
 @dataclass(frozen=True)
 class Models:
     annotators: dict[str, ResolvedModel | None]  # annotator id -> weights (None: weight-free)
     generation: dict[str, Any]  # the generator's models by manifest key (empty: an annotate-only job)
+    scorers: dict[str, ResolvedModel] = field(default_factory=dict)  # quality gate models ("clip"), if any
 
     def provenance(self) -> dict[str, Any]:
         generation = {k: [m.provenance() for m in v] if isinstance(v, list) else v.provenance()
                       for k, v in self.generation.items()}
         # an annotate-only job records no base model and no ControlNets, as it always has
         return (generation or {"base_model": None, "controlnets": []}) | {
-            "annotators": {k: m.provenance() if m else None for k, m in self.annotators.items()}}
+            "annotators": {k: m.provenance() if m else None for k, m in self.annotators.items()}} | (
+            {"scorers": {k: m.provenance() for k, m in self.scorers.items()}} if self.scorers else {})
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,13 @@ class RunResult:
     manifest: dict[str, Any]
 
     def summary(self) -> str:
-        rate = self.samples / self.seconds if self.seconds else 0.0
-        return (f"run {self.run_id}: {self.samples} samples, {self.errors} errors from {self.inputs} inputs "
-                f"in {self.seconds:.1f}s ({rate:.2f} images/s) -> {self.output}")
+        """One line: what this run added (and, after a resume, what the output holds in all)."""
+        added = self.manifest.get("this_run", {}).get("samples", self.samples)
+        rate = added / self.seconds if self.seconds else 0.0
+        runs = len(self.manifest.get("runs", [])) > 1
+        what = (f"added {added} samples ({self.samples} in all), {self.errors} errors from {self.inputs} inputs"
+                if runs else f"{self.samples} samples, {self.errors} errors from {self.inputs} inputs")
+        return f"run {self.run_id}: {what} in {self.seconds:.1f}s ({rate:.2f} samples/s) -> {self.output}"
 
 
 def resolve_models(cfg: JobConfig) -> Models:
@@ -65,12 +74,14 @@ def resolve_models(cfg: JobConfig) -> Models:
     for a in cfg.annotators:
         cls = ANNOTATORS[a.name]
         model = a.model or cls.default_model
-        annotators[a.key] = resolve_model(model, a.revision, cls.files[0] if cls.files else None, local_only) if model else None
+        annotators[a.key] = resolve_model(model, a.revision, cls.files[0], local_only, cls.files) if model else None
     if gen is None:
         return Models(annotators, {})
-    resolve = lambda ref: resolve_model(ref.model, ref.revision, ref.probe, local_only)  # noqa: E731
+    pickles = ("*.bin", "*.ckpt", "*.pt", "*.pth") if gen.allow_pickle else ()
+    resolve = lambda ref: resolve_model(ref.model, ref.revision, ref.probe, local_only, (*ref.patterns, *pickles))  # noqa: E731
     refs = generator_class(gen.family).model_refs(gen)
-    models = Models(annotators, {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()})
+    models = Models(annotators, {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()},
+                    scorer_models(cfg.quality, local_only))
     if not gen.allow_pickle:
         for m in flat(models.generation):
             if pickled := pickle_only_weights(m):
@@ -79,6 +90,15 @@ def resolve_models(cfg: JobConfig) -> Models:
                     f"loaded. Convert them to safetensors, or set generation.allow_pickle=true if you trust the source"
                 )
     return models
+
+
+def scorer_models(quality: QualityConfig | None, local_only: bool = False) -> dict[str, ResolvedModel]:
+    """The quality gate's own models (the CLIP model, when configured); its annotators are the job's."""
+    if quality is None or not quality.clip_model:
+        return {}
+    from pipeline.scorers.clip import FILES, PROBE
+
+    return {"clip": resolve_model(quality.clip_model, quality.clip_revision, PROBE, local_only, FILES)}
 
 
 def flat(models: dict[str, Any]) -> list[Any]:
@@ -92,6 +112,8 @@ def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict
     wanted["dedupe"] = 0.1  # a set lookup per input
     if cfg.generation and not (gpus and cfg.generation.num_gpus):
         wanted["generate"] = cfg.generation.num_cpus
+    if cfg.quality and needs_actor(cfg, models.annotators) and not (gpus and cfg.quality.num_gpus):
+        wanted["score"] = cfg.quality.num_cpus
     total = sum(wanted.values())
     budget = max(cpus - 1, 0.5)
     scale = min(1.0, budget / total) if total else 1.0
@@ -99,8 +121,9 @@ def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict
 
 
 def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None,
-                  listing: Listing | None = None) -> ray.data.Dataset:
-    """The job's Dataset; with `written` (an earlier run's output) the work it holds is skipped."""
+                  listing: Listing | None = None, progress=None) -> ray.data.Dataset:
+    """The job's Dataset; with `written` (an earlier run's output) the work it holds is skipped. Every
+    stage is timed per batch and reports to `progress` (a console.Progress actor) when given."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     cpu_share = actor_cpus(cfg, models, gpus, cpus)
@@ -111,45 +134,41 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
         done = ray.put((written.done_samples, written.done_sources))
         skip = SkipWritten(done, cfg.seed, variants, after_decode=True)
 
+    def stage(ds: ray.data.Dataset, name: str, fn, **kw) -> ray.data.Dataset:
+        return ds.map_batches(timed(name, fn, progress), batch_format="pyarrow", **kw)
+
     ds = read_source(cfg.source, listing)
     if skip is not None:
-        ds = ds.map_batches(SkipWritten(done, cfg.seed, variants, after_decode=False), batch_format="pyarrow")
-    ds = ds.map_batches(Decode(cfg.image, cfg.source.storage_options, cfg.source.extensions), batch_format="pyarrow",
-                        batch_size=16)
+        ds = stage(ds, "skip-written", SkipWritten(done, cfg.seed, variants, after_decode=False))
+    ds = stage(ds, "decode", Decode(cfg.image, cfg.source.storage_options, cfg.source.extensions), batch_size=16)
     if skip is not None:
-        ds = ds.map_batches(skip, batch_format="pyarrow")
-    ds = ds.map_batches(FirstCopy, compute=ray.data.ActorPoolStrategy(size=1), batch_format="pyarrow",
-                        num_cpus=cpu_share["dedupe"])  # one actor sees every input's content hash
+        ds = stage(ds, "skip-decoded", skip)
+    # one actor sees every input's content hash
+    ds = stage(ds, "dedupe", FirstCopy, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpu_share["dedupe"])
     for a in cfg.annotators:
         model = models.annotators[a.key]
         if model is None:
-            ds = ds.map_batches(Annotate(a, None), batch_format="pyarrow", batch_size=a.batch_size)
+            ds = stage(ds, f"annotate:{a.key}", Annotate(a, None), batch_size=a.batch_size)
         else:
-            ds = ds.map_batches(
-                Annotate,
-                fn_constructor_kwargs={"cfg": a, "model": model},
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=a.actors),
-                batch_size=a.batch_size,
-                batch_format="pyarrow",
-                **({"num_gpus": a.num_gpus} if gpus and a.num_gpus else {"num_cpus": cpu_share[a.key]}),
-            )
-    ds = ds.map_batches(ExpandVariants(cfg.seed, variants, gen.prompt if gen else None, skip.variant_done if skip else None),
-                        batch_format="pyarrow")
+            ds = stage(ds, f"annotate:{a.key}", Annotate, fn_constructor_kwargs={"cfg": a, "model": model},
+                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=a.actors), batch_size=a.batch_size,
+                       **({"num_gpus": a.num_gpus} if gpus and a.num_gpus else {"num_cpus": cpu_share[a.key]}))
+    ds = stage(ds, "expand", ExpandVariants(cfg.seed, variants, gen.prompt if gen else None,
+                                            skip.variant_done if skip else None))
     if gen is None:
         return ds
-    return ds.map_batches(
-        stage_named("Generate", generator_class(gen.family)),
-        fn_constructor_kwargs={"gen": gen, "models": models.generation},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors),
-        batch_size=gen.batch_size,
-        batch_format="pyarrow",
-        **({"num_gpus": gen.num_gpus} if gpus and gen.num_gpus else {"num_cpus": cpu_share["generate"]}),
-    )
-
-
-def stage_named(name: str, cls: type) -> type:
-    """`cls` under the name Ray Data shows for its stage (progress, stats), whatever the family."""
-    return type(name, (cls,), {"__module__": cls.__module__, "__qualname__": name})
+    ds = stage(ds, "generate", generator_class(gen.family), fn_constructor_kwargs={"gen": gen, "models": models.generation},
+               compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors), batch_size=gen.batch_size,
+               **({"num_gpus": gen.num_gpus} if gpus and gen.num_gpus else {"num_cpus": cpu_share["generate"]}))
+    q = cfg.quality
+    if q is None:
+        return ds
+    score_args = {"cfg": cfg, "annotator_models": models.annotators, "clip_model": models.scorers.get("clip")}
+    if not needs_actor(cfg, models.annotators):  # weight-free annotators and sharpness only: Ray tasks
+        return stage(ds, "score", Score(**score_args), batch_size=q.batch_size)
+    return stage(ds, "score", Score, fn_constructor_kwargs=score_args,
+                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=q.actors), batch_size=q.batch_size,
+                 **({"num_gpus": q.num_gpus} if gpus and q.num_gpus else {"num_cpus": cpu_share["score"]}))
 
 
 @dataclass
@@ -170,15 +189,27 @@ class Plan:
         return f"{self.listing.digest}:{self.cfg.source.limit}"
 
     @property
+    def expected_inputs(self) -> int | None:
+        """Inputs this run will process, where the source says before reading (image files; a resume
+        counts the inputs with nothing written yet as whole ones)."""
+        if self.cfg.source.type != "images":
+            return None
+        inputs = len(self.listing.uris[: self.cfg.source.limit] if self.cfg.source.limit else self.listing.uris)
+        variants = self.cfg.generation.variants_per_image if self.cfg.generation else 1
+        written = self.target.written
+        return max(0, inputs - len(written.done_sources) - len(written.done_samples) // variants)
+
+    @property
     def complete(self) -> bool:
         """An earlier run of this job finished on exactly these inputs: there is nothing to do."""
         manifest = self.target.manifest or {}
         return bool(manifest.get("completed")) and manifest.get("inputs_key") == self.inputs_key
 
 
-def prepare(cfg: JobConfig, models: Models | None = None) -> Plan:
+def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False) -> Plan:
     """Check the source and the output before anything is written or deleted, take the output's lock,
-    and open it (fresh, resumed, a new version, or refused). Needs no Ray. Release `plan.lock` when done."""
+    and open it (fresh, resumed, a new version, or refused). Needs no Ray. Release `plan.lock` when done.
+    `dry_run`: decide the same without locking, deleting or creating anything."""
     models = models or resolve_models(cfg)
     listing = list_inputs(cfg.source, source_extensions(cfg.source))  # SourceError: nothing is touched
     output = RunOutput(cfg.output.path, cfg.output.storage_options)
@@ -187,11 +218,12 @@ def prepare(cfg: JobConfig, models: Models | None = None) -> Plan:
     identity = redacted(job_identity(cfg, models.provenance()))  # credentials may change between runs
     lock = RunLock(output, new_run_id())
     try:
-        lock.acquire()
+        if not dry_run:
+            lock.acquire()
     except PermissionError as e:
         raise OutputExists(f"output.path {cfg.output.path} is not writable: {e.strerror or e}") from None
     try:
-        target = open_output(cfg, identity)
+        target = open_output(cfg, identity, dry_run)
     except BaseException:
         lock.release()
         raise
@@ -222,8 +254,8 @@ def finished(plan: Plan, echo: Callable[[str], None] = print) -> RunResult:
                      0.0, manifest)
 
 
-def execute(plan: Plan, echo: Callable[[str], None] = print) -> RunResult:
-    """Run the planned job on Ray (started if this process has no instance yet)."""
+def execute(plan: Plan, echo: Callable[[str], None] = print, bar: bool = False) -> RunResult:
+    """Run the planned job on Ray (started if this process has no instance yet); `bar`: show a progress bar."""
     cfg, models, identity, target = plan.cfg, plan.models, plan.identity, plan.target
     run_id, started = plan.lock.run_id, datetime.now(timezone.utc)
     version = code_version()
@@ -250,13 +282,20 @@ def execute(plan: Plan, echo: Callable[[str], None] = print) -> RunResult:
 
     control_ids = [a.key for a in cfg.annotators]
     keypoint_ids = [a.key for a in cfg.annotators if ANNOTATORS[a.name].keypoints]
-    schema = samples_schema(control_ids, keypoint_ids, cfg.generation.family if cfg.generation else None)
+    schema = samples_schema(control_ids, keypoint_ids, cfg.generation.family if cfg.generation else None,
+                            score_columns(cfg))
+    progress = Progress.remote()
     sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
-                            cfg.output.rows_per_file, schema)
+                            cfg.output.rows_per_file, schema, progress,
+                            reject=bool(cfg.quality and cfg.quality.action == "drop"))
     t0 = time.perf_counter()
-    ds = build_dataset(cfg, models, target.written if target.resuming else None, plan.listing)
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # I/O bound: never waits behind compute
+    ds = build_dataset(cfg, models, target.written if target.resuming else None, plan.listing, progress)
+    variants = cfg.generation.variants_per_image if cfg.generation else 1
+    with Bar(progress, plan.expected_inputs, variants) if bar else contextlib.nullcontext():
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # I/O bound: never waits behind compute
     seconds = time.perf_counter() - t0
+    stages = ray.get(progress.snapshot.remote())["stages"]
+    ray.kill(progress)
 
     written = output.written()
     counts = written.counts(cfg.generation.variants_per_image if cfg.generation else 1)
@@ -265,7 +304,10 @@ def execute(plan: Plan, echo: Callable[[str], None] = print) -> RunResult:
         "completed": True,
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "counts": counts,
-        "this_run": {"samples": sink.totals["samples"], "errors": sink.totals["errors"]},
+        "this_run": {"samples": sink.totals["samples"], "errors": sink.totals["errors"]}
+                    | ({"rejected": sink.totals["rejected"]} if cfg.quality else {}),
+        **({"quality": quality_record(cfg.quality, "run")} if cfg.quality else {}),
+        "stages": stages,  # measured in each stage: batches, rows in and out, seconds of its own work
         "timings": {"total_s": round(seconds, 3),
                     "samples_per_s": round(sink.totals["samples"] / seconds, 4) if seconds else None},
         "files": written.files,

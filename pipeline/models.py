@@ -8,10 +8,13 @@ directories resolve to a sha256 fingerprint of their files.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import huggingface_hub
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -44,13 +47,15 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def resolve_model(model: str, revision: str | None, probe_file: str, local_files_only: bool = False) -> ResolvedModel:
-    """Resolve `model` (a hub repo id or a local directory) holding `probe_file`."""
+def resolve_model(model: str, revision: str | None, probe_file: str, local_files_only: bool = False,
+                  files: Sequence[str] = ("*",)) -> ResolvedModel:
+    """Resolve `model` (a hub repo id or a local directory) holding `probe_file`. A local directory's
+    revision is a fingerprint of the `files` (glob patterns) its loader reads, not of everything in it."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / probe_file).is_file():
             raise ModelUnavailable(f"model directory {model} has no {probe_file}: it is not in the expected layout")
-        return ResolvedModel(model, revision, "sha256:" + fingerprint(path), str(path.resolve()))
+        return ResolvedModel(model, revision, "sha256:" + fingerprint(path, files), str(path.resolve()))
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelUnavailable(f"model directory {model} does not exist")
     try:
@@ -65,8 +70,8 @@ def resolve_model(model: str, revision: str | None, probe_file: str, local_files
         reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         raise ModelUnavailable(
             f"model {model!r} (revision {revision or 'main'}) is not available: {reason}. "
-            f"To run offline, download it first (`hf download {model} --local-dir DIR`) "
-            f"and put DIR in the config instead of the repo id"
+            f"To run offline, fetch the files the job needs first (`python -m pipeline models fetch CONFIG --dir DIR`) "
+            f"and put the directory it prints in the config instead of the repo id"
         ) from None
     return ResolvedModel(model, revision, commit, None)
 
@@ -94,18 +99,45 @@ def pickle_only_weights(model: ResolvedModel) -> list[str]:
                   for f in group if f.endswith(PICKLE_SUFFIXES))
 
 
-def fingerprint(directory: Path) -> str:
-    """sha256 over every file's relative path and content: the identity of a local model directory."""
+def fingerprint(directory: Path, files: Sequence[str] = ("*",)) -> str:
+    """sha256 over the relative path and content of every file matching one of the glob patterns `files`
+    (matched against the relative path and the file name): the identity of a local model directory."""
     digest = hashlib.sha256()
     for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(directory)).encode())
-        digest.update(file_sha256(file).encode())
+        rel = file.relative_to(directory).as_posix()
+        if any(fnmatch.fnmatch(rel, f) or fnmatch.fnmatch(file.name, f) for f in files):
+            digest.update(rel.encode())
+            digest.update(file_sha256(file).encode())
     return digest.hexdigest()
 
 
+def digest_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "controlnet-pipeline" / "sha256.json"
+
+
 def file_sha256(path: str | Path) -> str:
+    """A file's sha256, remembered by (path, size, modification time) so that big weights are hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+    cache = digest_cache()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and known[key].get("stamp") == stamp:
+        return known[key]["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    if st.st_size >= 1 << 20:  # small files are cheaper to hash than to remember
+        known[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only home: hash again next time
     return digest.hexdigest()

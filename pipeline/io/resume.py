@@ -25,7 +25,8 @@ from pipeline.rows import map_rows
 # Settings that change how fast a job runs or where it reads credentials, not what it writes;
 # a resume may change them (e.g. more actors on a bigger cluster, or a bigger `limit`).
 EXECUTION_KEYS = {"num_gpus", "num_cpus", "actors", "batch_size", "storage_options", "limit", "local_files_only"}
-RUN_FILES = ("manifest.json", "samples", "errors", "stats.txt", "report.html", "README.md", "croissant.json")
+RUN_FILES = ("manifest.json", "samples", "errors", "rejected", "stats.txt", "report.html", "README.md",
+             "croissant.json")
 
 
 class OutputExists(RuntimeError):
@@ -87,29 +88,31 @@ class Output:
         return self.manifest is not None
 
 
-def open_output(cfg: JobConfig, identity: dict[str, Any]) -> Output:
+def open_output(cfg: JobConfig, identity: dict[str, Any], dry_run: bool = False) -> Output:
     """Decide where this run writes: a fresh path, the same job's earlier run (resume), a new
     version next to a different job's run, or nowhere (OutputExists)."""
     out = cfg.output
     target = RunOutput(out.path, out.storage_options)
     existing = [p for p in RUN_FILES if target.exists(p)]
     if out.overwrite:
-        for p in existing:
+        for p in existing if not dry_run else ():
             target.fs.rm(target.path(p), recursive=True)
         existing = []
     if not existing:
-        target.fs.makedirs(target.root, exist_ok=True)
+        if not dry_run:
+            target.fs.makedirs(target.root, exist_ok=True)
         return Output(out.path, None, Written())
     manifest = target.read_manifest()
     if manifest and manifest.get("job_fingerprint") == fingerprint(identity):
-        target.remove_temporaries()
+        if not dry_run:
+            target.remove_temporaries()
         return Output(out.path, manifest, target.written())
     if out.new_version:
         base, n = _version_base(out.path), 2
         while True:
             candidate = cfg.model_copy(update={"output": out.model_copy(update={"path": f"{base}-v{n}", "new_version": False})})
             try:
-                return open_output(candidate, identity)
+                return open_output(candidate, identity, dry_run)
             except OutputExists:
                 n += 1
     if manifest is None:

@@ -29,7 +29,7 @@ ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
 
 class SplitParquetSink(Datasink[dict]):
     def __init__(self, path: str, storage_options: dict[str, Any], run_id: str, code_version: str,
-                 control_ids: list[str], rows_per_file: int, schema: pa.Schema):
+                 control_ids: list[str], rows_per_file: int, schema: pa.Schema, progress=None, reject: bool = False):
         self.path = path
         self.storage_options = storage_options
         self.run_id = run_id
@@ -37,29 +37,37 @@ class SplitParquetSink(Datasink[dict]):
         self.control_ids = control_ids
         self.rows_per_file = rows_per_file
         self.schema = schema  # of samples/ (schema.samples_schema)
+        self.progress = progress  # console.Progress: told what each write task wrote
+        self.reject = reject  # quality.action drop: samples with passed = false go to rejected/
         self.totals: dict[str, int] = {}  # rows this run wrote, by kind
 
     def on_write_start(self, schema=None) -> None:
         fs, root = filesystem(self.path, self.storage_options)
-        for sub in ("samples", "errors"):
+        for sub in ("samples", "errors", *(("rejected",) if self.reject else ())):
             fs.makedirs(posixpath.join(root, sub), exist_ok=True)
 
     def write(self, blocks: Iterable[Block], ctx) -> dict[str, int]:
         fs, root = filesystem(self.path, self.storage_options)
         now = datetime.now(timezone.utc)
-        samples, errors = [], []
+        samples, errors, rejected = [], [], []
         for block in blocks:
             for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
-                if row.get("error_stage") is None:
-                    samples.append(self.sample_row(row, now))
-                else:
+                if row.get("error_stage") is not None:
                     errors.append(self.error_row(row, now))
+                elif self.reject and row.get("passed") is False:
+                    rejected.append(self.sample_row(row, now))
+                else:
+                    samples.append(self.sample_row(row, now))
         self._write(fs, root, "samples", samples, self.schema)
         self._write(fs, root, "errors", errors, errors_schema())
-        return {"samples": len(samples), "errors": len(errors)}
+        self._write(fs, root, "rejected", rejected, self.schema)
+        if self.progress is not None:  # samples below the quality gate are finished work too
+            self.progress.wrote.remote(len(samples) + len(rejected), len(errors),
+                                       sum(1 for e in errors if e["sample_id"] is None))
+        return {"samples": len(samples), "errors": len(errors), "rejected": len(rejected)}
 
     def on_write_complete(self, write_result: WriteResult[dict]) -> None:
-        self.totals = {kind: sum(r[kind] for r in write_result.write_returns) for kind in ("samples", "errors")}
+        self.totals = {kind: sum(r[kind] for r in write_result.write_returns) for kind in ("samples", "errors", "rejected")}
 
     def _write(self, fs, root: str, kind: str, rows: list[dict], schema: pa.Schema) -> list[str]:
         written = []

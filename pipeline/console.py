@@ -1,0 +1,171 @@
+"""What a run tells its user: one progress bar (samples done of the total, samples/s, ETA), then one
+summary line and a short table (each stage's time share and rows/s, errors by reason). Ray's own logs
+and progress bars are shown only with `-v`.
+
+Each stage measures itself: `timed(name, stage, progress)` wraps a stage so that every batch reports
+(rows in, rows out, seconds) to one `Progress` actor, and the sink reports what it wrote. The driver
+reads the actor for the bar, and the manifest records the stage figures (`stages`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, TextIO
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class Progress:
+    """Counts of a run, reported by its stages and its sink."""
+
+    def __init__(self):
+        self.stages: dict[str, list[float]] = {}  # name -> [batches, rows in, rows out, seconds]
+        self.written = {"samples": 0, "errors": 0, "rejected": 0}  # rejected: inputs refused before expansion
+
+    def stage(self, name: str, rows_in: int, rows_out: int, seconds: float) -> None:
+        totals = self.stages.setdefault(name, [0, 0, 0, 0.0])
+        for i, v in enumerate((1, rows_in, rows_out, seconds)):
+            totals[i] += v
+
+    def wrote(self, samples: int, errors: int, rejected: int) -> None:
+        for key, n in (("samples", samples), ("errors", errors), ("rejected", rejected)):
+            self.written[key] += n
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"written": dict(self.written),
+                "stages": {k: {"batches": int(b), "rows_in": int(i), "rows_out": int(o), "seconds": round(s, 3)}
+                           for k, (b, i, o, s) in self.stages.items()}}
+
+
+def _report(progress, name: str, fn: Callable, batch):
+    start = time.perf_counter()
+    out = fn(batch)
+    if progress is not None:
+        progress.stage.remote(name, batch.num_rows, out.num_rows, time.perf_counter() - start)
+    return out
+
+
+class _Timed:
+    """A stage that is a callable object (run as Ray tasks), timed."""
+
+    def __init__(self, stage: Callable, progress):
+        self.stage, self.progress = stage, progress
+
+    def __call__(self, batch):
+        return _report(self.progress, type(self).__name__, self.stage, batch)
+
+
+def timed(name: str, stage: Any, progress) -> Any:
+    """`stage` (an actor class or a callable object) timed per batch and shown by Ray Data as `name`."""
+    if isinstance(stage, type):  # an actor class: constructed on the worker, timed there
+        call = stage.__call__
+
+        def __call__(self, batch):
+            return _report(progress, name, lambda b: call(self, b), batch)
+
+        return type(name, (stage,), {"__module__": stage.__module__, "__qualname__": name, "__call__": __call__})
+    return type(name, (_Timed,), {"__module__": __name__, "__qualname__": name})(stage, progress)
+
+
+def quiet_ray() -> dict[str, Any]:
+    """Keep Ray's own logging and progress bars off the console; returns `ray.init` keywords."""
+    from ray.data import DataContext
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's own warnings, printed from C++
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Bar:
+    """One line redrawn on a terminal (a plain line every `every` seconds elsewhere): inputs done of the
+    total, samples, samples/s and ETA. An input is done when its `variants` rows (samples or failed
+    samples) are written, or its one error row."""
+
+    def __init__(self, progress, total: int | None, variants: int = 1, stream: TextIO = sys.stderr,
+                 interval: float = 0.5, every: float = 30.0):
+        self.progress, self.total, self.variants, self.stream = progress, total, variants, stream
+        self.interval, self.every = interval, every
+        self.tty = stream.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress-bar", daemon=True)
+        self.started = time.monotonic()
+
+    def line(self, written: dict[str, int]) -> str:
+        rows = written["samples"] + written["errors"] - written["rejected"]
+        done = written["rejected"] + rows / self.variants
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        parts = []
+        if self.total:
+            filled = int(24 * min(done, self.total) / self.total)
+            parts.append(f"[{'#' * filled}{'.' * (24 - filled)}] {done:.0f}/{self.total} inputs")
+            if rate > 0 and done < self.total:
+                parts.append(f"ETA {fmt_duration((self.total - done) / rate)}")
+        else:
+            parts.append(f"{done:.0f} inputs")
+        parts.append(f"{written['samples']} samples, {written['samples'] / elapsed if elapsed > 0 else 0.0:.2f}/s")
+        if written["errors"]:
+            parts.append(f"{written['errors']} errors")
+        parts.append(f"elapsed {fmt_duration(elapsed)}")
+        return " · ".join(parts)
+
+    def _loop(self) -> None:
+        last_plain = time.monotonic()
+        while not self._stop.wait(self.interval):
+            try:
+                written = ray.get(self.progress.snapshot.remote(), timeout=5)["written"]
+            except Exception:  # noqa: BLE001 - the bar is cosmetic; the run goes on
+                continue
+            if self.tty:
+                self.stream.write("\r" + self.line(written).ljust(79))
+                self.stream.flush()
+            elif time.monotonic() - last_plain >= self.every:
+                last_plain = time.monotonic()
+                print(self.line(written), file=self.stream, flush=True)
+
+    def __enter__(self) -> Bar:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.tty:
+            self.stream.write("\r" + " " * 79 + "\r")
+            self.stream.flush()
+
+
+def stage_table(stages: dict[str, dict[str, Any]]) -> list[str]:
+    """Each stage's share of the stages' time and its own throughput (rows out per second of its work)."""
+    total = sum(s["seconds"] for s in stages.values()) or 1.0
+    width = max([len("stage"), *map(len, stages)])
+    lines = [f"  {'stage':<{width}}  {'time':>8}  {'share':>5}  {'rows':>6}  {'rows/s':>8}"]
+    for name, s in stages.items():
+        rate = s["rows_out"] / s["seconds"] if s["seconds"] else 0.0
+        lines.append(f"  {name:<{width}}  {s['seconds']:>7.2f}s  {100 * s['seconds'] / total:>4.0f}%  "
+                     f"{s['rows_out']:>6}  {rate:>8.2f}")
+    return lines
+
+
+def error_lines(errors: list[dict[str, Any]], limit: int = 10) -> list[str]:
+    """Errors grouped by (stage, type, message), most frequent first."""
+    groups = Counter((e["stage"], e["error_type"], e["error_message"]) for e in errors)
+    lines = [f"  {n} x {stage}: {kind}: {message}" for (stage, kind, message), n in groups.most_common(limit)]
+    if len(groups) > limit:
+        lines.append(f"  ... {len(groups) - limit} more kinds (python -m pipeline inspect OUT)")
+    return lines

@@ -1,0 +1,129 @@
+"""The console: what `run` prints (checked by its lines), `plan`, `--set` values, fast failures, --version."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from tests.helpers import ROOT, cli, job_dict
+
+DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def job(tiny_models, photos_dir, tmp_path_factory):
+    """A two-annotator generation job config file, written once."""
+    tmp = tmp_path_factory.mktemp("console")
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict(str(photos_dir), str(tmp / "out"), tiny_models, variants_per_image=1)))
+    return path, tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def first_run(job):
+    path, _ = job
+    return cli("run", path, "--address", "local", env={"RAY_ADDRESS": ""}, timeout=900)
+
+
+def test_a_run_prints_a_summary_line_and_a_table_of_stages_not_rays_logs(first_run, photos_dir):
+    assert first_run.returncode == 0, first_run.stderr[-3000:]
+    out = first_run.stdout.splitlines()
+    assert out[0].startswith("run ") and " -> " in out[0]
+    inputs = len(list(photos_dir.iterdir()))
+    assert f": {inputs} samples, 0 errors from {inputs} inputs in " in out[1]
+    assert out[2] == "stages (time measured in each stage; they overlap):"
+    stages = [line.split()[0] for line in out[4:]]
+    assert stages == ["decode", "dedupe", "annotate:canny", "annotate:hed", "expand", "generate"]
+    for line in out[4:]:
+        assert line.split()[2].endswith("%") and float(line.split()[-1]) > 0
+    # no Ray progress blocks, operator stats or worker logs: at most the core worker's one log-level line
+    assert len(first_run.stderr.splitlines()) <= 1, first_run.stderr
+
+
+def test_the_stage_figures_are_in_the_manifest_and_the_report(first_run, job, photos_dir):
+    _, out = job
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages = manifest["stages"]
+    inputs = len(list(photos_dir.iterdir()))
+    assert stages["decode"]["rows_in"] == stages["decode"]["rows_out"] == inputs
+    assert stages["generate"]["rows_out"] == inputs and stages["generate"]["seconds"] > 0
+    text = cli("inspect", out).stdout
+    assert "annotate:hed" in text and "generate" in text
+
+
+def test_a_finished_job_says_so_without_starting_ray(first_run, job):
+    path, out = job
+    before = (out / "manifest.json").read_bytes()
+    again = cli("run", path, env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)  # no Ray there: it must not try
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [f"{out} is complete: run {json.loads(before)['run_id']} wrote this job on "
+                                         f"these inputs; nothing to do"]
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_plan_says_what_a_run_would_do_and_changes_nothing(first_run, job, photos_dir, tmp_path):
+    path, out = job
+    before = sorted(p.name for p in out.iterdir())
+    plan = cli("plan", path, "--set", "generation.variants_per_image=3", "--set", f"output.path={tmp_path / 'new'}",
+               "--seconds-per-image", "3600")
+    assert plan.returncode == 0, plan.stderr
+    assert f"output: {tmp_path / 'new'}: new" in plan.stdout and not (tmp_path / "new").exists()
+    inputs = len(list(photos_dir.iterdir()))
+    assert f"source: {photos_dir}: {inputs} image files" in plan.stdout
+    assert f"to do: {inputs} inputs -> {3 * inputs} samples (3 per input)" in plan.stdout
+    assert f"estimate: {3 * inputs:.2f} GPU-hours on 1 actor(s)" in plan.stdout
+    assert "annotator canny: (no weights)" in plan.stdout and "@ sha256:" in plan.stdout
+    assert sorted(p.name for p in out.iterdir()) == before
+    same = cli("plan", path)
+    assert f"output: {out}: complete: nothing to do" in same.stdout and "to do: 0 inputs" in same.stdout
+    changed = cli("plan", path, "--set", "generation.steps=5")  # what a run would refuse, plan refuses alike
+    assert changed.returncode == 2 and "changed: generation.steps" in changed.stderr
+
+
+def test_config_errors_come_before_ray_and_torch_are_imported():
+    code = ("import sys; from pipeline.cli import main; "
+            f"rc = main(['run', {str(DEMO)!r}, '--set', 'generation.stepz=3']); "
+            "print(rc, 'torch' in sys.modules, 'ray' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+    assert proc.stderr.strip() == "error: invalid config: generation.stepz: unknown key"
+
+
+def test_a_ray_that_cannot_start_says_so_without_the_resume_advice(tmp_path):
+    bad = cli("run", DEMO, "--set", f"output.path={tmp_path / 'out'}", "--address", "not-an-address")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: could not join Ray at not-an-address:") and "resume" not in bad.stderr
+
+
+@pytest.mark.parametrize(("assignment", "key", "value"), [
+    ("generation.prompt.template={prompt}, {caption}", "template", "{prompt}, {caption}"),  # not YAML: text
+    ("generation.prompt.negative=yes", "negative", "yes"),  # YAML would make it true: the schema wants text
+    ("generation.prompt.negative=a cat", "negative", "a cat"),
+    ("generation.prompt.prompts=a dog", "prompts", ["a dog"]),  # one string for a list of strings
+    ("generation.prompt.prompts=[a, b]", "prompts", ["a", "b"]),
+    ("generation.prompt.prompts+=a cat", "prompts", ["a watercolor painting", "a photo at night", "a cat"]),
+    ("generation.steps=8", "steps", 8),
+])
+def test_set_values_are_typed_by_the_schema(assignment, key, value):
+    cfg = load_config(DEMO, [assignment])
+    got = getattr(cfg.generation.prompt, key) if hasattr(cfg.generation.prompt, key) else getattr(cfg.generation, key)
+    assert got == value
+
+
+def test_set_append_needs_a_list():
+    with pytest.raises(ConfigError, match="generation.steps is not a list"):
+        load_config(DEMO, ["generation.steps+=3"])
+
+
+def test_version_and_the_console_script_name_itself():
+    from pipeline import __version__
+
+    assert cli("--version").stdout.strip() == f"python -m pipeline {__version__}"
+    script = ROOT / ".venv" / "bin" / "controlnet-pipeline"
+    if not script.exists():  # installed elsewhere: the one on this interpreter's path
+        script = __import__("pathlib").Path(sys.executable).parent / "controlnet-pipeline"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: controlnet-pipeline ")
