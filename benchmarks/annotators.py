@@ -79,7 +79,7 @@ def main() -> int:
             cls = ANNOTATORS[name]
             if cls.default_model is None and device != devices[0]:
                 continue  # weight-free annotators run on the CPU only
-            model = resolve_model(weights[name], None, cls.weights_file) if cls.default_model else None
+            model = resolve_model(weights[name], None, cls.files[0]) if cls.default_model else None
             annotator = cls({}, model=model, device=device)
             repeats = args.repeats if cls.default_model else max(args.repeats, 50)  # weight-free: fast, noisy
             batched = timed(lambda: annotator.annotate(images), repeats)

@@ -11,9 +11,7 @@ import warnings
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 from pydantic import ValidationError
-from skimage import data
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -31,12 +29,9 @@ with warnings.catch_warnings():
 
 from pipeline.annotators import ANNOTATORS, image_seed
 from pipeline.models import file_sha256, resolve_model
+from tests.helpers import photo
 
 NEURAL = sorted(n for n, c in ANNOTATORS.items() if c.default_model)
-
-
-def photo(name: str, size: tuple[int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(getattr(data, name)()).convert("RGB").resize(size, Image.BICUBIC))
 
 
 def photos(size=(192, 128)) -> list[np.ndarray]:
@@ -66,7 +61,7 @@ def weights(annotator_weights) -> Weights:
 
 def make(name: str, weights: Weights, params: dict | None = None):
     cls = ANNOTATORS[name]
-    model = resolve_model(weights[name], None, cls.weights_file) if cls.default_model else None
+    model = resolve_model(weights[name], None, cls.files[0]) if cls.default_model else None
     return cls(params or {}, model=model)
 
 
@@ -110,7 +105,7 @@ def test_provenance_names_weights_with_their_sha256(annotators, weights, name):
     annotator = annotators(name)
     prov = annotator.provenance()
     directory = weights[name]
-    files = ANNOTATORS[name].files()
+    files = ANNOTATORS[name].files
     assert prov["name"] == name and prov["params"] == annotator.params.model_dump()
     assert prov["model"] == directory and prov["revision"].startswith("sha256:")
     assert prov["weights_file"].split(",") == list(files)
@@ -142,6 +137,35 @@ def test_bad_params_are_rejected_by_name(name, params, error):
         ANNOTATORS[name].Params(**params)
 
 
+def test_neural_base_groups_by_shape_pads_and_crops_back():
+    """What a NeuralAnnotator's forward and draw are given: one padded stack per shape, and each
+    image's output cropped back to its size; the maps come back in input order."""
+    import torch
+
+    from pipeline.annotators.base import NeuralAnnotator, hwc3
+
+    seen = []
+
+    class Red(NeuralAnnotator):
+        name = "red"
+        pad_multiple = 16
+
+        def forward(self, stack):
+            seen.append(stack.shape)
+            return self.tensor(stack)[:, 0]
+
+        def draw(self, red):
+            return hwc3(red.numpy().astype(np.uint8))
+
+    red = Red.__new__(Red)  # no weights to load
+    red._torch, red.device = torch, "cpu"
+    images = odd_photos()  # 100x75, 90x66, 100x75
+    maps = red.annotate(images)
+    assert seen == [(2, 80, 112, 3), (1, 80, 96, 3)]
+    for image, got in zip(images, maps):
+        np.testing.assert_array_equal(got, hwc3(image[:, :, 0]))
+
+
 def test_neural_annotator_without_weights_says_which():
     with pytest.raises(ValueError, match="needs weights"):
         ANNOTATORS["pidinet"]({}, model=None)
@@ -151,7 +175,7 @@ def test_tiny_checkpoints_load_with_weights_only(weights):
     import torch
 
     for name in NEURAL:
-        for f in ANNOTATORS[name].files():
+        for f in ANNOTATORS[name].files:
             if f.endswith((".pth", ".pt")):
                 torch.load(f"{weights[name]}/{f}", map_location="cpu", weights_only=True)
 
@@ -303,6 +327,7 @@ def test_depth_leres_equals_controlnet_aux(annotators, weights, monkeypatch):
     import sys
 
     from controlnet_aux.leres import LeresDetector
+
     from pipeline.testing.annotators import ANNOTATOR_FILES
 
     directory = weights["depth_leres"]

@@ -7,8 +7,6 @@ import warnings
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
-from skimage import data
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -16,11 +14,12 @@ with warnings.catch_warnings():
     from controlnet_aux.open_pose import BodyResult, Keypoint, OpenposeDetector, PoseResult
 
 from pipeline.annotators import ANNOTATORS
-from pipeline.config import AnnotatorConfig
 from pipeline.annotators.dwpose import Wholebody, nms, person_boxes, yolox_decode
+from pipeline.annotators.stage import Annotate
+from pipeline.config import AnnotatorConfig
 from pipeline.io.images import array_to_png
 from pipeline.models import resolve_model
-from pipeline.annotators.stage import Annotate
+from tests.helpers import photo
 
 OPENPOSE = {  # name -> controlnet-aux flags
     "openpose": {"include_hand": False, "include_face": False},
@@ -28,11 +27,6 @@ OPENPOSE = {  # name -> controlnet-aux flags
     "openpose_face": {"include_hand": False, "include_face": True},
     "openpose_full": {"include_hand": True, "include_face": True},
 }
-PARTS = {"pose_keypoints_2d": 18, "hand_left_keypoints_2d": 21, "hand_right_keypoints_2d": 21}
-
-
-def photo(name: str, size) -> np.ndarray:
-    return np.asarray(Image.fromarray(getattr(data, name)()).convert("RGB").resize(size, Image.BICUBIC))
 
 
 def photos() -> list[np.ndarray]:
@@ -45,7 +39,7 @@ def weights(annotator_weights) -> dict[str, str]:
 
 
 def make(name: str, weights: dict[str, str]):
-    return ANNOTATORS[name]({}, model=resolve_model(weights[name], None, ANNOTATORS[name].weights_file))
+    return ANNOTATORS[name]({}, model=resolve_model(weights[name], None, ANNOTATORS[name].files[0]))
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +62,54 @@ def check_openpose_json(doc: str, h: int, w: int, hands: bool, face: bool, face_
     return keypoints
 
 
-def test_dwpose_equals_controlnet_aux_drawing_on_our_onnx_estimator(dwpose):
+@pytest.fixture(scope="module")
+def dwpose_detector(dwpose) -> DWposeDetector:
     """controlnet-aux's DWposeDetector needs mmpose to build its estimator; given ours (same
-    (keypoints, scores) contract), its own __call__ draws exactly what our annotator draws."""
+    (keypoints, scores) contract), its own __call__ draws what DWPose users know."""
     detector = DWposeDetector.__new__(DWposeDetector)
     detector.pose_estimation = dwpose.estimator
+    return detector
+
+
+def test_dwpose_equals_controlnet_aux_drawing_on_our_onnx_estimator(dwpose, dwpose_detector):
     images = photos()
     maps, extras = dwpose.annotate_with_extras(images)
     for image, got, doc in zip(images, maps, extras):
         h, w = image.shape[:2]
-        want = detector(image, detect_resolution=min(h, w), image_resolution=min(h, w), output_type="np")
+        want = dwpose_detector(image, detect_resolution=min(h, w), image_resolution=min(h, w), output_type="np")
         assert got.shape == image.shape and got.dtype == np.uint8
         np.testing.assert_array_equal(got, want)
-        keypoints = check_openpose_json(doc, h, w, hands=True, face=True, face_points=68, inside=False)
-        assert len(keypoints["people"]) >= 1  # a detected box, or the whole image when none is found
+        check_openpose_json(doc, h, w, hands=True, face=True, face_points=68, inside=False)
     assert any(m.any() for m in maps)  # something drawn, so the comparison compares something
+
+
+DWPOSE_PARTS = {"pose_keypoints_2d": (0, 18), "face_keypoints_2d": (24, 92), "hand_left_keypoints_2d": (92, 113),
+                "hand_right_keypoints_2d": (113, 134)}  # DWPose's 134 points, OpenPose's body order first
+
+
+def test_dwpose_keypoints_are_the_estimators_points_in_pixels(dwpose, dwpose_detector, monkeypatch):
+    """Two person boxes (the tiny detector finds none on these photos, so the test above sees only the
+    whole-image box): two people, drawn as controlnet-aux draws them, and in the JSON every point the
+    estimator scored >= 0.3 inside the image as [x, y, score] in pixels, any other as [0, 0, 0]."""
+    image = photos()[1]
+    h, w = image.shape[:2]
+    boxes = np.array([[8, 6, 90, 120], [100, 20, 184, 110]], np.float32)
+    monkeypatch.setattr(dwpose.estimator, "detect", lambda images: [boxes for _ in images])
+    (got,), (doc,) = dwpose.annotate_with_extras([image])
+    keypoints, scores = dwpose.estimator(np.ascontiguousarray(image[:, :, ::-1]))
+    people = check_openpose_json(doc, h, w, hands=True, face=True, face_points=68, inside=False)["people"]
+    assert len(people) == len(keypoints) == len(boxes)
+    found = 0
+    for person, points, score in zip(people, keypoints, scores):
+        for part, (start, stop) in DWPOSE_PARTS.items():
+            want = []
+            for (x, y), c in zip(points[start:stop], score[start:stop]):
+                want += [x, y, c] if c >= 0.3 and x >= 0 and y >= 0 else [0.0, 0.0, 0.0]
+            np.testing.assert_allclose(person[part], want, atol=1e-3)
+            found += sum(1 for c in person[part][2::3] if c > 0)
+    assert found > 10  # points kept, so the comparison compares something
+    want = dwpose_detector(image, detect_resolution=min(h, w), image_resolution=min(h, w), output_type="np")
+    np.testing.assert_array_equal(got, want)
 
 
 def test_dwpose_batch_equals_one_by_one(dwpose):

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow as pa
 from skimage import data
 
+from pipeline.annotators.stage import Annotate
 from pipeline.config import AnnotatorConfig
 from pipeline.io.images import array_to_png, png_to_array
 from pipeline.models import resolve_model
-from pipeline.annotators.stage import Annotate
 
 
 def row(name: str, array: np.ndarray) -> dict:

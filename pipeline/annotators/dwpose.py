@@ -1,4 +1,4 @@
-"""DWPose whole-body estimation on ONNX Runtime, without mmcv/mmdet/mmpose.
+"""DWPose whole-body estimation on ONNX Runtime, without mmcv/mmdet/mmpose, and the `dwpose` annotator.
 
 The two ONNX graphs DWPose publishes (yzd-v/DWPose): a YOLOX person detector (`yolox_l.onnx`,
 640x640 input, raw YOLOX head output with sigmoid scores) and an RTMPose whole-body model with
@@ -10,10 +10,14 @@ box) at a time; graphs with a dynamic batch axis take a whole batch in one call.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from pipeline.annotators.base import register
+from pipeline.annotators.pose import PoseAnnotator, flat_keypoints, openpose_json
 
 DET_INPUT = (640, 640)  # (height, width)
 MEAN = np.array([123.675, 116.28, 103.53])
@@ -192,3 +196,56 @@ class Wholebody:
             out.append(to_openpose_order(keypoints[start : start + n], scores[start : start + n]))
             start += n
         return out
+
+
+# --- the annotator ---------------------------------------------------------------------------
+
+
+@register
+class DWPose(PoseAnnotator):
+    name = "dwpose"
+    description = ("DWPose whole body (YOLOX + RTMPose ONNX graphs on onnxruntime), drawn as controlnet-aux's "
+                   "DWposeDetector does; keypoints as OpenPose JSON.")
+    default_model = "yzd-v/DWPose"
+    files = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")  # the person detector, the pose model
+    package = "onnxruntime"
+    size = ("detector input letterboxed to 640x640 and person crops warped to the pose model's input, "
+            "keypoints mapped back to the image's pixels and drawn at the image's own size")
+
+    def load(self, weights_dir: str) -> None:
+        self.estimator = Wholebody(*(str(Path(weights_dir) / f) for f in self.files), self.device)
+
+    def poses(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+        """Every image in one estimator call: the detector input is 640x640 whatever the image's shape."""
+        bgr = [np.ascontiguousarray(img[:, :, ::-1]) for img in images]  # DWPose takes BGR
+        estimates = self.estimator.estimate(bgr)
+        return [self.render(k, s, *img.shape[:2]) for img, (k, s) in zip(images, estimates)]
+
+    @staticmethod
+    def render(candidate: np.ndarray, subset: np.ndarray, h: int, w: int) -> tuple[np.ndarray, str]:
+        """controlnet-aux's DWposeDetector.__call__ after its estimator, at (h, w); and the OpenPose JSON."""
+        from controlnet_aux.dwpose import draw_pose
+
+        candidate, subset = candidate.copy(), subset.copy()
+        nums, _, locs = candidate.shape
+        candidate[..., 0] /= float(w)
+        candidate[..., 1] /= float(h)
+        body = candidate[:, :18].copy().reshape(nums * 18, locs)
+        score = subset[:, :18].copy()
+        for i in range(len(score)):
+            for j in range(len(score[i])):
+                score[i][j] = int(18 * i + j) if score[i][j] > 0.3 else -1
+        candidate[subset < 0.3] = -1
+        hands = np.vstack([candidate[:, 92:113], candidate[:, 113:]])
+        pose = {"bodies": {"candidate": body, "subset": score}, "hands": hands, "faces": candidate[:, 24:92]}
+        canvas = draw_pose(pose, h, w)
+
+        def part(person: int, start: int, stop: int) -> list[float]:
+            points = [(x, y, c) if c >= 0.3 else None
+                      for (x, y), c in zip(candidate[person, start:stop], subset[person, start:stop])]
+            return flat_keypoints(points, w, h, stop - start)
+
+        people = [{"pose_keypoints_2d": part(p, 0, 18), "hand_left_keypoints_2d": part(p, 92, 113),
+                   "hand_right_keypoints_2d": part(p, 113, 134), "face_keypoints_2d": part(p, 24, 92)}
+                  for p in range(nums)]
+        return canvas, openpose_json(people, w, h)

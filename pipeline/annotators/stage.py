@@ -11,6 +11,7 @@ from pipeline.config import AnnotatorConfig
 from pipeline.io.images import array_to_png, png_to_array
 from pipeline.models import ResolvedModel
 from pipeline.rows import Row, map_batch_isolated
+from pipeline.schema import KEYPOINTS_COLUMN
 
 
 class Annotate:
@@ -39,9 +40,10 @@ class Annotate:
             {**row, f"control_{self.key}": array_to_png(control), f"annotator_{self.key}": self.provenance}
             for row, control in zip(rows, maps)
         ]
-        if self.annotator.extras:  # only annotators with extras (pose: keypoints) add a column
+        if self.annotator.keypoints:  # only pose annotators add a column
+            column = KEYPOINTS_COLUMN.format(id=self.key)
             for row, extra in zip(out, extras):
-                row[f"{self.annotator.extras}_{self.key}"] = extra
+                row[column] = extra
         return out
 
 

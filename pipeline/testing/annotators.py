@@ -4,11 +4,12 @@ real architecture, under the file names its loader expects: `write_annotators(di
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from controlnet_aux.hed import ControlNetHED_Apache2
+
 
 def _seeded(seed: int, build):
     torch.manual_seed(seed)
@@ -278,7 +279,7 @@ def annotator_files(names: Sequence[str]) -> list[str]:
     """The weight files the given annotators load, in ANNOTATOR_FILES order."""
     from pipeline.annotators import ANNOTATORS
 
-    wanted = {f for n in names if n not in ANNOTATOR_DIRS for f in ANNOTATORS[n].files()}
+    wanted = {f for n in names if n not in ANNOTATOR_DIRS for f in ANNOTATORS[n].files}
     unknown = wanted - set(ANNOTATOR_FILES)
     if unknown:
         raise ValueError(f"no tiny writer for {sorted(unknown)}")
