@@ -43,11 +43,16 @@ class Progress:
                            for k, (b, i, o, s) in self.stages.items()}}
 
 
+def good_rows(table) -> int:
+    """Rows of a batch that are not error rows (error rows pass through every later stage untouched)."""
+    return table.column("error_stage").null_count if "error_stage" in table.column_names else table.num_rows
+
+
 def _report(progress, name: str, fn: Callable, batch):
     start = time.perf_counter()
     out = fn(batch)
     if progress is not None:
-        progress.stage.remote(name, batch.num_rows, out.num_rows, time.perf_counter() - start)
+        progress.stage.remote(name, good_rows(batch), good_rows(out), time.perf_counter() - start)
     return out
 
 

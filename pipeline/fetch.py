@@ -54,7 +54,7 @@ def fetch(cfg: JobConfig, directory: str | Path) -> list[Fetched]:
         cls = ANNOTATORS[a.name]
         if not cls.default_model:
             continue
-        model, files, role = a.model or cls.default_model, cls.files(), f"annotator {a.key}"
+        model, files, role = a.model or cls.default_model, cls.files, f"annotator {a.key}"
         if _is_local(model):
             out.append(_local(role, model, files))
             continue

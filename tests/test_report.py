@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.annotators import ANNOTATORS
 from pipeline.config import load_config
 from pipeline.job import run
 from pipeline.models import fingerprint
@@ -61,13 +62,30 @@ def open_in_chromium(page_path: Path) -> dict:
             page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
             page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("data:", "file:")) else None)
             page.goto(page_path.as_uri(), wait_until="load")
-            images = page.evaluate("""[...document.images].map(i => ({
+            images = page.evaluate("""[...document.querySelectorAll('figure img:not(.over)')].map(i => ({
                 loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth, height: i.naturalHeight,
-                kind: i.closest('figure') ? i.closest('figure').className : null, title: i.title}))""")
+                kind: i.closest('figure').className, title: i.title}))""")
             text = page.inner_text("body")
+            visible = "s => [...document.querySelectorAll(s)].filter(e => e.offsetParent !== null)"
+            interactions = {}
+            if page.query_selector("figure.generated img"):
+                clicked = page.get_attribute("figure.generated img", "src")
+                page.click("figure.generated img")
+                interactions.update(clicked=clicked, lightbox=page.get_attribute("#lightbox.open img", "src"))
+                page.click("#lightbox")
+                prompt = page.get_attribute("figure.generated", "data-prompt")
+                page.fill("#f-prompt", prompt)
+                interactions["after_prompt_filter"] = page.evaluate(f"({visible})('figure.generated').length")
+                page.fill("#f-prompt", "")
+                page.select_option("#f-annotator", "canny")
+                interactions["controls_after_annotator_filter"] = page.evaluate(
+                    f"({visible})('figure.control').map(f => f.dataset.control)")
+                page.select_option("#f-annotator", "")
+                page.check("#f-overlay")
+                interactions["overlay_shown"] = page.evaluate(f"({visible})('figure.control img.over').length")
         finally:
             browser.close()
-    return {"images": images, "text": text, "problems": problems, "requests": requests}
+    return {"images": images, "text": text, "problems": problems, "requests": requests, **interactions}
 
 
 def test_gallery_renders_every_image_in_chromium(output):
@@ -88,7 +106,12 @@ def test_gallery_renders_every_image_in_chromium(output):
     text = page["text"]
     assert EVIL in text  # the error's source uri, escaped: shown as text
     assert "empty file (0 bytes)" in text and "decode" in text
-    assert "MapBatches(Generate)" in text  # per-operator throughput parsed from stats.txt
+    assert re.search(r"annotate:hed\s+[\d.]+ s\s+\d+%\s+5\b", text) and re.search(r"generate\s+[\d.]+ s\s+\d+%\s+10\b", text)
+    assert page["lightbox"] == page["clicked"] and page["lightbox"].startswith("data:image/jpeg")  # click to enlarge
+    prompts = [r["prompt"] for r in rows]
+    assert page["after_prompt_filter"] == prompts.count(prompts[0])  # generated images with that prompt only
+    assert page["controls_after_annotator_filter"] == ["canny"] * 5  # the hed maps hidden
+    assert page["overlay_shown"] == 10  # each control map over its source
     assert "All 5 sources" in text
 
 
@@ -129,10 +152,12 @@ def test_inspect_prints_counts_errors_throughput_and_models(output, tiny_models)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for line in ("inputs: 6", "samples: 10", "errors: 1", "samples: 10 rows in 1 files, 5 sources",
-                 "decode: 1", "1 x RejectedImage: empty file (0 bytes)", "MapBatches(Generate)"):
+                 "decode: 1", "1 x RejectedImage: empty file (0 bytes)", "  generate: "):
         assert line in text, line
-    for key in ("base_model", "controlnet/canny", "controlnet/hed", "annotators"):
+    for key in ("base_model", "controlnet/canny", "controlnet/hed"):
         assert f"{tiny_models[key]} @ sha256:{fingerprint(Path(tiny_models[key]))}" in text, key
+    hed_files = ANNOTATORS["hed"].files  # an annotator's revision covers the files its loader reads, no others
+    assert f"{tiny_models['annotators']} @ sha256:{fingerprint(Path(tiny_models['annotators']), hed_files)}" in text
     assert "annotator canny: (no weights)" in text
 
 

@@ -195,7 +195,7 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
 def generate_actor_pids() -> set[int]:
     pids = set()
     for p in psutil.process_iter(["cmdline"]):
-        if "MapBatches(Generate)" in " ".join(p.info["cmdline"] or []):
+        if "MapBatches(generate)" in " ".join(p.info["cmdline"] or []):
             pids.add(p.pid)
     return pids
 

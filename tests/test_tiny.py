@@ -72,7 +72,7 @@ def test_layout(tiny: dict[str, str]) -> None:
     assert marker == {"seed": 0, "conditions": ["canny", "hed"], "annotators": default}
     assert "hed" in marker["annotators"] and "lineart_anime" not in marker["annotators"]  # heavy: only on request
     for name in marker["annotators"]:
-        for f in ANNOTATORS[name].files():
+        for f in ANNOTATORS[name].files:
             assert (Path(tiny.get(f"annotator/{name}", tiny["annotators"])) / f).exists(), (name, f)
 
 

@@ -5,13 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from pipeline.docs.stats import (
-    error_groups,
-    fmt_rate,
-    fmt_seconds,
-    model_rows,
-    parse_stats,
-)
+from pipeline.docs.stats import error_groups, fmt_rate, fmt_seconds, model_rows, stage_rows
 from pipeline.io.output import RunOutput
 
 
@@ -40,9 +34,8 @@ def inspect_text(url: str, storage_options: dict[str, Any] | None = None) -> str
     lines += ["", "throughput:",
               f"  {counts.get('samples', 0)} samples in {fmt_seconds(timings.get('total_s'))} "
               f"= {timings.get('samples_per_s')} samples/s"]
-    operators, _ = parse_stats(out.read_text("stats.txt", default=""))
-    lines += [f"  {op['name']}: {fmt_seconds(op['wall_s'])}, {op['output_rows']} rows, {fmt_rate(op['rows_per_s'])}"
-              for op in operators]
+    lines += [f"  {st['name']}: {fmt_seconds(st['seconds'])} ({st['share']}), {st['rows']} rows, "
+              f"{fmt_rate(st['rows_per_s'])}" for st in stage_rows(manifest)]
     lines += ["", "models:"]
     lines += [f"  {r['role']}: {r['model'] or '(no weights)'}"
               + (f" @ {r['commit']}" if r["commit"] else "") + (f" (revision {r['revision']})" if r["revision"] else "")

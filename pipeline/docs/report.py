@@ -1,5 +1,6 @@
 """report.html: a self-contained gallery (source, control maps, generated variants as thumbnail
-data: URIs) and the run's stats (counts, errors, per-operator throughput, models).
+data: URIs; click to enlarge; filters; control maps over the source) and the run's stats (counts, errors,
+per-stage throughput as the stages measured it, models).
 
 Only the columns the page needs are read; image bytes only for the sources the gallery shows.
 """
@@ -17,14 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline.docs.stats import (
-    annotator_rows,
-    error_groups,
-    fmt_rate,
-    fmt_seconds,
-    model_rows,
-    parse_stats,
-)
+from pipeline.docs.stats import annotator_rows, error_groups, fmt_rate, fmt_seconds, model_rows, stage_rows
 from pipeline.io.output import RunOutput
 
 MAX_SOURCES = 200  # sources shown in the gallery
@@ -89,11 +83,42 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top;white-space:pre-line}
 td.n{text-align:right}code,pre{font:12px ui-monospace,monospace}pre{background:#f6f6f6;padding:.5em;overflow:auto}
 .card{border-top:1px solid #ddd;padding:.5em 0}.card h3{margin:.2em 0;font-size:14px}
-.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;max-width:256px}figure img{display:block;max-width:256px}
+.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;max-width:256px;position:relative}
+figure img{display:block;max-width:256px;cursor:zoom-in}
 figcaption{font-size:12px;color:#555}.source figcaption{font-weight:bold}.generated img{outline:2px solid #8ab}
-.note{background:#fff6d5;padding:.3em .6em}
+.note{background:#fff6d5;padding:.3em .6em}.filters{position:sticky;top:0;background:#fff;padding:.4em 0;z-index:1}
+.filters label{margin-right:1em}.hidden{display:none}
+.overlay .control img.over{display:block}.control img.over{display:none;position:absolute;left:0;top:0;opacity:.55;mix-blend-mode:multiply}
+#lightbox{position:fixed;inset:0;background:rgba(0,0,0,.85);display:none;align-items:center;justify-content:center;z-index:2;cursor:zoom-out}
+#lightbox.open{display:flex}#lightbox img{width:min(90vw,90vh);height:auto;image-rendering:auto;cursor:zoom-out}
 """
 
+SCRIPT = """
+const q = s => [...document.querySelectorAll(s)];
+function applyFilters() {
+  const text = document.getElementById('f-prompt').value.toLowerCase();
+  const control = document.getElementById('f-annotator').value;
+  for (const card of q('.card')) {
+    let shown = 0;
+    for (const fig of card.querySelectorAll('figure.generated')) {
+      const hit = !text || fig.dataset.prompt.toLowerCase().includes(text);
+      fig.classList.toggle('hidden', !hit); shown += hit;
+    }
+    card.classList.toggle('hidden', !!text && shown === 0);
+    for (const fig of card.querySelectorAll('figure.control'))
+      fig.classList.toggle('hidden', !!control && fig.dataset.control !== control);
+  }
+  const stage = document.getElementById('f-error').value;
+  for (const row of q('#errors tr[data-stage]')) row.classList.toggle('hidden', !!stage && row.dataset.stage !== stage);
+}
+document.addEventListener('input', e => { if (e.target.closest('.filters')) applyFilters(); });
+document.getElementById('f-overlay').addEventListener('change', e => document.body.classList.toggle('overlay', e.target.checked));
+const box = document.getElementById('lightbox');
+document.addEventListener('click', e => {
+  if (e.target.matches('figure img')) { box.querySelector('img').src = e.target.src; box.classList.add('open'); }
+  else if (e.target.closest('#lightbox')) box.classList.remove('open');
+});
+"""
 
 # Every value reaches the page through Jinja's autoescape: nothing read from an output (manifest values,
 # URIs, prompts, error messages) can add markup.
@@ -101,54 +126,61 @@ TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">
 <title>Run {{ run_id }}</title><style>{{ style }}</style></head>
 <body>
-{%- macro table(header, rows) %}
-<table><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
+{%- macro table(header, rows, id=None) %}
+<table{% if id %} id="{{ id }}"{% endif %}>{% if header|select|list %}<tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>{% endif %}
 {%- for row in rows %}<tr>{% for c in row %}{% if c is number %}<td class="n">{{ c }}</td>{% else %}<td>{{ c }}</td>{% endif %}{% endfor %}</tr>{% endfor %}</table>
 {%- endmacro %}
 <h1>ControlNet dataset · run {{ run_id }}</h1>
-{{ table(["", ""], [["output", url], ["code version", manifest.code_version], ["started", manifest.started_at],
-                    ["finished", manifest.finished_at]]) }}
+{{ table([], [["output", url], ["code version", manifest.code_version], ["started", manifest.started_at],
+              ["finished", manifest.finished_at]]) }}
 <h2>Counts</h2>
-{{ table(["", ""], counts) }}
+{{ table([], counts) }}
 <h2>Throughput</h2>
 <p>{{ samples }} samples in {{ total_s }} = {{ samples_per_s }} samples/s</p>
-{%- if operators %}
-{{ table(["operator", "wall time", "output rows", "throughput"], operators) }}
-{%- if dataset_rate %}<p>Ray Data dataset throughput: {{ dataset_rate }}</p>{% endif %}
+{%- if stages %}
+{{ table(["stage", "time (its own work)", "share", "rows out", "throughput"], stages) }}
 {%- else %}
-<p>No per-operator timings could be read from stats.txt.</p>
+<p>This run's manifest has no per-stage timings.</p>
 {%- endif %}
-<details><summary>Ray Data stats (stats.txt)</summary><pre>{{ stats_text }}</pre></details>
 <h2>Errors</h2>
 {%- if errors %}
-{{ table(["stage", "type", "message", "count", "examples"], errors) }}
+<table id="errors"><tr><th>stage</th><th>type</th><th>message</th><th>count</th><th>examples</th></tr>
+{%- for e in errors %}<tr data-stage="{{ e[0] }}">{% for c in e %}{% if c is number %}<td class="n">{{ c }}</td>{% else %}<td>{{ c }}</td>{% endif %}{% endfor %}</tr>{% endfor %}</table>
 {%- if more_errors %}<p class="note">{{ more_errors }} more error groups not listed.</p>{% endif %}
 {%- else %}
 <p>None.</p>
 {%- endif %}
 <h2>Models</h2>
 {{ table(["role", "model", "revision (configured)", "resolved revision"], models) }}
-{{ table(["annotator", "name", "params"], annotators) }}
+{{ table(["annotator", "name", "parameters (effective)"], annotators) }}
 <h2>Samples</h2>
 {%- if n_sources > cards|length %}
 <p class="note">Showing the first {{ cards|length }} of {{ n_sources }} sources (sorted by source URI); rebuild with <code>python -m pipeline report OUT --max-sources N</code> to show more.</p>
 {%- else %}
-<p>All {{ n_sources }} sources. Hover over an image for its prompt and seed.</p>
+<p>All {{ n_sources }} sources. Hover over an image for its prompt and seed; click it to enlarge.</p>
 {%- endif %}
+<div class="filters">
+<label>prompt contains <input id="f-prompt" type="search"></label>
+<label>control map <select id="f-annotator"><option value="">all</option>{% for a in control_ids %}<option>{{ a }}</option>{% endfor %}</select></label>
+<label>errors at <select id="f-error"><option value="">every stage</option>{% for st in error_stages %}<option>{{ st }}</option>{% endfor %}</select></label>
+<label><input id="f-overlay" type="checkbox"> control maps over the source</label>
+</div>
 {%- for card in cards %}
 <section class="card"><h3 title="{{ card.uri }}">{{ card.uri.rsplit("/", 1)[-1] }}</h3><div class="row">
 <figure class="source"><img src="{{ card.image }}" alt="source" title="{{ card.uri }}"><figcaption>source</figcaption></figure>
 {%- for col, uri in card.controls.items() %}
-<figure class="control"><img src="{{ uri }}" alt="{{ col[8:] }}" title="control map {{ col }}"><figcaption>{{ col[8:] }}</figcaption></figure>
+<figure class="control" data-control="{{ col[8:] }}"><img src="{{ uri }}" alt="{{ col[8:] }}" title="control map {{ col }}"><img class="over" src="{{ card.image }}" alt="source under {{ col[8:] }}"><figcaption>{{ col[8:] }}</figcaption></figure>
 {%- endfor %}
 {%- for v in card.variants %}
-<figure class="generated"><img src="{{ v.uri }}" alt="generated variant {{ v.variant_index }}" title="prompt: {{ v.prompt }}
+<figure class="generated" data-prompt="{{ v.prompt or '' }}"><img src="{{ v.uri }}" alt="generated variant {{ v.variant_index }}" title="prompt: {{ v.prompt }}
 seed: {{ v.seed }}
 variant: {{ v.variant_index }}
 sample_id: {{ v.sample_id }}"><figcaption>#{{ v.variant_index }} · seed {{ v.seed }}<br><span class="prompt">{{ v.prompt or "" }}</span></figcaption></figure>
 {%- endfor %}
 </div></section>
 {%- endfor %}
+<div id="lightbox"><img alt="enlarged"></div>
+<script>{{ script|safe }}</script>
 </body></html>
 """
 
@@ -156,23 +188,22 @@ sample_id: {{ v.sample_id }}"><figcaption>#{{ v.variant_index }} · seed {{ v.se
 def report_html(out: RunOutput, max_sources: int = MAX_SOURCES, px: int = THUMB_PX) -> str:
     manifest = out.manifest()
     counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
-    stats_text = out.read_text("stats.txt", default="")
-    operators, dataset_rate = parse_stats(stats_text)
     cards, n_sources = gallery(out, max_sources, px)
     errors = error_groups(out)
     return jinja2.Environment(autoescape=True).from_string(TEMPLATE).render(
-        run_id=str(manifest.get("run_id")), style=STYLE, url=out.url, manifest=manifest,
+        run_id=str(manifest.get("run_id")), style=STYLE, script=SCRIPT, url=out.url, manifest=manifest,
         counts=[[k.replace("_", " "), v] for k, v in counts.items() if k != "errors_by_stage"]
                + [[f"errors at {s}", n] for s, n in counts.get("errors_by_stage", {}).items()],
         samples=counts.get("samples", 0), total_s=fmt_seconds(timings.get("total_s")),
         samples_per_s=timings.get("samples_per_s"),
-        operators=[[op["name"], fmt_seconds(op["wall_s"]), op["output_rows"] if op["output_rows"] is not None else "—",
-                    fmt_rate(op["rows_per_s"])] for op in operators],
-        dataset_rate=fmt_rate(dataset_rate) if dataset_rate is not None else None, stats_text=stats_text,
+        stages=[[st["name"], fmt_seconds(st["seconds"]), st["share"], st["rows"], fmt_rate(st["rows_per_s"])]
+                for st in stage_rows(manifest)],
         errors=[[g["stage"], g["type"], g["message"], g["count"], "\n".join(map(str, g["examples"]))]
                 for g in errors[:MAX_ERROR_GROUPS]],
+        error_stages=sorted({g["stage"] for g in errors if g["stage"]}),
         more_errors=max(0, len(errors) - MAX_ERROR_GROUPS),
         models=[[r["role"], r["model"] or "— (no weights)", r["revision"] or "—", r["commit"] or "—"]
                 for r in model_rows(manifest)],
-        annotators=[[a["id"], a["name"], json.dumps(a["params"], sort_keys=True)] for a in annotator_rows(manifest)],
+        annotators=[[a["id"], a["name"], json.dumps(a["params"], sort_keys=True)] for a in annotator_rows(manifest, out)],
+        control_ids=[c.removeprefix("control_") for c in out.control_columns()],
         cards=cards, n_sources=n_sources)

@@ -1,9 +1,9 @@
-"""What every document of a run says: error groups, per-operator timings, models, annotators,
+"""What every document of a run says: error groups, per-stage timings, models, annotators,
 generation parameters, read from the run's output and manifest."""
 
 from __future__ import annotations
 
-import re
+import json
 from typing import Any
 
 from pipeline.generators import DEFAULT_FAMILY
@@ -23,39 +23,14 @@ def error_groups(out: RunOutput) -> list[dict[str, Any]]:
     return sorted(groups.values(), key=lambda g: (g["stage"] or "", -g["count"], g["message"] or ""))
 
 
-OPERATOR = re.compile(r"^Operator (\d+) (.+?): (.*)$")
-SECONDS = re.compile(r"(?:produced|executed) in ([\d.]+)s")
-OUTPUT_ROWS = re.compile(r"Total output num rows: (\d+) rows")
-THROUGHPUT = re.compile(r"Ray Data throughput: ([\d.eE+-]+) rows/s")
-
-
-def parse_stats(text: str) -> tuple[list[dict[str, Any]], float | None]:
-    """Per-operator wall time, output rows and throughput from Ray Data's stats text, and the
-    dataset's throughput. Lines it does not recognise are ignored; an operator with fused
-    sub-operators reports its last sub-operator's rows and throughput."""
-    operators: list[dict[str, Any]] = []
-    dataset_rate = None
-    in_dataset_block = False
-    for line in text.splitlines():
-        if m := OPERATOR.match(line):
-            seconds = SECONDS.search(m.group(3))
-            operators.append({"index": int(m.group(1)), "name": m.group(2),
-                              "wall_s": float(seconds.group(1)) if seconds else None,
-                              "output_rows": None, "rows_per_s": None})
-            in_dataset_block = False
-        elif line.startswith("Dataset throughput"):
-            in_dataset_block = True
-        elif m := OUTPUT_ROWS.search(line):
-            if operators and not in_dataset_block:
-                operators[-1]["output_rows"] = int(m.group(1))
-        elif m := THROUGHPUT.search(line):
-            if in_dataset_block:
-                dataset_rate = float(m.group(1))
-            elif operators:
-                operators[-1]["rows_per_s"] = float(m.group(1))
-        elif line and not line[0].isspace() and not line.startswith("*"):
-            in_dataset_block = False  # another top-level section (iterator, memory)
-    return operators, dataset_rate
+def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each stage's own figures, as the stages measured them (manifest `stages`): seconds of work, rows
+    out, rows/s and share of all stages' time (stages overlap, so shares say where the work is)."""
+    stages = manifest.get("stages") or {}
+    total = sum(s.get("seconds", 0) for s in stages.values()) or 1.0
+    return [{"name": name, "seconds": s.get("seconds"), "rows": s.get("rows_out"),
+             "rows_per_s": s["rows_out"] / s["seconds"] if s.get("seconds") else None,
+             "share": f"{100 * s.get('seconds', 0) / total:.0f}%"} for name, s in stages.items()]
 
 
 def model_rows(manifest: dict[str, Any]) -> list[dict[str, str | None]]:
@@ -79,8 +54,17 @@ def model_rows(manifest: dict[str, Any]) -> list[dict[str, str | None]]:
     return rows
 
 
-def annotator_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"id": a.get("id") or a["name"], "name": a["name"], "params": a.get("params", {})}
+def annotator_rows(manifest: dict[str, Any], out: RunOutput | None = None) -> list[dict[str, Any]]:
+    """Each annotator with its effective parameters (defaults included) as the rows record them, or as
+    configured where the output has no sample to read them from."""
+    effective: dict[str, Any] = {}
+    files = out.files("samples") if out is not None else []
+    if files:
+        first = out.read_file(files[0], ["annotators"]).slice(0, 1).to_pylist()
+        for a in first[0]["annotators"] if first else []:
+            effective[a["id"]] = json.loads(a["params"]) if a.get("params") else {}
+    return [{"id": a.get("id") or a["name"], "name": a["name"],
+             "params": effective.get(a.get("id") or a["name"], a.get("params", {}))}
             for a in manifest.get("config", {}).get("annotators", [])]
 
 
