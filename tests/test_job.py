@@ -193,7 +193,7 @@ def test_cli_missing_model_exits_nonzero_naming_it(tmp_path, tiny_models, photos
     proc = cli("run", str(tmp_path / "job.yaml"), "--set", "generation.controlnets.0.model=lllyasviel/sd-controlnet-canny")
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert "lllyasviel/sd-controlnet-canny" in last and "hf download" in last
+    assert "lllyasviel/sd-controlnet-canny" in last and "python -m pipeline models fetch CONFIG --dir DIR" in last
     assert not (tmp_path / "out").exists()  # failed before any work
 
 
