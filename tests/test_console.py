@@ -127,3 +127,40 @@ def test_version_and_the_console_script_name_itself():
         script = __import__("pathlib").Path(sys.executable).parent / "controlnet-pipeline"
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: controlnet-pipeline ")
+
+
+def test_the_progress_bar_counts_inputs_and_says_how_long_is_left():
+    from pipeline.console import Bar
+
+    bar = Bar(progress=None, total=10, variants=2)
+    bar.started -= 50  # fifty seconds into the run
+    line = bar.line({"samples": 8, "errors": 1, "rejected": 1})  # 1 input rejected, 4 done with 2 rows each
+    assert line.startswith("[############............] 5/10 inputs · ETA 0:50 · 8 samples, 0.16/s · 1 errors")
+
+
+def test_a_local_models_revision_covers_the_files_its_loader_reads_and_big_digests_are_cached(
+        tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline.models import file_sha256, resolve_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    weights = tmp_path / "annotators"
+    shutil.copytree(tiny_models["annotators"], weights)
+    files = ("ControlNetHED.pth",)
+    first = resolve_model(str(weights), None, files[0], files=files).commit
+    (weights / "notes.txt").write_text("an unrelated file in a shared folder")
+    assert resolve_model(str(weights), None, files[0], files=files).commit == first
+    with open(weights / "ControlNetHED.pth", "ab") as f:
+        f.write(b"\0")
+    assert resolve_model(str(weights), None, files[0], files=files).commit != first
+    # the digest of a big file is remembered by (path, size, mtime): a stale entry is never used
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\1" * (2 << 20))
+    real = file_sha256(big)
+    cache = tmp_path / "cache" / "controlnet-pipeline" / "sha256.json"
+    entry = json.loads(cache.read_text())[str(big.resolve())]
+    cache.write_text(json.dumps({str(big.resolve()): {**entry, "sha256": "remembered"}}))
+    assert file_sha256(big) == "remembered"  # not hashed again
+    big.write_bytes(b"\2" * (2 << 20))  # same size, new content and mtime
+    assert file_sha256(big) not in ("remembered", real)

@@ -186,6 +186,7 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
     again = cli(*args, env=no_address, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stdout
+    assert f"added {len(good) * VARIANTS - len(written_ids)} samples ({len(good) * VARIANTS} in all)" in again.stdout
     manifest = check_exactly_once(out, directory, good, bad)
     assert manifest["this_run"]["samples"] == len(good) * VARIANTS - len(written_ids)
     assert all((out / name).read_bytes() == data for name, data in written.items())
