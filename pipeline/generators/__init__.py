@@ -19,8 +19,8 @@ DEFAULT_FAMILY = "sd15"
 
 @cache
 def families() -> tuple[str, ...]:
-    """Every family: the modules of this package other than `base`."""
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"))
+    """Every family: the modules of this package other than `base` and private ones (`_controlnet`)."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_")))
 
 
 def generator_class(family: str) -> type[Generator]:

@@ -53,6 +53,16 @@ class Generator:
     family: ClassVar[str]
     label: ClassVar[str]  # what the samples are, for documents: "Stable Diffusion 1.5 + ControlNet generations"
     columns: ClassVar[list[Column]]  # provenance columns the family adds to every sample, in order
+    schedulers: ClassVar[tuple[str, ...]] = ("unipc", "dpmpp_2m", "ddim", "euler_a")  # the first is the default
+
+    @classmethod
+    def check(cls, cfg: Any) -> GenerationConfig:
+        """Family checks of a whole job config (`JobConfig`) at validation time: raise ValueError with one line
+        naming the key; return `cfg.generation`, possibly with derived values filled in."""
+        if cfg.generation.scheduler not in cls.schedulers:
+            raise ValueError(f"generation.scheduler: {cfg.generation.scheduler!r} is not a {cls.family} scheduler "
+                             f"{list(cls.schedulers)}")
+        return cfg.generation
 
     def __init__(self, gen: GenerationConfig, models: Models):
         import torch
@@ -61,7 +71,7 @@ class Generator:
         self.gen = gen
         self.max_batch = gen.batch_size  # lowered for good after an out-of-memory error
         self.load(models)
-        self.provenance: Row = self.provenance_fields(models)
+        self.provenance: Row = self.provenance_fields(models) | worker_fields(self.device)
 
     @classmethod
     def model_refs(cls, gen: GenerationConfig) -> dict[str, ModelRef | list[ModelRef]]:
@@ -79,6 +89,10 @@ class Generator:
         """Generate one uint8 image per row (all rows have this size)."""
         raise NotImplementedError
 
+    def row_fields(self, row: Row) -> Row:
+        """Provenance values that differ between rows (e.g. SDXL's micro-conditioning sizes)."""
+        return {}
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         return map_batch_isolated("generate", batch, self.generate)
 
@@ -90,7 +104,7 @@ class Generator:
         for (width, height), idx in by_size.items():
             images = self.run_fitting([rows[i] for i in idx], width, height)
             for i, image in zip(idx, images):
-                out[i] = {**rows[i], **self.provenance, "generated": array_to_png(image)}
+                out[i] = {**rows[i], **self.provenance, **self.row_fields(rows[i]), "generated": array_to_png(image)}
         return out
 
     def run_fitting(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
@@ -113,6 +127,32 @@ class Generator:
                 continue
             start += len(chunk)
         return images
+
+
+# Columns every family adds last: the worker that made the row.
+WORKER_COLUMNS: list[Column] = [
+    ("generator_device", pa.string(), "Device of the worker that generated the row (cuda, cpu, ...)."),
+    ("torch_version", pa.string(), "torch version of the worker."),
+    ("diffusers_version", pa.string(), "diffusers version of the worker."),
+    ("transformers_version", pa.string(), "transformers version of the worker."),
+]
+
+
+def worker_fields(device: str) -> Row:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"generator_device": device, "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__, "transformers_version": transformers.__version__}
+
+
+def cpu_generators(rows: list[Row]) -> list:
+    """One CPU `torch.Generator` per row, seeded with the row's seed: diffusers draws the starting noise on
+    the generator's device and moves it, so a GPU and a CPU worker start from the same noise."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(r["seed"]) for r in rows]
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

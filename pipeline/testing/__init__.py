@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.testing.annotators import ANNOTATOR_DIRS, HEAVY, annotator_names, write_annotators
-from pipeline.testing.diffusion import write_controlnet, write_stable_diffusion
+from pipeline.testing.diffusion import family_names, family_paths, write_controlnet, write_family, write_stable_diffusion
 
 __all__ = ["HEAVY", "MARKER", "make_tiny", "write_annotators"]
 
@@ -41,9 +41,13 @@ generate noise. Use them only for offline runs and tests.
 
 
 def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"), seed: int = 0,
-              annotators: Sequence[str] | None = None) -> dict[str, str]:
+              annotators: Sequence[str] | None = None, families: Sequence[str] = ("sd15",)) -> dict[str, str]:
     """Write tiny models under out_dir; return {"base_model": path, "controlnet/<cond>": path, ...,
     "annotators": path}.
+
+    `families` names the generator families whose models to write besides SD 1.5 (`all` for every one);
+    family F's models are keyed "F/base_model" and "F/controlnet/<cond>" (one "F/controlnet" for Union
+    families), see `pipeline.testing.diffusion.write_family`.
 
     `annotators` names the annotators whose weights to write (default: DEFAULT_ANNOTATORS, every
     neural annotator whose full-size random checkpoint is small; "all" for every one). A model
@@ -65,7 +69,11 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     for name in annotators:  # save_pretrained models live in their own directory
         if name in ANNOTATOR_DIRS:
             paths[f"annotator/{name}"] = str(out / "annotators" / ANNOTATOR_DIRS[name][0])
+    families = family_names(families)
+    for family in families:
+        paths.update(family_paths(out, family, conditions))
     wanted = {"seed": seed, "conditions": conditions, "annotators": annotators}
+    wanted |= {"families": families} if families != ["sd15"] else {}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return paths
 
@@ -74,6 +82,8 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     write_stable_diffusion(out / "stable-diffusion", seed)
     for index, cond in enumerate(conditions):
         write_controlnet(out / f"controlnet-{cond}", seed + index)
+    for family in families:
+        write_family(out, family, conditions, seed)
     write_annotators(out / "annotators", annotators, seed)
     (out / "README.md").write_text(README)
     marker.write_text(json.dumps(wanted, indent=2) + "\n")

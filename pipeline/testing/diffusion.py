@@ -144,3 +144,129 @@ def write_controlnet(cn_dir: Path, seed: int) -> None:
                 param.normal_(std=0.1)
     controlnet.save_pretrained(cn_dir, safe_serialization=True)
 
+
+
+def _randomize_zero_convs(controlnet, extra=()) -> None:
+    """A fresh ControlNet's "zero" layers are all zeros, so it would have no effect at all: give them small
+    random weights so that the control image actually changes the output."""
+    import torch
+
+    layers = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+              controlnet.controlnet_mid_block, *extra]
+    with torch.no_grad():
+        for layer in layers:
+            for param in layer.parameters():
+                param.normal_(std=0.1)
+
+
+# ---- Stable Diffusion XL -----------------------------------------------------------------------------
+# Two CLIP text encoders of width 32: cross-attention sees both (64); the pooled projection of the second
+# (32) plus six size embeddings of 8 form the "text_time" added condition (6 * 8 + 32 = 80).
+SDXL_ENCODER = dict(
+    in_channels=4,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    cross_attention_dim=2 * CROSS_ATTENTION_DIM,
+    attention_head_dim=2,
+    norm_num_groups=4,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + CROSS_ATTENTION_DIM,
+)
+UNION_CONTROL_TYPES = 8  # as ProMax: 0 openpose ... 6 tile, 7 repaint
+
+
+def _clip_config(tokenizer, projection_dim: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=1000, hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **({"projection_dim": projection_dim} if projection_dim else {}),
+    )
+
+
+def _vae_8x(**extra) -> AutoencoderKL:
+    return AutoencoderKL(  # four blocks -> scale factor 2**3 = 8, as the real models
+        in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4, sample_size=LATENT_SIZE * 8,
+        **({"latent_channels": 4} | extra),
+    )
+
+
+def write_sdxl(sdxl_dir: Path, seed: int) -> None:
+    """A Stable Diffusion XL pipeline (`StableDiffusionXLPipeline.save_pretrained` layout)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = _make_tokenizer(sdxl_dir / "tokenizer")
+    tokenizer_2 = _make_tokenizer(sdxl_dir / "tokenizer_2")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, projection_dim=CROSS_ATTENTION_DIM))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=LATENT_SIZE, out_channels=4, up_block_types=UP_BLOCK_TYPES, **SDXL_ENCODER)
+    torch.manual_seed(seed)
+    vae = _vae_8x()
+    scheduler = EulerDiscreteScheduler(  # SDXL's scheduler_config values
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(sdxl_dir, safe_serialization=True)
+
+
+def write_sdxl_controlnet(cn_dir: Path, seed: int, union: bool = False) -> None:
+    """An SDXL ControlNet (`ControlNetModel`), or with `union` a `ControlNetUnionModel` (xinsir's layout)."""
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed)
+    common = dict(conditioning_channels=3, conditioning_embedding_out_channels=(8, 8, 8, 8), **SDXL_ENCODER)
+    if union:
+        width = SDXL_ENCODER["block_out_channels"][0]
+        controlnet = ControlNetUnionModel(num_control_type=UNION_CONTROL_TYPES, num_trans_channel=width,
+                                          num_trans_head=2, num_trans_layer=1, num_proj_channel=width, **common)
+        _randomize_zero_convs(controlnet, [controlnet.spatial_ch_projs])
+    else:
+        controlnet = ControlNetModel(**common)
+        _randomize_zero_convs(controlnet)
+    controlnet.save_pretrained(cn_dir, safe_serialization=True)
+
+
+# ---- every family's tiny models, for make_tiny ----------------------------------------------------------
+# family -> (base model directory, ControlNet directory pattern or Union directory, writers)
+TINY_FAMILIES = ("sd15", "sdxl", "sdxl_union")
+
+
+def family_names(families) -> list[str]:
+    names = list(TINY_FAMILIES) if families == "all" or list(families) == ["all"] else list(families)
+    unknown = [f for f in names if f not in TINY_FAMILIES]
+    if unknown:
+        raise ValueError(f"no tiny models for families {unknown}; known: {list(TINY_FAMILIES)}")
+    return sorted(set(names), key=TINY_FAMILIES.index)
+
+
+def family_paths(out: Path, family: str, conditions) -> dict[str, str]:
+    """Where `write_family` puts a family's models, by key ("F/base_model", "F/controlnet/<cond>", "F/controlnet")."""
+    if family == "sd15":
+        return {}  # the top-level "base_model" and "controlnet/<cond>"
+    if family == "sdxl":
+        return {"sdxl/base_model": str(out / "sdxl" / "base"),
+                **{f"sdxl/controlnet/{c}": str(out / "sdxl" / f"controlnet-{c}") for c in conditions}}
+    if family == "sdxl_union":
+        return {"sdxl_union/base_model": str(out / "sdxl" / "base"),
+                "sdxl_union/controlnet": str(out / "sdxl" / "controlnet-union")}
+    raise ValueError(family)
+
+
+def write_family(out: Path, family: str, conditions, seed: int) -> None:
+    paths = family_paths(out, family, conditions)
+    if family == "sdxl":
+        write_sdxl(Path(paths["sdxl/base_model"]), seed)
+        for index, cond in enumerate(conditions):
+            write_sdxl_controlnet(Path(paths[f"sdxl/controlnet/{cond}"]), seed + index)
+    elif family == "sdxl_union":
+        write_sdxl(Path(paths["sdxl_union/base_model"]), seed)
+        write_sdxl_controlnet(Path(paths["sdxl_union/controlnet"]), seed, union=True)

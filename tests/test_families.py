@@ -1,0 +1,274 @@
+"""Generator families and modes against diffusers itself: for every family and mode, the rows equal diffusers'
+own pipeline called directly with the row's recorded inputs; config refusals; one end-to-end job per family.
+Tiny models (64 px, 2 steps) are written once per session."""
+
+import io
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.annotators import ANNOTATORS
+from pipeline.config import ConfigError, load_config
+from pipeline.generators import generator_class
+from pipeline.generators._controlnet import make_scheduler
+from pipeline.ids import sample_identity
+from pipeline.io.images import array_to_png, png_to_array
+from pipeline.models import resolve_model
+from tests.helpers import photo, read_parquet_dir
+
+FAMILIES = ("sd15", "sdxl", "sdxl_union")
+MODES = ("text2img", "img2img", "inpaint")
+ADE_PERSON = 12
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, str]:
+    from pipeline.testing import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("family-models"), conditions=("canny", "scribble_xdog"), seed=0,
+                     annotators=[], families="all")
+
+
+def base_and_controlnets(models: dict[str, str], family: str) -> tuple[str, list[str]]:
+    if family == "sd15":
+        return models["base_model"], [models["controlnet/canny"], models["controlnet/scribble_xdog"]]
+    if family == "sdxl_union":
+        return models["sdxl_union/base_model"], [models["sdxl_union/controlnet"]] * 2
+    return models[f"{family}/base_model"], [models[f"{family}/controlnet/{c}"] for c in ("canny", "scribble_xdog")]
+
+
+def job(models, family: str, source="/unused", output="/unused", **generation) -> dict:
+    base, (cn1, cn2) = base_and_controlnets(models, family)
+    return {
+        "seed": 3,
+        "source": {"type": "images", "path": source},
+        "image": {"resolution": 64},
+        "annotators": [{"name": "canny"}, {"name": "scribble_xdog"}, {"name": "openpose"}],
+        "generation": {
+            "family": family, "base_model": base, "steps": 2, "batch_size": 4,
+            "controlnets": [{"condition": "canny", "model": cn1},
+                            {"condition": "scribble_xdog", "model": cn2, "conditioning_scale": 0.5, "guidance_end": 0.8}],
+            **generation,
+        },
+        "output": {"path": output},
+    }
+
+
+def generator(models, family, **generation):
+    cfg = load_config(data=job(models, family, **generation))
+    refs = generator_class(family).model_refs(cfg.generation)
+    resolve = lambda r: resolve_model(r.model, r.revision, r.probe, True)  # noqa: E731
+    resolved = {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()}
+    return generator_class(family)(cfg.generation, resolved)
+
+
+def make_rows() -> list[dict]:
+    """Rows as they reach the generator: 64 px, two conditions, keypoints, and two different original sizes."""
+    canny, xdog = ANNOTATORS["canny"]({}), ANNOTATORS["scribble_xdog"]({})
+    rows = []
+    for i, (name, original) in enumerate([("astronaut", [512, 512]), ("coffee", [400, 300]), ("chelsea", [451, 300])]):
+        image = photo(name, (64, 64))
+        _, seed = sample_identity(0, name, i)
+        people = [{"pose_keypoints_2d": [20.0, 10.0, 0.9, 40.0, 50.0, 0.8, 0, 0, 0], "hand_left_keypoints_2d": []}]
+        rows.append({
+            "width": 64, "height": 64, "image": array_to_png(image), "seed": seed, "sample_id": f"s{i}",
+            "prompt": f"a photo of {name}", "negative_prompt": "blurry",
+            "transform": json.dumps({"original_size": original, "exif_orientation": 1, "size": [64, 64]}),
+            "control_canny": array_to_png(canny.annotate([image])[0]),
+            "control_scribble_xdog": array_to_png(xdog.annotate([image])[0]),
+            "keypoints_openpose": json.dumps({"people": people, "canvas_width": 64, "canvas_height": 64}),
+        })
+    return rows
+
+
+def pil(png: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def diffusers_images(models, family: str, mode: str, out: list[dict]) -> list[np.ndarray]:
+    """diffusers' own pipeline, loaded from the same directories and called the way its docs show, one call
+    per row, with that row's recorded inputs (sizes, control modes, mask, strength, scheduler)."""
+    base, nets = base_and_controlnets(models, family)
+    cls = getattr(diffusers, out[0]["pipeline_class"])
+    if family == "sdxl_union":
+        controlnet = diffusers.ControlNetUnionModel.from_pretrained(nets[0])
+    else:
+        controlnet = diffusers.MultiControlNetModel([diffusers.ControlNetModel.from_pretrained(n) for n in nets])
+    extra = {"safety_checker": None} if family == "sd15" else {"add_watermarker": False}
+    pipe = cls.from_pretrained(base, controlnet=controlnet, **extra)
+    pipe.scheduler = make_scheduler("unipc", pipe.scheduler.config)
+    assert type(pipe.scheduler).__name__ == out[0]["scheduler_class"]
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for row in out:
+        controls = [pil(row["control_canny"]), pil(row["control_scribble_xdog"])]
+        kw = dict(prompt=row["prompt"], negative_prompt=row["negative_prompt"], width=64, height=64,
+                  num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"],
+                  controlnet_conditioning_scale=row["controlnet_conditioning_scale"],
+                  control_guidance_start=row["control_guidance_start"], control_guidance_end=row["control_guidance_end"],
+                  generator=torch.Generator().manual_seed(row["seed"]), output_type="pil")
+        if family == "sdxl_union":
+            kw |= {"control_image": controls, "control_mode": row["control_modes"]}
+        elif mode == "text2img":
+            kw["image"] = controls
+        else:
+            kw["control_image"] = controls
+        if family != "sd15":
+            kw |= {k: tuple(row[k]) for k in ("original_size", "target_size", "crops_coords_top_left")}
+        if mode != "text2img":
+            kw |= {"image": pil(row["image"]), "strength": row["strength"]}
+        if mode == "inpaint":
+            kw["mask_image"] = Image.open(io.BytesIO(row["inpaint_mask"]))
+        images.append(np.asarray(pipe(**kw).images[0]))
+    return images
+
+
+MASK = {"annotator": "openpose", "repaint": "outside"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_equal_diffusers_called_directly(family_models, family, mode):
+    extra = {"mode": mode} | ({"strength": 0.7} if mode != "text2img" else {}) | ({"mask": MASK} if mode == "inpaint" else {})
+    gen = generator(family_models, family, **extra)
+    rows = make_rows()
+    out = gen.generate(rows)
+    assert all(r["generator_family"] == family and r["generation_mode"] == mode for r in out)
+    assert out[0]["pipeline_class"] == generator_class(family).pipelines[mode]
+    theirs = diffusers_images(family_models, family, mode, out)
+    for row, want in zip(out, theirs):
+        got = png_to_array(row["generated"]).astype(int)
+        assert np.abs(got - want.astype(int)).max() <= 1
+    assert np.abs(png_to_array(out[0]["generated"]).astype(int) - png_to_array(out[1]["generated"])).mean() > 3
+    if mode != "text2img":
+        assert out[0]["strength"] == 0.7
+    if mode == "inpaint":  # outside the person's box is repainted: the box (x 20..40, y 10..50) is black
+        mask = np.asarray(Image.open(io.BytesIO(out[0]["inpaint_mask"])))
+        assert mask[30, 30] == 0 and mask[5, 5] == 255 and mask[60, 60] == 255
+        assert json.loads(out[0]["inpaint_mask_source"])["annotator"] == "openpose"
+    else:
+        assert out[0]["inpaint_mask"] is None
+
+
+def test_sdxl_micro_conditioning_comes_from_each_rows_real_sizes(family_models):
+    gen = generator(family_models, "sdxl")
+    out = gen.generate(make_rows())
+    assert [r["original_size"] for r in out] == [[512, 512], [300, 400], [300, 451]]  # (height, width)
+    assert all(r["target_size"] == [64, 64] and r["crops_coords_top_left"] == [0, 0] for r in out)
+    assert len(gen.call_groups(make_rows())) == 3  # diffusers takes one original_size per call
+    rotated = dict(make_rows()[1], transform=json.dumps({"original_size": [400, 300], "exif_orientation": 6}))
+    assert gen.row_fields(rotated)["original_size"] == [400, 300]
+
+
+def test_union_control_modes_come_from_the_annotators_and_are_recorded(family_models):
+    gen = generator(family_models, "sdxl_union")
+    assert [cn.control_mode for cn in gen.gen.controlnets] == [3, 2]  # canny, scribble (xinsir's table)
+    row = gen.generate(make_rows()[:1])[0]
+    assert row["control_modes"] == [3, 2] and row["controlnet_conditions"] == ["canny", "scribble_xdog"]
+    assert row["controlnet_models"] == [family_models["sdxl_union/controlnet"]] * 2
+    named = load_config(data=job(family_models, "sdxl_union", controlnets=[
+        {"condition": "canny", "model": family_models["sdxl_union/controlnet"], "control_mode": "tile"}]))
+    assert named.generation.controlnets[0].control_mode == 6
+
+
+def test_noise_is_drawn_on_cpu_and_the_worker_is_recorded(family_models):
+    gen = generator(family_models, "sdxl")
+    kwargs = gen.call_kwargs(make_rows(), 64, 64)
+    assert all(g.device.type == "cpu" for g in kwargs["generator"])
+    row = gen.generate(make_rows()[:1])[0]
+    assert row["generator_device"] == "cpu" and row["dtype"] == "float32"
+    assert row["torch_version"] == torch.__version__ and row["diffusers_version"] == diffusers.__version__
+    assert json.loads(row["scheduler_config"])["_class_name"] == "UniPCMultistepScheduler"
+    assert row["guess_mode"] is False
+
+
+def test_guess_mode_changes_the_pixels_and_is_recorded(family_models):
+    plain = generator(family_models, "sd15").generate(make_rows()[:1])[0]
+    guess = generator(family_models, "sd15", guess_mode=True, guidance_scale=4.0).generate(make_rows()[:1])[0]
+    assert guess["guess_mode"] is True and plain["guess_mode"] is False
+    assert guess["generated"] != plain["generated"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"family": "sdxl", "true_cfg_scale": 2.0}, "generation.true_cfg_scale: only flux text2img"),
+    ({"family": "sdxl_union", "mode": "inpaint"}, "generation.mask: inpaint needs a mask"),
+    ({"mode": "img2img", "mask": MASK}, "generation.mask: only inpaint uses a mask"),
+    ({"strength": 0.5}, "generation.strength: only img2img and inpaint"),
+    ({"mode": "inpaint", "mask": {"annotator": "canny"}}, "generation.mask.annotator: canny gives neither"),
+    ({"mode": "inpaint", "mask": {"annotator": "openpose", "classes": [ADE_PERSON]}},
+     "generation.mask.classes: only a seg_ade20k annotator"),
+    ({"mode": "inpaint", "mask": {"annotator": "nope"}}, "generation.mask.annotator: 'nope' is not an annotator id"),
+    ({"family": "sdxl", "scheduler": "flow_match_euler"}, "generation.scheduler: 'flow_match_euler' is not a sdxl"),
+    ({"family": "sdxl_union", "controlnets": [{"condition": "canny", "model": "a"}, {"condition": "openpose", "model": "b"}]},
+     "generation.controlnets: sdxl_union runs every condition through one Union ControlNet"),
+    ({"family": "sdxl_union", "controlnets": [{"condition": "canny", "model": "a", "control_mode": "colour"}]},
+     "generation.controlnets.0.control_mode: 'colour' is not one of"),
+    ({"family": "sdxl_union", "controlnets": [{"condition": "canny", "model": "a", "control_mode": 9}]},
+     "generation.controlnets.0.control_mode: 9 is out of range 0..7"),
+    ({"mode": "outpaint"}, "generation.mode: Input should be"),
+])
+def test_config_refusals_are_one_line(family_models, change, message):
+    data = job(family_models, "sd15")
+    data["generation"] |= change
+    with pytest.raises(ConfigError) as e:
+        load_config(data=data)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_union_condition_without_a_table_entry_is_refused(family_models):
+    data = job(family_models, "sdxl_union")
+    data["annotators"].append({"name": "shuffle"})
+    data["generation"]["controlnets"].append({"condition": "shuffle", "model": family_models["sdxl_union/controlnet"]})
+    with pytest.raises(ConfigError, match="generation.controlnets.2.control_mode: annotator 'shuffle' has no sdxl_union"):
+        load_config(data=data)
+
+
+@pytest.mark.parametrize("family, mode", [("sdxl", "img2img"), ("sdxl_union", "text2img")])
+def test_end_to_end_job(ray_session, family_models, photos_dir, tmp_path, family, mode):
+    from pipeline.job import run
+
+    data = job(family_models, family, source=str(photos_dir), output=str(tmp_path / "out"), mode=mode)
+    data["annotators"] = data["annotators"][:2]
+    data["source"]["limit"] = 2
+    result = run(load_config(data=data), echo=lambda _: None)
+    table = read_parquet_dir(tmp_path / "out" / "samples")
+    assert result.samples == 2 == table.num_rows
+    rows = table.to_pylist()
+    assert {r["generator_family"] for r in rows} == {family} and {r["generation_mode"] for r in rows} == {mode}
+    assert all(r["generated"]["bytes"] and len(r["original_size"]) == 2 for r in rows)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["config"]["generation"]["family"] == family
+
+
+def test_models_fetch_takes_only_what_from_pretrained_loads():
+    """The files of real hub repos (as listed on the hub): the diffusers layout without variants, never the
+    single-file checkpoint beside it."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    sdxl_base = ["model_index.json", "sd_xl_base_1.0.safetensors", "sd_xl_offset_example-lora_1.0.safetensors",
+                 "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+                 "text_encoder/model.fp16.safetensors", "text_encoder/openvino_model.bin",
+                 "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/special_tokens_map.json",
+                 "tokenizer/tokenizer_config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "unet/diffusion_pytorch_model.fp16.safetensors", "unet/model.onnx", "vae/config.json",
+                 "vae/diffusion_pytorch_model.safetensors", "vae_1_0/diffusion_pytorch_model.fp16.safetensors",
+                 "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/model.safetensors.index.json"]
+    union = ["config.json", "config_promax.json", "diffusion_pytorch_model.safetensors",
+             "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model_promax.safetensors"]
+    refs = generator_class("sdxl_union").model_refs(load_config(data=job({"sdxl_union/base_model": "stabilityai/x",
+                                                                          "sdxl_union/controlnet": "xinsir/u"},
+                                                                         "sdxl_union")).generation)
+    base = set(filter_repo_objects(sdxl_base, allow_patterns=list(refs["base_model"].patterns)))
+    assert base == {"model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                    "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json",
+                    "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "unet/config.json",
+                    "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                    "vae/diffusion_pytorch_model.safetensors", "text_encoder_2/model-00001-of-00002.safetensors",
+                    "text_encoder_2/model.safetensors.index.json"}
+    assert len(refs["controlnets"]) == 1  # one Union network for both conditions
+    assert set(filter_repo_objects(union, allow_patterns=list(refs["controlnets"][0].patterns))) == {
+        "config.json", "diffusion_pytorch_model.safetensors"}
