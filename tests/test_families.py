@@ -20,8 +20,8 @@ from pipeline.io.images import array_to_png, png_to_array
 from pipeline.models import resolve_model
 from tests.helpers import photo, read_parquet_dir
 
-FAMILIES = ("sd15", "sdxl", "sdxl_union")
 MODES = ("text2img", "img2img", "inpaint")
+FAMILY_MODES = [(f, m) for f in ("sd15", "sdxl", "sdxl_union", "flux") for m in MODES] + [("sd3", "text2img")]
 ADE_PERSON = 12
 
 
@@ -30,19 +30,20 @@ def family_models(tmp_path_factory) -> dict[str, str]:
     from pipeline.testing import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("family-models"), conditions=("canny", "scribble_xdog"), seed=0,
-                     annotators=[], families="all")
+                     annotators=["seg_ade20k"], families="all")
 
 
-def base_and_controlnets(models: dict[str, str], family: str) -> tuple[str, list[str]]:
+def base_and_controlnets(models: dict[str, str], family: str, union: bool = False) -> tuple[str, list[str]]:
+    """The tiny base model and the two conditions' ControlNets (one shared Union network with `union`)."""
     if family == "sd15":
         return models["base_model"], [models["controlnet/canny"], models["controlnet/scribble_xdog"]]
-    if family == "sdxl_union":
-        return models["sdxl_union/base_model"], [models["sdxl_union/controlnet"]] * 2
+    if family == "sdxl_union" or union:
+        return models[f"{family}/base_model"], [models[f"{family}/controlnet"]] * 2
     return models[f"{family}/base_model"], [models[f"{family}/controlnet/{c}"] for c in ("canny", "scribble_xdog")]
 
 
-def job(models, family: str, source="/unused", output="/unused", **generation) -> dict:
-    base, (cn1, cn2) = base_and_controlnets(models, family)
+def job(models, family: str, source="/unused", output="/unused", union=False, **generation) -> dict:
+    base, (cn1, cn2) = base_and_controlnets(models, family, union)
     return {
         "seed": 3,
         "source": {"type": "images", "path": source},
@@ -58,8 +59,8 @@ def job(models, family: str, source="/unused", output="/unused", **generation) -
     }
 
 
-def generator(models, family, **generation):
-    cfg = load_config(data=job(models, family, **generation))
+def generator(models, family, union=False, **generation):
+    cfg = load_config(data=job(models, family, union=union, **generation))
     refs = generator_class(family).model_refs(cfg.generation)
     resolve = lambda r: resolve_model(r.model, r.revision, r.probe, True)  # noqa: E731
     resolved = {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()}
@@ -89,40 +90,57 @@ def pil(png: bytes) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
-def diffusers_images(models, family: str, mode: str, out: list[dict]) -> list[np.ndarray]:
+NETS = {"sd15": ("ControlNetModel", "MultiControlNetModel"), "sdxl": ("ControlNetModel", "MultiControlNetModel"),
+        "flux": ("FluxControlNetModel", "FluxMultiControlNetModel"), "sd3": ("SD3ControlNetModel", "SD3MultiControlNetModel")}
+
+
+def diffusers_images(models, family: str, mode: str, out: list[dict], union: bool = False) -> list[np.ndarray]:
     """diffusers' own pipeline, loaded from the same directories and called the way its docs show, one call
     per row, with that row's recorded inputs (sizes, control modes, mask, strength, scheduler)."""
-    base, nets = base_and_controlnets(models, family)
+    base, nets = base_and_controlnets(models, family, union)
     cls = getattr(diffusers, out[0]["pipeline_class"])
     if family == "sdxl_union":
         controlnet = diffusers.ControlNetUnionModel.from_pretrained(nets[0])
+    elif union:  # Flux Union: one network for both conditions
+        controlnet = diffusers.FluxMultiControlNetModel([diffusers.FluxControlNetModel.from_pretrained(nets[0])])
     else:
-        controlnet = diffusers.MultiControlNetModel([diffusers.ControlNetModel.from_pretrained(n) for n in nets])
-    extra = {"safety_checker": None} if family == "sd15" else {"add_watermarker": False}
+        net, multi = NETS[family]
+        controlnet = getattr(diffusers, multi)([getattr(diffusers, net).from_pretrained(n) for n in nets])
+    extra = {"sd15": {"safety_checker": None}, "sdxl": {"add_watermarker": False},
+             "sdxl_union": {"add_watermarker": False}}.get(family, {})
     pipe = cls.from_pretrained(base, controlnet=controlnet, **extra)
-    pipe.scheduler = make_scheduler("unipc", pipe.scheduler.config)
+    if out[0]["scheduler"] == "unipc":
+        pipe.scheduler = make_scheduler("unipc", pipe.scheduler.config)
     assert type(pipe.scheduler).__name__ == out[0]["scheduler_class"]
     pipe.set_progress_bar_config(disable=True)
     images = []
     for row in out:
         controls = [pil(row["control_canny"]), pil(row["control_scribble_xdog"])]
-        kw = dict(prompt=row["prompt"], negative_prompt=row["negative_prompt"], width=64, height=64,
+        kw = dict(prompt=row["prompt"], width=64, height=64,
                   num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"],
                   controlnet_conditioning_scale=row["controlnet_conditioning_scale"],
                   control_guidance_start=row["control_guidance_start"], control_guidance_end=row["control_guidance_end"],
                   generator=torch.Generator().manual_seed(row["seed"]), output_type="pil")
-        if family == "sdxl_union":
-            kw |= {"control_image": controls, "control_mode": row["control_modes"]}
-        elif mode == "text2img":
+        if not (family == "flux" and mode != "text2img"):  # Flux img2img/inpaint take no negative prompt
+            kw["negative_prompt"] = row["negative_prompt"]
+        if family in ("sd15", "sdxl") and mode == "text2img":
             kw["image"] = controls
         else:
             kw["control_image"] = controls
-        if family != "sd15":
+        if row.get("control_modes") is not None:
+            kw["control_mode"] = row["control_modes"]
+        elif family == "flux":  # several non-Union Flux nets: diffusers' img2img/inpaint need one None per net
+            kw["control_mode"] = [None, None]
+        if family in ("sdxl", "sdxl_union"):
             kw |= {k: tuple(row[k]) for k in ("original_size", "target_size", "crops_coords_top_left")}
+        if family == "flux" and mode == "text2img":
+            kw["true_cfg_scale"] = row["true_cfg_scale"]
         if mode != "text2img":
             kw |= {"image": pil(row["image"]), "strength": row["strength"]}
         if mode == "inpaint":
             kw["mask_image"] = Image.open(io.BytesIO(row["inpaint_mask"]))
+        if family == "sd3":  # its pipeline samples the control latent from the global RNG: seeded per row
+            torch.manual_seed(row["seed"])
         images.append(np.asarray(pipe(**kw).images[0]))
     return images
 
@@ -130,8 +148,7 @@ def diffusers_images(models, family: str, mode: str, out: list[dict]) -> list[np
 MASK = {"annotator": "openpose", "repaint": "outside"}
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, mode", FAMILY_MODES)
 def test_rows_equal_diffusers_called_directly(family_models, family, mode):
     extra = {"mode": mode} | ({"strength": 0.7} if mode != "text2img" else {}) | ({"mask": MASK} if mode == "inpaint" else {})
     gen = generator(family_models, family, **extra)
@@ -227,19 +244,26 @@ def test_union_condition_without_a_table_entry_is_refused(family_models):
         load_config(data=data)
 
 
-@pytest.mark.parametrize("family, mode", [("sdxl", "img2img"), ("sdxl_union", "text2img")])
+@pytest.mark.parametrize("family, mode", [("sdxl", "img2img"), ("sdxl_union", "text2img"), ("flux", "inpaint"),
+                                          ("sd3", "text2img")])
 def test_end_to_end_job(ray_session, family_models, photos_dir, tmp_path, family, mode):
     from pipeline.job import run
 
     data = job(family_models, family, source=str(photos_dir), output=str(tmp_path / "out"), mode=mode)
-    data["annotators"] = data["annotators"][:2]
+    data["annotators"][2] = {"name": "seg_ade20k", "model": family_models["annotator/seg_ade20k"]}
+    if mode == "inpaint":  # repaint all but the people (random tiny weights: whatever they call a person)
+        data["generation"] |= {"mask": {"annotator": "seg_ade20k", "classes": [ADE_PERSON]}, "strength": 0.9}
     data["source"]["limit"] = 2
     result = run(load_config(data=data), echo=lambda _: None)
     table = read_parquet_dir(tmp_path / "out" / "samples")
     assert result.samples == 2 == table.num_rows
     rows = table.to_pylist()
     assert {r["generator_family"] for r in rows} == {family} and {r["generation_mode"] for r in rows} == {mode}
-    assert all(r["generated"]["bytes"] and len(r["original_size"]) == 2 for r in rows)
+    assert all(r["generated"]["bytes"] for r in rows)
+    if family.startswith("sdxl"):
+        assert all(len(r["original_size"]) == 2 for r in rows)
+    if mode == "inpaint":
+        assert all(r["inpaint_mask"] and json.loads(r["inpaint_mask_source"])["classes"] == [ADE_PERSON] for r in rows)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["config"]["generation"]["family"] == family
 
@@ -272,3 +296,44 @@ def test_models_fetch_takes_only_what_from_pretrained_loads():
     assert len(refs["controlnets"]) == 1  # one Union network for both conditions
     assert set(filter_repo_objects(union, allow_patterns=list(refs["controlnets"][0].patterns))) == {
         "config.json", "diffusion_pytorch_model.safetensors"}
+
+
+def test_flux_union_shares_one_network_with_a_mode_per_condition_and_true_cfg(family_models):
+    """Two conditions through one Flux Union ControlNet (modes from the table or explicit), true CFG on."""
+    gen = generator(family_models, "flux", union=True, true_cfg_scale=2.0, controlnets=[
+        {"condition": "canny", "model": family_models["flux/controlnet"]},
+        {"condition": "scribble_xdog", "model": family_models["flux/controlnet"], "control_mode": "blur",
+         "conditioning_scale": 0.5}])
+    assert type(gen.pipe.controlnet).__name__ == "FluxMultiControlNetModel" and len(gen.pipe.controlnet.nets) == 1
+    out = gen.generate(make_rows()[:2])
+    assert out[0]["control_modes"] == [0, 3] and out[0]["true_cfg_scale"] == 2.0
+    theirs = diffusers_images(family_models, "flux", "text2img", out, union=True)
+    for row, want in zip(out, theirs):
+        assert np.abs(png_to_array(row["generated"]).astype(int) - want.astype(int)).max() <= 1
+    plain = generator(family_models, "flux", union=True, controlnets=[
+        {"condition": "canny", "model": family_models["flux/controlnet"]}]).generate(make_rows()[:1])[0]
+    assert plain["control_modes"] == [0] and plain["true_cfg_scale"] == 1.0
+
+
+def test_flux_union_without_a_mode_is_refused_when_it_loads(family_models):
+    with pytest.raises(ValueError, match="generation.controlnets.1.control_mode: .* is a Union ControlNet"):
+        generator(family_models, "flux", union=True)  # scribble has no Flux Union mode
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("sd3", {"mode": "img2img", "strength": 0.5}, "generation.mode: sd3 has no img2img mode"),
+    ("sd3", {"mode": "inpaint", "mask": MASK}, "inpainting ControlNet"),
+    ("flux", {"mode": "img2img", "true_cfg_scale": 3.0}, "generation.true_cfg_scale: only flux text2img"),
+    ("flux", {"guess_mode": True}, "generation.guess_mode: flux pipelines have no guess mode"),
+    ("flux", {"scheduler": "unipc"}, "generation.scheduler: 'unipc' is not a flux scheduler"),
+])
+def test_flux_and_sd3_refusals(family_models, family, change, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(data=job(family_models, family, **change))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_flow_families_default_to_their_own_scheduler(family_models):
+    assert load_config(data=job(family_models, "sd3")).generation.scheduler == "flow_match_euler"
+    assert load_config(data=job(family_models, "flux")).generation.scheduler == "flow_match_euler"
+    assert load_config(data=job(family_models, "sdxl")).generation.scheduler == "unipc"

@@ -83,6 +83,8 @@ class ControlNetGenerator(Generator):
     knobs: ClassVar[frozenset[str]] = frozenset()  # optional knobs: guess_mode, true_cfg_scale
     union_modes: ClassVar[dict[str, int] | None] = None  # condition name -> control_mode (Union ControlNets)
     one_union_model: ClassVar[bool] = False  # all conditions go through one Union network
+    union_may_share: ClassVar[bool] = False  # conditions naming the same model share one (Union) network
+    union_modes_required: ClassVar[bool] = True  # False: the checkpoint may or may not be a Union one
     text2img_control_arg: ClassVar[str] = "control_image"  # the control argument's name in text2img
     multi_per_row: ClassVar[bool] = True  # several ControlNets: control images per row (else per net)
     multi_batched_text2img: ClassVar[bool] = True  # several ControlNets: text2img takes per-row control images
@@ -122,13 +124,21 @@ class ControlNetGenerator(Generator):
         return gen
 
     @classmethod
-    def control_mode(cls, cfg: Any, i: int) -> int:
+    def shared_net(cls, gen: GenerationConfig) -> bool:
+        """Every condition goes through one (Union) network."""
+        same = len({(cn.model, cn.revision) for cn in gen.controlnets}) == 1
+        return cls.one_union_model or (cls.union_may_share and same and len(gen.controlnets) > 1)
+
+    @classmethod
+    def control_mode(cls, cfg: Any, i: int) -> int | None:
         cn = cfg.generation.controlnets[i]
         names = {a.key: a.name for a in cfg.annotators}
         table = cls.union_modes
         mode = cn.control_mode
         if mode is None:
             mode = ANNOTATOR_CONDITION.get(names[cn.condition], names[cn.condition])
+            if mode not in table and not cls.union_modes_required:
+                return None  # checked when the network loads: only a Union checkpoint needs a mode
             if mode not in table:
                 raise ValueError(f"generation.controlnets.{i}.control_mode: annotator {names[cn.condition]!r} has no "
                                  f"{cls.family} control mode; set one of {table}")
@@ -142,7 +152,7 @@ class ControlNetGenerator(Generator):
 
     @classmethod
     def model_refs(cls, gen: GenerationConfig) -> dict[str, ModelRef | list[ModelRef]]:
-        cns = gen.controlnets[:1] if cls.one_union_model else gen.controlnets
+        cns = gen.controlnets[:1] if cls.shared_net(gen) else gen.controlnets
         return {
             "base_model": ModelRef("base_model", gen.base_model, gen.revision, "model_index.json", PIPELINE_FILES),
             "controlnets": [ModelRef(f"controlnet {cn.condition}", cn.model, cn.revision, "config.json",
@@ -164,7 +174,7 @@ class ControlNetGenerator(Generator):
 
     def provenance_fields(self, models: Models) -> Row:
         gen, base = self.gen, models["base_model"]
-        nets = models["controlnets"] * len(gen.controlnets) if self.one_union_model else models["controlnets"]
+        nets = models["controlnets"] * len(gen.controlnets) if self.shared_net(gen) else models["controlnets"]
         row = {
             "base_model": base.model,
             "base_model_revision": base.commit,
@@ -212,10 +222,14 @@ class ControlNetGenerator(Generator):
         out: list[np.ndarray | None] = [None] * len(rows)
         for idx in self.call_groups(rows):
             group = [rows[i] for i in idx]
+            self.before_call(group)
             result = self.pipe(**self.call_kwargs(group, width, height), output_type="np")
             for i, image in zip(idx, result.images):
                 out[i] = to_uint8(image)
         return out
+
+    def before_call(self, rows: list[Row]) -> None:
+        """Anything to set before one pipeline call on these rows."""
 
     def call_kwargs(self, rows: list[Row], width: int, height: int) -> dict[str, Any]:
         """The pipeline's arguments for rows of one size: what a diffusers user would pass."""
@@ -236,8 +250,9 @@ class ControlNetGenerator(Generator):
             kw["negative_prompt"] = [r["negative_prompt"] for r in rows]
         control_arg = self.text2img_control_arg if gen.mode == "text2img" else "control_image"
         kw[control_arg] = self.control_images(per_condition)
-        if self.union_modes is not None:
-            kw["control_mode"] = self.control_modes()
+        if self.control_modes() is not None:
+            modes = self.control_modes()
+            kw["control_mode"] = modes if len(modes) > 1 else modes[0]
         if gen.mode != "text2img":
             kw["image"] = [pil(r["image"]) for r in rows]
             kw["strength"] = gen.strength
@@ -257,7 +272,7 @@ class ControlNetGenerator(Generator):
         return nets[0] if len(nets) == 1 else getattr(diffusers, cls.multi_class)(nets)
 
     def control_images(self, per_condition: list[list[Image.Image]]) -> Any:
-        if not self.multi and not self.one_union_model:
+        if len(self.conditions) == 1:
             return per_condition[0]
         if self.one_control_per_call():
             return [images[0] for images in per_condition]
@@ -267,7 +282,7 @@ class ControlNetGenerator(Generator):
 
     def per_net(self, field: str):
         values = [getattr(cn, field) for cn in self.gen.controlnets]
-        return values if (self.multi or self.one_union_model) else values[0]
+        return values if len(self.conditions) > 1 else values[0]
 
 
 def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base, controlnets: list, device: str):

@@ -235,9 +235,128 @@ def write_sdxl_controlnet(cn_dir: Path, seed: int, union: bool = False) -> None:
     controlnet.save_pretrained(cn_dir, safe_serialization=True)
 
 
+# ---- T5 (Flux, SD3) -------------------------------------------------------------------------------------
+T5_WORDS = ("a", "photo", "of", "the", "painting", "at", "night", "blurry")
+
+
+def _make_t5_tokenizer(tokenizer_dir: Path):
+    """A small SentencePiece-style Unigram tokenizer (T5's pieces: "▁word", single characters, </s> appended),
+    built with the tokenizers library and saved as T5TokenizerFast writes it (tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + w, -1.0) for w in T5_WORDS]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(tokenizer_dir)
+    return T5TokenizerFast.from_pretrained(tokenizer_dir)
+
+
+def _t5_encoder(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=128, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+def _flow_vae() -> AutoencoderKL:
+    """Flux/SD3-style VAE: no quant convs, shift and scaling factors (8x, as the real ones)."""
+    return _vae_8x(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+# Flux: 4 latent channels packed 2x2 -> 16 transformer channels; rope axes add up to the head dim.
+FLUX_NET = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=CROSS_ATTENTION_DIM, pooled_projection_dim=CROSS_ATTENTION_DIM,
+                guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+FLUX_UNION_MODES = 10  # as InstantX's Union checkpoint
+
+
+def write_flux(flux_dir: Path, seed: int) -> None:
+    """A Flux.1-dev-style pipeline (`FluxPipeline.save_pretrained` layout): CLIP + T5, the MM-DiT transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer = _make_tokenizer(flux_dir / "tokenizer")
+    tokenizer_2 = _make_t5_tokenizer(flux_dir / "tokenizer_2")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    text_encoder_2 = _t5_encoder(CROSS_ATTENTION_DIM)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**FLUX_NET)
+    torch.manual_seed(seed)
+    vae = _flow_vae()
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config values
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+                 ).save_pretrained(flux_dir, safe_serialization=True)
+
+
+def write_flux_controlnet(cn_dir: Path, seed: int, union: bool = False) -> None:
+    """An InstantX-style `FluxControlNetModel` (the control image is VAE-encoded); `union`: with modes."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    net = FluxControlNetModel(**FLUX_NET, num_mode=FLUX_UNION_MODES if union else None)
+    with torch.no_grad():  # zero-initialised input and output layers: small random weights, so control matters
+        for layer in [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]:
+            for param in layer.parameters():
+                param.normal_(std=0.1)
+    net.save_pretrained(cn_dir, safe_serialization=True)
+
+
+# SD3: two CLIP encoders with projections (pooled 32 + 32 = 64), T5 of width 64 (CLIP's 64 padded to it).
+SD3_NET = dict(sample_size=LATENT_SIZE, patch_size=1, in_channels=4, attention_head_dim=8, num_attention_heads=4,
+               joint_attention_dim=2 * CROSS_ATTENTION_DIM, caption_projection_dim=32,
+               pooled_projection_dim=2 * CROSS_ATTENTION_DIM, out_channels=4)
+
+
+def write_sd3(sd3_dir: Path, seed: int) -> None:
+    """A Stable Diffusion 3-style pipeline (`StableDiffusion3Pipeline.save_pretrained` layout)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = _make_tokenizer(sd3_dir / "tokenizer")
+    tokenizer_2 = _make_tokenizer(sd3_dir / "tokenizer_2")
+    tokenizer_3 = _make_t5_tokenizer(sd3_dir / "tokenizer_3")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, projection_dim=CROSS_ATTENTION_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, projection_dim=CROSS_ATTENTION_DIM))
+    text_encoder_3 = _t5_encoder(2 * CROSS_ATTENTION_DIM)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(num_layers=2, **SD3_NET)
+    torch.manual_seed(seed)
+    vae = _flow_vae()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's scheduler_config
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                             tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                             text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+                             ).save_pretrained(sd3_dir, safe_serialization=True)
+
+
+def write_sd3_controlnet(cn_dir: Path, seed: int) -> None:
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    net = SD3ControlNetModel(num_layers=1, **SD3_NET)
+    with torch.no_grad():  # zero-initialised input embedding and output blocks: small random weights
+        for layer in [net.pos_embed_input, *net.controlnet_blocks]:
+            for param in layer.parameters():
+                param.normal_(std=0.1)
+    net.save_pretrained(cn_dir, safe_serialization=True)
+
+
 # ---- every family's tiny models, for make_tiny ----------------------------------------------------------
 # family -> (base model directory, ControlNet directory pattern or Union directory, writers)
-TINY_FAMILIES = ("sd15", "sdxl", "sdxl_union")
+TINY_FAMILIES = ("sd15", "sdxl", "sdxl_union", "flux", "sd3")
 
 
 def family_names(families) -> list[str]:
@@ -258,6 +377,10 @@ def family_paths(out: Path, family: str, conditions) -> dict[str, str]:
     if family == "sdxl_union":
         return {"sdxl_union/base_model": str(out / "sdxl" / "base"),
                 "sdxl_union/controlnet": str(out / "sdxl" / "controlnet-union")}
+    if family in ("flux", "sd3"):
+        return {f"{family}/base_model": str(out / family / "base"),
+                **{f"{family}/controlnet/{c}": str(out / family / f"controlnet-{c}") for c in conditions},
+                **({"flux/controlnet": str(out / "flux" / "controlnet-union")} if family == "flux" else {})}
     raise ValueError(family)
 
 
@@ -270,3 +393,12 @@ def write_family(out: Path, family: str, conditions, seed: int) -> None:
     elif family == "sdxl_union":
         write_sdxl(Path(paths["sdxl_union/base_model"]), seed)
         write_sdxl_controlnet(Path(paths["sdxl_union/controlnet"]), seed, union=True)
+    elif family == "flux":
+        write_flux(Path(paths["flux/base_model"]), seed)
+        for index, cond in enumerate(conditions):
+            write_flux_controlnet(Path(paths[f"flux/controlnet/{cond}"]), seed + index)
+        write_flux_controlnet(Path(paths["flux/controlnet"]), seed, union=True)
+    elif family == "sd3":
+        write_sd3(Path(paths["sd3/base_model"]), seed)
+        for index, cond in enumerate(conditions):
+            write_sd3_controlnet(Path(paths[f"sd3/controlnet/{cond}"]), seed + index)
