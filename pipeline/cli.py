@@ -150,7 +150,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from pipeline.testing import make_tiny
 
     annotators = None if args.annotators is None else args.annotators.split(",")
-    paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed, annotators=annotators)
+    paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed, annotators=annotators,
+                      families=args.families.split(","))
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotators", help="comma-separated annotators whose weights to write, or 'all' "
                                         "(default: every neural annotator except the heavy ones)")
+    p.add_argument("--families", default="all", help="comma-separated generator families whose models to write "
+                                                     "(sd15, sdxl, sdxl_union, flux, sd3) or 'all' (the default)")
     p.set_defaults(fn=cmd_make_tiny)
 
     p = models.add_parser("fetch", help="download every model file a job config needs into DIR/<repo id>/")

@@ -337,3 +337,15 @@ def test_flow_families_default_to_their_own_scheduler(family_models):
     assert load_config(data=job(family_models, "sd3")).generation.scheduler == "flow_match_euler"
     assert load_config(data=job(family_models, "flux")).generation.scheduler == "flow_match_euler"
     assert load_config(data=job(family_models, "sdxl")).generation.scheduler == "unipc"
+
+
+@pytest.mark.parametrize("name, family, mode, modes", [
+    ("sdxl", "sdxl", "img2img", [None, None]), ("sdxl_union", "sdxl_union", "inpaint", [0, 1]),
+    ("flux", "flux", "text2img", [0, 2]), ("sd3", "sd3", "text2img", [None]),
+])
+def test_example_configs_are_valid(name, family, mode, modes):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / f"{name}.yaml")
+    assert (cfg.generation.family, cfg.generation.mode) == (family, mode)
+    assert [cn.control_mode for cn in cfg.generation.controlnets] == modes
