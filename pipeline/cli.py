@@ -151,7 +151,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
     annotators = None if args.annotators is None else args.annotators.split(",")
     paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed, annotators=annotators,
-                      families=args.families.split(","))
+                      families=args.families.split(","),
+                      captioners=[c for c in args.captioners.split(",") if c] if args.captioners != "all" else "all")
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -242,10 +243,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         record = export_controlnet_train(args.output, args.dest, control=args.control, target=args.image,
-                                         overwrite=args.overwrite)
+                                         overwrite=args.overwrite, require_text=args.require_text)
     except (ExportError, NotARunOutput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if record["empty_text"]:
+        from pipeline.export import empty_text_message
+
+        print(f"warning: {empty_text_message(record['empty_text'], record['text'])} "
+              f"(--require-text makes this an error)", file=sys.stderr)
     print(f"{record['rows']} rows ({record['image']}, {record['conditioning_image']}, {record['text']}) "
           f"in {len(record['files'])} files -> {args.dest}")
     return 0
@@ -294,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "(default: every neural annotator except the heavy ones)")
     p.add_argument("--families", default="all", help="comma-separated generator families whose models to write "
                                                      "(sd15, sdxl, sdxl_union, flux, sd3) or 'all' (the default)")
+    p.add_argument("--captioners", default="blip,florence2", help="comma-separated captioners whose tiny models to "
+                                                                  "write (blip, florence2; the default both), or ''")
     p.set_defaults(fn=cmd_make_tiny)
 
     p = models.add_parser("fetch", help="download every model file a job config needs into DIR/<repo id>/")
@@ -333,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", choices=["generated", "image"],
                    help="target image column (default: generated if the run generated images, else image)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DEST")
+    p.add_argument("--require-text", action="store_true", help="fail (exit 2, nothing written) if any row's text "
+                                                                "is empty, instead of warning")
     p.set_defaults(fn=cmd_export)
 
     args = parser.parse_args(argv)

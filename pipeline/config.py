@@ -34,6 +34,9 @@ class SourceConfig(Strict):
     path: str | list[str] = Field(description="Directory, glob or file(s); local path or fsspec URL (s3://…).")
     image_column: str = Field("image", description="Parquet: column with image bytes, a path, or an {bytes, path} struct.")
     caption_column: str | None = Field(None, description="Parquet: optional caption column.")
+    prompt_column: str | None = Field(None, description="Parquet: optional column with a prompt per image; it fills "
+                                                        "{prompt} for that image's variants (a row without one is "
+                                                        "an error row).")
     allowed_roots: list[str] = Field([], description="Parquet: paths in the image column must lie under one of these "
                                                      "directories or URL prefixes (default: the Parquet file's own "
                                                      "directory); others become error rows.")
@@ -44,6 +47,13 @@ class SourceConfig(Strict):
     storage_options: dict[str, Any] = Field({}, description="fsspec storage options, e.g. for s3fs: endpoint_url, key, "
                                                             "secret. Without them, the AWS_* environment variables apply.")
     limit: int | None = Field(None, gt=0, description="Read at most this many inputs.")
+
+    @model_validator(mode="after")
+    def _prompt_column_needs_parquet(self) -> SourceConfig:
+        if self.prompt_column and self.type != "parquet":
+            raise ValueError("prompt_column: only a parquet source has columns; use generation.prompt.file for "
+                             f"a {self.type} source")
+        return self
 
     @property
     def paths(self) -> list[str]:
@@ -109,8 +119,15 @@ class PromptConfig(Strict):
     """
 
     prompts: list[str] = Field(["a photo"], min_length=1)
-    template: str = "{prompt}"
+    template: str = Field("{prompt}", description="Fields {prompt}, {caption}, {variant}; an empty field is dropped "
+                                                  "with the text joining it to its neighbour (no dangling separators).")
     negative: str = ""
+    file: str | None = Field(None, description="JSONL or CSV file of prompts per image (fields `name` or `sha256`, "
+                                               "and `prompt`: a string, or in JSONL a list cycled by variant); it "
+                                               "fills {prompt} for the images it names, and an image it does not "
+                                               "name is an error row. Read with source.storage_options.")
+    key: Literal["name", "sha256"] = Field("name", description="How `file` names images: by file name (the last part "
+                                                               "of source_uri) or by the sha256 of the source bytes.")
 
     @field_validator("template")
     @classmethod
@@ -193,6 +210,43 @@ class GenerationConfig(Strict):
         return data
 
 
+class CaptionerConfig(Strict):
+    """The captioning stage after decode: writes `caption` for rows without one (all rows with `overwrite`)."""
+
+    kind: str = Field("blip", description="Captioner: a module of pipeline/captioners (blip: transformers "
+                                          "BlipForConditionalGeneration; florence2: Florence2ForConditionalGeneration).")
+    model: str = Field(description="Hub repo id or local directory (save_pretrained layout: model and processor).")
+    revision: str | None = None
+    task: str | None = Field(None, description="florence2: <CAPTION> (default), <DETAILED_CAPTION> or "
+                                               "<MORE_DETAILED_CAPTION>; blip takes none.")
+    overwrite: bool = Field(False, description="Caption every row, also those with a caption from the source.")
+    max_new_tokens: int = Field(40, ge=1, le=1024, description="Longest caption, in tokens (greedy decoding).")
+    batch_size: int = Field(8, ge=1)
+    actors: int = Field(1, ge=1, description="Maximum actor pool size.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor, used when the cluster has GPUs (0: CPU).")
+    num_cpus: float = Field(1.0, gt=0)
+    local_files_only: bool = False
+
+    @model_validator(mode="after")
+    def _known_kind_and_task(self) -> CaptionerConfig:
+        from pipeline.captioners import CAPTIONERS
+
+        if self.kind not in CAPTIONERS:
+            raise ValueError(f"unknown captioner kind {self.kind!r}; known: {sorted(CAPTIONERS)}")
+        tasks = CAPTIONERS[self.kind].tasks
+        if self.task is not None and self.task not in tasks:
+            raise ValueError(f"task {self.task!r} is not one of {list(tasks)} for captioner {self.kind}"
+                             if tasks else f"captioner {self.kind} takes no task")
+        return self
+
+    @property
+    def effective_task(self) -> str | None:
+        from pipeline.captioners import CAPTIONERS
+
+        tasks = CAPTIONERS[self.kind].tasks
+        return self.task or (tasks[0] if tasks else None)
+
+
 class QualityConfig(Strict):
     """The quality gate after generation: control fidelity per condition (the same annotator re-run on the
     generated image, compared with the source's control map), optional CLIP and sharpness scores, and
@@ -237,6 +291,8 @@ class JobConfig(Strict):
     seed: int = Field(0, ge=0, description="Job seed; sample ids and seeds derive from it.")
     source: SourceConfig
     image: ImageConfig = ImageConfig()
+    captioner: CaptionerConfig | None = Field(None, description="Caption the images that have no caption (a "
+                                                               "captioning model run after decode).")
     annotators: list[AnnotatorConfig] = Field(min_length=1)
     generation: GenerationConfig | None = Field(
         None, description="Omit for an annotate-only job: rows of image, control maps, caption and keypoints."
@@ -259,6 +315,10 @@ class JobConfig(Strict):
                 ANNOTATORS[a.name].Params(**a.params)
             except ValidationError as e:
                 raise ValueError(f"annotators.{i}.params: {_first_error(e)}") from None
+        if self.source.prompt_column and not self.generation:
+            raise ValueError("source.prompt_column: prompts need a generation section")
+        if self.source.prompt_column and self.generation and self.generation.prompt.file:
+            raise ValueError("set at most one of source.prompt_column and generation.prompt.file")
         for i, cn in enumerate(self.generation.controlnets if self.generation else []):
             if cn.condition not in keys:
                 raise ValueError(f"generation.controlnets.{i}.condition: {cn.condition!r} is not an annotator id {keys}")

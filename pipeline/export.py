@@ -30,9 +30,20 @@ class ExportError(ValueError):
     """The output cannot be exported as asked (no samples, unknown control map, destination in use)."""
 
 
+def empty_text_message(empty: int, text: str) -> str:
+    """What to do about rows without text (one line)."""
+    return (f"{empty} rows have an empty {text} (text), so they cannot teach the prompt; add captions: a "
+            f"`captioner` section in the job config (e.g. kind: blip, model: Salesforce/blip-image-captioning-base; "
+            f"or kind: florence2) writes them for uncaptioned images, or give the source captions "
+            f"(caption_column, .txt members), then run the job again")
+
+
 def export_controlnet_train(src: str, dest: str, control: str | None = None, target: str | None = None,
-                            overwrite: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `src`'s samples as (image, conditioning_image, text) rows under `dest`; returns what was done."""
+                            overwrite: bool = False, storage_options: dict[str, Any] | None = None,
+                            require_text: bool = False) -> dict[str, Any]:
+    """Write `src`'s samples as (image, conditioning_image, text) rows under `dest`; returns what was done,
+    with `empty_text`, the number of rows whose text is empty. `require_text`: refuse (ExportError, nothing
+    written) if there is any."""
     out = RunOutput(src, storage_options)
     manifest = out.manifest()
     columns = out.samples_schema().names
@@ -49,6 +60,11 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
     if target not in ("generated", "image") or target not in columns:
         raise ExportError(f"--image {target!r}: {src} has {[c for c in ('generated', 'image') if c in columns]}")
     text = "prompt" if target == "generated" else "caption"
+    sources = out.files("samples")
+    empty = sum(pc.sum(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(out.read_file(p, [text]).column(text), "")), ""))
+                .as_py() or 0 for p in sources)
+    if empty and require_text:
+        raise ExportError(empty_text_message(empty, text))
 
     export = RunOutput(dest, storage_options)
     if export.exists("train") and not overwrite:
@@ -58,7 +74,7 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
             export.fs.rm(export.path(name), recursive=True)
     export.fs.makedirs(export.path("train"), exist_ok=True)
     files, rows = [], 0
-    for i, path in enumerate(out.files("samples")):
+    for i, path in enumerate(sources):
         table = out.read_file(path, [target, f"control_{control}", text])
         captions = pc.fill_null(table.column(text), "")
         train = pa.Table.from_arrays([table.column(target), table.column(f"control_{control}"), captions], schema=TRAIN_SCHEMA)
@@ -67,7 +83,8 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
         files.append(name)
         rows += train.num_rows
     record = {"format": "controlnet-train", "source": src, "source_run_id": manifest.get("run_id"),
-              "image": target, "conditioning_image": f"control_{control}", "text": text, "rows": rows, "files": files}
+              "image": target, "conditioning_image": f"control_{control}", "text": text, "rows": rows, "files": files,
+              "empty_text": empty}
     export.write_json("export.json", record)
     # the card tells `load_dataset(dest)` which files are data
     export.write_text("README.md", CARD.format(source=src, run_id=manifest.get("run_id"), target=target, control=control, text=text))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.annotators import ANNOTATORS
+from pipeline.captioners import CAPTIONERS
 from pipeline.config import JobConfig
 from pipeline.generators import generator_class
 from pipeline.models import ModelUnavailable
@@ -65,6 +66,18 @@ def fetch(cfg: JobConfig, directory: str | Path) -> list[Fetched]:
             except Exception as e:  # noqa: BLE001 - any failure (HTTP, DNS, missing file) is one line
                 raise _error(role, model, f, e) from None
         out.append(Fetched(role, model, str(target), files, True))
+
+    if (c := cfg.captioner) is not None:  # a transformers model and its processor, safetensors only
+        cls, role = CAPTIONERS[c.kind], f"captioner {c.kind}"
+        if _is_local(c.model):
+            out.append(_local(role, c.model, (cls.probe,)))
+        else:
+            target = root / c.model
+            try:
+                snapshot_download(c.model, revision=c.revision, local_dir=target, allow_patterns=list(cls.files))
+            except Exception as e:  # noqa: BLE001
+                raise _error(role, c.model, "a snapshot", e) from None
+            out.append(Fetched(role, c.model, str(target), (cls.probe,), True))
 
     gen = cfg.generation  # None: an annotate-only job needs the annotators' weights only
     refs = generator_class(gen.family).model_refs(gen) if gen else {}

@@ -16,6 +16,8 @@ import ray
 
 from pipeline.annotators import ANNOTATORS
 from pipeline.annotators.stage import Annotate
+from pipeline.captioners import CAPTIONERS
+from pipeline.captioners.stage import Caption
 from pipeline.config import JobConfig, QualityConfig
 from pipeline.console import Bar, Progress, timed
 from pipeline.generators import generator_class
@@ -29,13 +31,14 @@ from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights
 from pipeline.provenance import code_version, library_versions, new_run_id, redacted
 from pipeline.schema import samples_schema
 from pipeline.scorers.stage import Score, needs_actor, quality_record, score_columns
-from pipeline.variants import ExpandVariants
+from pipeline.variants import ExpandVariants, load_prompt_file
 
 @dataclass(frozen=True)
 class Models:
     annotators: dict[str, ResolvedModel | None]  # annotator id -> weights (None: weight-free)
     generation: dict[str, Any]  # the generator's models by manifest key (empty: an annotate-only job)
     scorers: dict[str, ResolvedModel] = field(default_factory=dict)  # quality gate models ("clip"), if any
+    captioner: ResolvedModel | None = None  # the captioning model, if the job has a captioner section
 
     def provenance(self) -> dict[str, Any]:
         generation = {k: [m.provenance() for m in v] if isinstance(v, list) else v.provenance()
@@ -43,7 +46,8 @@ class Models:
         # an annotate-only job records no base model and no ControlNets, as it always has
         return (generation or {"base_model": None, "controlnets": []}) | {
             "annotators": {k: m.provenance() if m else None for k, m in self.annotators.items()}} | (
-            {"scorers": {k: m.provenance() for k, m in self.scorers.items()}} if self.scorers else {})
+            {"scorers": {k: m.provenance() for k, m in self.scorers.items()}} if self.scorers else {}) | (
+            {"captioner": self.captioner.provenance()} if self.captioner else {})
 
 
 @dataclass(frozen=True)
@@ -75,13 +79,14 @@ def resolve_models(cfg: JobConfig) -> Models:
         cls = ANNOTATORS[a.name]
         model = a.model or cls.default_model
         annotators[a.key] = resolve_model(model, a.revision, cls.files[0], local_only, cls.files) if model else None
+    captioner = captioner_model(cfg)
     if gen is None:
-        return Models(annotators, {})
+        return Models(annotators, {}, captioner=captioner)
     pickles = ("*.bin", "*.ckpt", "*.pt", "*.pth") if gen.allow_pickle else ()
     resolve = lambda ref: resolve_model(ref.model, ref.revision, ref.probe, local_only, (*ref.patterns, *pickles))  # noqa: E731
     refs = generator_class(gen.family).model_refs(gen)
     models = Models(annotators, {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()},
-                    scorer_models(cfg.quality, local_only))
+                    scorer_models(cfg.quality, local_only), captioner)
     if not gen.allow_pickle:
         for m in flat(models.generation):
             if pickled := pickle_only_weights(m):
@@ -101,6 +106,15 @@ def scorer_models(quality: QualityConfig | None, local_only: bool = False) -> di
     return {"clip": resolve_model(quality.clip_model, quality.clip_revision, PROBE, local_only, FILES)}
 
 
+def captioner_model(cfg: JobConfig) -> ResolvedModel | None:
+    """The captioning model (safetensors only), when the job has a captioner section."""
+    c = cfg.captioner
+    if c is None:
+        return None
+    cls = CAPTIONERS[c.kind]
+    return resolve_model(c.model, c.revision, cls.probe, c.local_files_only, cls.files)
+
+
 def flat(models: dict[str, Any]) -> list[Any]:
     """The values of a dict of models or lists of models, as one list."""
     return [m for v in models.values() for m in (v if isinstance(v, list) else [v])]
@@ -110,6 +124,8 @@ def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict
     """CPUs each actor claims, scaled down if the actors would leave no CPU for read and decode tasks."""
     wanted = {a.key: a.num_cpus for a in cfg.annotators if models.annotators[a.key] and not (gpus and a.num_gpus)}
     wanted["dedupe"] = 0.1  # a set lookup per input
+    if cfg.captioner and not (gpus and cfg.captioner.num_gpus):
+        wanted["caption"] = cfg.captioner.num_cpus
     if cfg.generation and not (gpus and cfg.generation.num_gpus):
         wanted["generate"] = cfg.generation.num_cpus
     if cfg.quality and needs_actor(cfg, models.annotators) and not (gpus and cfg.quality.num_gpus):
@@ -145,6 +161,10 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
         ds = stage(ds, "skip-decoded", skip)
     # one actor sees every input's content hash
     ds = stage(ds, "dedupe", FirstCopy, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpu_share["dedupe"])
+    if (c := cfg.captioner) is not None:
+        ds = stage(ds, "caption", Caption, fn_constructor_kwargs={"cfg": c, "model": models.captioner},
+                   compute=ray.data.ActorPoolStrategy(min_size=1, max_size=c.actors), batch_size=c.batch_size,
+                   **({"num_gpus": c.num_gpus} if gpus and c.num_gpus else {"num_cpus": cpu_share["caption"]}))
     for a in cfg.annotators:
         model = models.annotators[a.key]
         if model is None:
@@ -153,8 +173,9 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
             ds = stage(ds, f"annotate:{a.key}", Annotate, fn_constructor_kwargs={"cfg": a, "model": model},
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=a.actors), batch_size=a.batch_size,
                        **({"num_gpus": a.num_gpus} if gpus and a.num_gpus else {"num_cpus": cpu_share[a.key]}))
+    image_prompts = ray.put(load_prompt_file(gen.prompt, cfg.source.storage_options)) if gen and gen.prompt.file else None
     ds = stage(ds, "expand", ExpandVariants(cfg.seed, variants, gen.prompt if gen else None,
-                                            skip.variant_done if skip else None))
+                                            skip.variant_done if skip else None, image_prompts))
     if gen is None:
         return ds
     ds = stage(ds, "generate", generator_class(gen.family), fn_constructor_kwargs={"gen": gen, "models": models.generation},
@@ -212,6 +233,8 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False)
     `dry_run`: decide the same without locking, deleting or creating anything."""
     models = models or resolve_models(cfg)
     listing = list_inputs(cfg.source, source_extensions(cfg.source))  # SourceError: nothing is touched
+    if cfg.generation and cfg.generation.prompt.file:  # a prompts file that cannot be used: also nothing
+        load_prompt_file(cfg.generation.prompt, cfg.source.storage_options)
     output = RunOutput(cfg.output.path, cfg.output.storage_options)
     if output.fs.isfile(output.root):
         raise OutputExists(f"output.path {cfg.output.path} is a file, not a directory")
@@ -283,7 +306,7 @@ def execute(plan: Plan, echo: Callable[[str], None] = print, bar: bool = False) 
     control_ids = [a.key for a in cfg.annotators]
     keypoint_ids = [a.key for a in cfg.annotators if ANNOTATORS[a.name].keypoints]
     schema = samples_schema(control_ids, keypoint_ids, cfg.generation.family if cfg.generation else None,
-                            score_columns(cfg))
+                            score_columns(cfg), captioner=cfg.captioner is not None)
     progress = Progress.remote()
     sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
                             cfg.output.rows_per_file, schema, progress,

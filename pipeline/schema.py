@@ -43,7 +43,7 @@ HEAD_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("sample_id", pa.string(), "Deterministic id from (job seed, source sha256, variant index)."),
     ("source_uri", pa.string(), "Where the source image was read from."),
     ("source_sha256", pa.string(), "sha256 of the source file's bytes."),
-    ("caption", pa.string(), "Caption from the source, if any."),
+    ("caption", pa.string(), "Caption from the source, or written by the captioner (see `captioner`), if any."),
     ("variant_index", pa.int32(), "Index of this variant among the source's variants."),
     ("seed", pa.int64(), "Seed of this sample's torch.Generator."),
     ("prompt", pa.string(), "Prompt used for generation."),
@@ -56,6 +56,13 @@ HEAD_COLUMNS: list[tuple[str, pa.DataType, str]] = [
 VARIANT_COLUMNS = ("variant_index", "seed", "prompt", "negative_prompt")  # generation jobs only
 GENERATED_COLUMN = ("generated", IMAGE, "The generated image (PNG).")
 ANNOTATORS_COLUMN = ("annotators", pa.list_(ANNOTATOR), "Provenance of every control map: annotator, params (JSON), weights.")
+# jobs with a captioner section (pipeline/captioners): how each written caption was made
+CAPTIONER_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("captioner", pa.string(), ("JSON provenance of a caption the captioner wrote: kind, model, revision (resolved "
+                                "commit, or sha256 fingerprint of a local directory), task, max_new_tokens, decoding "
+                                "(greedy), transformers version. Null where the caption came from the source. Only "
+                                "in runs with a captioner section.")),
+]
 TAIL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_id", pa.string(), "The run that wrote this row."),
     ("code_version", pa.string(), "Version of this pipeline (package version and git commit)."),
@@ -86,19 +93,25 @@ def generator_columns(family: str) -> list[tuple[str, pa.DataType, str]]:
     return generator_class(family).columns
 
 
-def sample_columns(control_ids: list[str], keypoint_ids: list[str] = (), family: str | None = DEFAULT_FAMILY
+def sample_columns(control_ids: list[str], keypoint_ids: list[str] = (), family: str | None = DEFAULT_FAMILY,
+                   scores: list[tuple[str, pa.DataType, str]] = (), captioner: bool = False
                    ) -> list[tuple[str, pa.DataType, str]]:
-    """The samples' columns in order; `family` None: an annotate-only job (no variants, no generation)."""
+    """The samples' columns in order; `family` None: an annotate-only job (no variants, no generation);
+    `scores`: the quality section's columns (scorers.stage.score_columns), after the generator's;
+    `captioner`: the job has a captioner section (its provenance column, after the annotators')."""
     columns = [c for c in HEAD_COLUMNS if family or c[0] not in VARIANT_COLUMNS]
     columns += [(CONTROL_COLUMN.format(id=c), IMAGE, CONTROL_DOC.replace("this id", repr(c))) for c in control_ids]
     columns += [(KEYPOINTS_COLUMN.format(id=c), pa.string(), KEYPOINTS_DOC) for c in keypoint_ids]
     columns += [GENERATED_COLUMN] if family else []
-    columns += [ANNOTATORS_COLUMN, *(generator_columns(family) if family else []), *TAIL_COLUMNS]
+    columns += [ANNOTATORS_COLUMN, *(CAPTIONER_COLUMNS if captioner else [])]
+    columns += [*(generator_columns(family) if family else []), *scores, *TAIL_COLUMNS]
     return columns
 
 
-def samples_schema(control_ids: list[str], keypoint_ids: list[str] = (), family: str | None = DEFAULT_FAMILY) -> pa.Schema:
-    return _with_hf_features(pa.schema([pa.field(n, t) for n, t, _ in sample_columns(control_ids, keypoint_ids, family)]))
+def samples_schema(control_ids: list[str], keypoint_ids: list[str] = (), family: str | None = DEFAULT_FAMILY,
+                   scores: list[tuple[str, pa.DataType, str]] = (), captioner: bool = False) -> pa.Schema:
+    return _with_hf_features(pa.schema([pa.field(n, t) for n, t, _ in sample_columns(control_ids, keypoint_ids, family,
+                                                                                     scores, captioner)]))
 
 
 def errors_schema() -> pa.Schema:
@@ -125,9 +138,20 @@ def schema_documents() -> dict[str, Any]:
             "columns": samples,
             "generation_only_columns": [*VARIANT_COLUMNS, GENERATED_COLUMN[0]] + [c[0] for c in generator_columns(DEFAULT_FAMILY)],
             "generator_columns": {family: describe(generator_columns(family)) for family in families()},
+            "captioner_columns": describe(CAPTIONER_COLUMNS),
+            **quality_documents(),
         },
         "errors.schema.json": {"title": "errors/*.parquet", "columns": describe(ERROR_COLUMNS)},
     }
+
+
+def quality_documents() -> dict[str, Any]:
+    """The quality gate's columns (scorers.stage) for samples.schema.json."""
+    from pipeline.scorers.stage import generic_score_columns
+
+    return {"quality_columns": describe(generic_score_columns()),
+            "rejected": "rejected/*.parquet: samples below the thresholds of a run with quality.action drop, in this "
+                        "same schema (passed = false)"}
 
 
 def write_schema_files(directory: str | Path) -> list[Path]:

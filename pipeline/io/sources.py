@@ -167,9 +167,11 @@ def _arrow_files(cfg: SourceConfig, listing: Listing) -> tuple[fsspec.AbstractFi
 
 def _read_parquet(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
     fs, paths, arrow_fs = _arrow_files(cfg, listing)
-    columns = [cfg.image_column] + ([cfg.caption_column] if cfg.caption_column else [])
-    ds = ray.data.read_parquet(paths, columns=columns, include_paths=True, filesystem=arrow_fs)
-    image_col, caption_col = cfg.image_column, cfg.caption_column
+    columns = [cfg.image_column] + [c for c in (cfg.caption_column, cfg.prompt_column) if c]
+    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys(columns)), include_paths=True, filesystem=arrow_fs)
+    image_col, caption_col, prompt_col = cfg.image_column, cfg.caption_column, cfg.prompt_column
+    # source_prompt: the image's own prompt (source.prompt_column), for variant expansion
+    schema = SOURCE_SCHEMA.append(pa.field("source_prompt", pa.string())) if prompt_col else SOURCE_SCHEMA
 
     def normalize(batch: pa.Table) -> pa.Table:
         rows = []
@@ -190,8 +192,8 @@ def _read_parquet(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
             else:
                 uri = f"{parquet_uri}#{name or 'sha256=' + hashlib.sha256(data or b'').hexdigest()[:16]}"
             rows.append({"source_uri": uri, "source_bytes": data, "caption": row.get(caption_col) if caption_col else None,
-                         "source_error": error})
-        return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+                         "source_error": error} | ({"source_prompt": row.get(prompt_col)} if prompt_col else {}))
+        return pa.Table.from_pylist(rows, schema=schema)
 
     return ds.map_batches(normalize, batch_format="pyarrow")
 

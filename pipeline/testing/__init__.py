@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.testing.annotators import ANNOTATOR_DIRS, HEAVY, annotator_names, write_annotators
+from pipeline.testing.captioners import WRITERS as CAPTIONER_WRITERS
+from pipeline.testing.captioners import write_captioners
 from pipeline.testing.diffusion import family_names, family_paths, write_controlnet, write_family, write_stable_diffusion
 
 __all__ = ["HEAVY", "MARKER", "make_tiny", "write_annotators"]
@@ -41,7 +43,8 @@ generate noise. Use them only for offline runs and tests.
 
 
 def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"), seed: int = 0,
-              annotators: Sequence[str] | None = None, families: Sequence[str] = ("sd15",)) -> dict[str, str]:
+              annotators: Sequence[str] | None = None, families: Sequence[str] = ("sd15",),
+              captioners: Sequence[str] | str = ("blip", "florence2")) -> dict[str, str]:
     """Write tiny models under out_dir; return {"base_model": path, "controlnet/<cond>": path, ...,
     "annotators": path}.
 
@@ -52,6 +55,9 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     `annotators` names the annotators whose weights to write (default: DEFAULT_ANNOTATORS, every
     neural annotator whose full-size random checkpoint is small; "all" for every one). A model
     field of a job config can point at `annotators` for all of them.
+
+    `captioners` names the captioner kinds to write (`pipeline.testing.captioners`: BLIP and Florence-2
+    by default, a few hundred KB each), keyed "captioner/<kind>" (directory `captioner-<kind>`).
 
     Deterministic for a given seed. If out_dir already holds a complete set written by this
     function with the same seed, conditions and annotators (the marker file is written last),
@@ -74,6 +80,9 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
         paths.update(family_paths(out, family, conditions))
     wanted = {"seed": seed, "conditions": conditions, "annotators": annotators}
     wanted |= {"families": families} if families != ["sd15"] else {}
+    captioners = list(CAPTIONER_WRITERS) if captioners == "all" else list(captioners)
+    paths.update({f"captioner/{kind}": str(out / f"captioner-{kind}") for kind in captioners})
+    wanted |= {"captioners": captioners}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return paths
 
@@ -85,6 +94,7 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     for family in families:
         write_family(out, family, conditions, seed)
     write_annotators(out / "annotators", annotators, seed)
+    write_captioners(out, captioners, seed)
     (out / "README.md").write_text(README)
     marker.write_text(json.dumps(wanted, indent=2) + "\n")
     return paths
