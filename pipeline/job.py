@@ -133,7 +133,9 @@ def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict
     total = sum(wanted.values())
     budget = max(cpus - 1, 0.5)
     scale = min(1.0, budget / total) if total else 1.0
-    return {k: round(v * scale, 3) for k, v in wanted.items()}
+    # rounded down: shares rounded up can add up to more than the budget and leave a decode task
+    # (1 CPU) unschedulable, which hangs the job (3 actors of 0.323 CPU on 2 CPUs did)
+    return {k: int(v * scale * 1000) / 1000 for k, v in wanted.items()}
 
 
 def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None,

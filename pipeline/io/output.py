@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.io.sources import filesystem
 from pipeline.schema import IMAGE
 
-KINDS = ("samples", "errors")
+KINDS = ("samples", "errors", "rejected")  # rejected/: samples below the quality gate (quality.action drop)
 
 
 class NotARunOutput(ValueError):
@@ -78,6 +78,8 @@ class Written:
     samples: list[dict[str, Any]] = field(default_factory=list)  # samples/: sample_id, source_uri, one per row
     errors: list[dict[str, Any]] = field(default_factory=list)  # errors/: sample_id, source_uri, stage
     files: list[str] = field(default_factory=list)  # relative to the output path
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # rejected/ (below the quality gate): as samples
+    gated: bool = False  # the output has a rejected/ folder (a run with quality.action drop)
 
     @property
     def sample_ids(self) -> list[str]:
@@ -85,8 +87,9 @@ class Written:
 
     @cached_property  # built once, used by the log line and the skip stages
     def done_samples(self) -> dict[str, str]:
-        """Sample ids that are finished (written as a sample or as a failed sample) -> their source uri."""
-        return {r["sample_id"]: r["source_uri"] for r in self.samples + self.errors if r["sample_id"]}
+        """Sample ids that are finished (written as a sample, a rejected sample or a failed sample) -> their
+        source uri."""
+        return {r["sample_id"]: r["source_uri"] for r in self.samples + self.rejected + self.errors if r["sample_id"]}
 
     @cached_property
     def done_sources(self) -> frozenset[str]:
@@ -96,12 +99,14 @@ class Written:
     def counts(self, variants: int) -> dict[str, Any]:
         rejected = sum(1 for e in self.errors if not e["sample_id"])
         failed = len(self.errors) - rejected
-        ids = Counter(self.sample_ids + [e["sample_id"] for e in self.errors if e["sample_id"]])
+        below = [r["sample_id"] for r in self.rejected]
+        ids = Counter(self.sample_ids + below + [e["sample_id"] for e in self.errors if e["sample_id"]])
         return {
             # every input ends as one error row before expansion, or as `variants` rows after it
-            "inputs": rejected + (len(self.sample_ids) + failed) // variants,
+            "inputs": rejected + (len(self.sample_ids) + len(below) + failed) // variants,
             "rejected_inputs": rejected,
             "samples": len(self.sample_ids),
+            **({"rejected_samples": len(below)} if self.gated or below else {}),  # below the quality gate
             "failed_samples": failed,
             "errors": len(self.errors),
             "errors_by_stage": dict(Counter(e["stage"] for e in self.errors)),
@@ -202,6 +207,8 @@ class RunOutput:
         """The ids of everything written (what a resume skips, what the manifest counts)."""
         samples = self.read("samples", ["sample_id", "source_uri"])
         errors = self.read("errors", ["sample_id", "source_uri", "stage"])
+        rejected = self.read("rejected", ["sample_id", "source_uri"])
         files = [posixpath.relpath(p, self.root) for kind in KINDS for p in self.files(kind)]
         return Written(samples.to_pylist() if samples is not None else [],
-                       errors.to_pylist() if errors is not None else [], files)
+                       errors.to_pylist() if errors is not None else [], files,
+                       rejected.to_pylist() if rejected is not None else [], self.fs.isdir(self.path("rejected")))

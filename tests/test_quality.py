@@ -1,0 +1,260 @@
+"""The quality gate (pipeline/scorers): metrics against their reference implementations, scores of a
+sample generated from its own control map (ideal) and of an unrelated image (floor) on real photographs,
+the quality config, and jobs that score, flag and drop with exact accounting, `score` on an existing output,
+and the documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from pipeline.io.images import array_to_png
+from pipeline.scorers import metrics
+from tests.helpers import job_dict, photo
+
+rng = np.random.default_rng(0)
+
+
+def shapes(size: int = 64) -> np.ndarray:
+    """A fixed gray map with structure (a disc, a bar, a gradient) and a little noise, as RGB uint8."""
+    y, x = np.mgrid[:size, :size]
+    img = np.where((x - size / 3) ** 2 + (y - size / 2) ** 2 < (size / 5) ** 2, 220, 30).astype(np.float64)
+    img[size // 8: size // 4, size // 2:] = 160
+    img += x * 0.3 + np.random.default_rng(1).normal(0, 6, img.shape)
+    return np.repeat(np.clip(img, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def as_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(metrics.gray(img))[None, None]
+
+
+# ---------------------------------------------------------------- metrics = references
+
+
+def test_edge_f1_equals_torchmetrics_binary_f1():
+    from torchmetrics.functional.classification import binary_f1_score
+
+    a = (rng.random((48, 40)) > 0.8).astype(np.uint8) * 255
+    b = a.copy()
+    b[rng.random(a.shape) > 0.9] ^= 255  # flip 10% of the pixels
+    a3, b3 = np.repeat(a[:, :, None], 3, 2), np.repeat(b[:, :, None], 3, 2)
+    ref = binary_f1_score(torch.from_numpy(b >= 128).long().flatten(), torch.from_numpy(a >= 128).long().flatten())
+    assert metrics.edge_f1(a3, b3) == pytest.approx(float(ref), abs=1e-9)
+    assert 0.3 < metrics.edge_f1(a3, b3) < 0.9
+    assert metrics.edge_f1(a3, a3) == 1.0
+    empty = np.zeros_like(a3)
+    assert metrics.edge_f1(empty, empty) == 1.0 and metrics.edge_f1(a3, empty) == 0.0
+
+
+def test_ssim_and_ms_ssim_equal_torchmetrics():
+    from torchmetrics.functional.image import (
+        multiscale_structural_similarity_index_measure as tm_ms_ssim,
+    )
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    a = shapes(64)
+    b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape[:2])[:, :, None], 0, 255).astype(np.uint8)
+    ref = tm_ssim(as_tensor(b), as_tensor(a), data_range=255.0)
+    assert metrics.ssim(a, b) == pytest.approx(float(ref), abs=1e-9)
+    assert metrics.ssim(a, a) == pytest.approx(1.0)
+
+    big_a = shapes(192)
+    big_b = np.roll(big_a, 3, axis=1)
+    ref = tm_ms_ssim(as_tensor(big_b), as_tensor(big_a), data_range=255.0, normalize="relu")
+    assert metrics.ms_ssim(big_a, big_b) == pytest.approx(float(ref), abs=1e-9)
+    assert metrics.ssim_auto(big_a, big_b) == metrics.ms_ssim(big_a, big_b)  # multi-scale where the size allows
+    assert metrics.ssim_auto(a, b) == metrics.ssim(a, b)
+    with pytest.raises(ValueError, match="MS-SSIM needs sides of at least 176"):
+        metrics.ms_ssim(a, b)
+
+
+def test_rmse_equals_scikit_image_and_miou_equals_torchmetrics_jaccard():
+    from skimage.metrics import mean_squared_error
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
+    a, b = shapes(40), np.roll(shapes(40), 5, axis=0)
+    assert metrics.rmse(a, b) == pytest.approx(np.sqrt(mean_squared_error(a, b)), abs=1e-9)
+    assert metrics.rmse(a, a) == 0.0
+    assert metrics.rmse(np.zeros_like(a), np.full_like(a, 255)) == 255.0
+
+    palette = np.array([[120, 120, 120], [180, 120, 120], [6, 230, 230], [80, 50, 50]], np.uint8)
+    ref_labels = rng.integers(0, 3, (32, 24))  # classes 0..2
+    cand_labels = np.where(rng.random((32, 24)) > 0.7, rng.integers(1, 4, (32, 24)), ref_labels)  # 3 only here
+    ref_map, cand_map = palette[ref_labels], palette[cand_labels]
+    r, c, k = metrics.color_classes(ref_map, cand_map)
+    assert k == 4
+    expected = multiclass_jaccard_index(torch.from_numpy(c), torch.from_numpy(r), num_classes=k, average="macro")
+    assert metrics.miou(ref_map, cand_map) == pytest.approx(float(expected), abs=1e-6)  # torchmetrics: float32
+    assert metrics.miou(ref_map, ref_map) == 1.0
+
+
+def test_angular_error_and_sharpness_on_known_values():
+    from scipy.ndimage import laplace
+
+    up = np.zeros((8, 8, 3), np.float64)
+    up[..., 2] = 1.0  # +z
+    side = np.zeros_like(up)
+    side[..., 0] = 1.0  # +x: 90 degrees away
+    encode = lambda n: np.round((n + 1) / 2 * 255).astype(np.uint8)
+    assert metrics.angular_error(encode(up), encode(up)) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.angular_error(encode(up), encode(side)) == pytest.approx(90.0, abs=0.5)
+    assert metrics.angular_error(encode(up), encode(-up)) == pytest.approx(180.0, abs=1.0)  # 8-bit: 0 is 128
+
+    image = photo("camera", (64, 64))
+    assert metrics.laplacian_variance(image) == pytest.approx(laplace(metrics.gray(image), mode="mirror").var())
+    import cv2
+
+    assert metrics.laplacian_variance(cv2.GaussianBlur(image, (7, 7), 3)) < metrics.laplacian_variance(image) / 4
+    assert metrics.laplacian_variance(np.full((32, 32, 3), 90, np.uint8)) == 0.0
+
+
+def openpose_doc(*people: list[tuple[float, float, float]]) -> str:
+    return json.dumps({"people": [{"pose_keypoints_2d": [v for p in person for v in p]} for person in people],
+                       "canvas_width": 100, "canvas_height": 100})
+
+
+def test_pose_pck_pairs_people_and_counts_the_missing_and_the_extra():
+    a = [(10, 10, 1), (10, 50, 1), (30, 50, 0.8), (0, 0, 0)]  # box 20 x 40: tolerance 0.2 * 40 = 8 px
+    b = [(60, 10, 1), (60, 50, 1), (80, 50, 1), (70, 70, 1)]
+    near_a = [(14, 10, 1), (10, 57, 1), (30, 70, 1), (50, 50, 1)]  # 2 of a's 3 visible points within 8 px
+    assert metrics.pose_pck(openpose_doc(a, b), openpose_doc(b, a)) == (1.0, {"people_expected": 2, "people_found": 2})
+    assert metrics.pose_pck(openpose_doc(a), openpose_doc(near_a))[0] == pytest.approx(2 / 3)
+    assert metrics.pose_pck(openpose_doc(a, b), openpose_doc(a))[0] == 0.5  # one person missing
+    assert metrics.pose_pck(openpose_doc(a), openpose_doc(a, b)) == (0.5, {"people_expected": 1, "people_found": 2})
+    assert metrics.pose_pck(openpose_doc(), openpose_doc()) == (1.0, {"people_expected": 0, "people_found": 0})
+    assert metrics.pose_pck(openpose_doc(a), openpose_doc())[0] == 0.0
+    assert metrics.pose_pck(openpose_doc(a), openpose_doc(a), alpha=0.01)[0] == 1.0
+
+
+# ---------------------------------------------------------------- the scorer on real photographs
+
+
+def quality_cfg(tmp_path, annotators: list[dict], **quality):
+    """A job config with these annotators and a quality section (its models are never loaded here)."""
+    tiny = {"base_model": str(tmp_path), "annotators": str(tmp_path), "controlnet/canny": str(tmp_path),
+            "controlnet/hed": str(tmp_path)}
+    data = job_dict(str(tmp_path), str(tmp_path / "out"), tiny)
+    data["annotators"] = annotators
+    data["generation"]["controlnets"] = [{"condition": a.get("id", a["name"]), "model": str(tmp_path)}
+                                         for a in annotators]
+    data["quality"] = quality
+    return load_config(data=data)
+
+
+NEURAL = ("depth_anything", "seg_ade20k", "dwpose")
+
+
+def test_a_sample_generated_from_its_own_control_map_scores_ideal_and_another_image_the_floor(tmp_path, annotator_weights):
+    from pipeline.annotators import ANNOTATORS
+    from pipeline.models import resolve_model
+    from pipeline.scorers.stage import Scorer
+
+    annotators = [{"name": "canny"}, {"name": "lineart_standard"}, {"name": "scribble_xdog"}, {"name": "tile"},
+                  {"name": "color"}] + [{"name": n, "model": annotator_weights(n)} for n in NEURAL]
+    cfg = quality_cfg(tmp_path, annotators, sharpness=True, min={"canny": 0.5, "lineart_standard": 0.5},
+                      max={"depth_anything": 1.0})
+    models = {}
+    for a in cfg.annotators:
+        cls = ANNOTATORS[a.name]
+        models[a.key] = resolve_model(a.model, None, cls.files[0], False, cls.files) if a.model else None
+    scorer = Scorer(cfg, models, None, device="cpu")
+    sources = [photo("astronaut", (96, 64)), photo("coffee", (96, 64))]
+    rows = []
+    for i, source in enumerate(sources):
+        row = {"sample_id": f"s{i}", "prompt": "a photo", "image": array_to_png(source)}
+        for a in cfg.annotators:  # as the annotate stage writes them
+            maps, extras = scorer.annotators[a.key].annotate_with_extras([source])
+            row[f"control_{a.key}"] = array_to_png(maps[0])
+            if extras[0] is not None:
+                row[f"keypoints_{a.key}"] = extras[0]
+        rows.append(row)
+    ideal = scorer.score([{**r, "generated": r["image"]} for r in rows])
+    unrelated = np.asarray(np.random.default_rng(3).integers(0, 256, (64, 96, 3)), np.uint8)
+    floor = scorer.score([{**rows[0], "generated": array_to_png(unrelated)},
+                          {**rows[1], "generated": rows[0]["image"]}])  # another photograph
+    for row in ideal:
+        assert row["score_canny"] == 1.0 and row["score_lineart_standard"] == pytest.approx(1.0)
+        assert row["score_scribble_xdog"] == pytest.approx(1.0) and row["score_tile"] == pytest.approx(1.0)
+        assert row["score_color"] == 0.0 and row["score_depth_anything"] == 0.0
+        assert row["score_seg_ade20k"] == 1.0 and row["score_dwpose"] == 1.0
+        assert row["passed"] is True
+        people = json.loads(row["score_provenance"])["details"]["dwpose"]
+        assert people["people_expected"] == people["people_found"]
+    for row in floor:
+        assert row["score_canny"] < 0.35  # noise has edges everywhere: F1 about 2r/(1 + r) for edge density r
+        assert row["score_lineart_standard"] < 0.5 and row["score_scribble_xdog"] < 0.5
+        assert row["score_color"] > 20 and row["score_tile"] < 0.2
+        assert row["score_depth_anything"] > 20 and row["score_seg_ade20k"] < 0.1
+        assert row["passed"] is False
+    assert floor[0]["sharpness_score"] > ideal[0]["sharpness_score"]  # noise is all edges
+    prov = json.loads(ideal[0]["score_provenance"])
+    assert prov["conditions"]["canny"]["metric"] == "edge_f1"
+    assert prov["conditions"]["depth_anything"]["annotator"]["model"] == models["depth_anything"].model
+    assert prov["conditions"]["depth_anything"]["annotator"]["revision"] == models["depth_anything"].commit
+    assert prov["min"] == {"canny": 0.5, "lineart_standard": 0.5} and prov["scored_by"] == "run"
+
+
+def test_clip_score_equals_torchmetrics_clip_score(tmp_path):
+    from torchmetrics.functional.multimodal import clip_score
+    from transformers import CLIPModel, CLIPProcessor
+
+    from pipeline.models import resolve_model
+    from pipeline.scorers.clip import FILES, PROBE, ClipScorer
+    from pipeline.testing.clip import write_clip
+
+    directory = write_clip(tmp_path / "clip")
+    scorer = ClipScorer(resolve_model(directory, None, PROBE, False, FILES))
+    images = [photo("chelsea", (64, 48)), photo("rocket", (64, 48))]
+    prompts = ["a photo of the cat", "a rocket"]
+    ours = scorer(images, prompts)
+
+    class FeaturesAsTensors(CLIPModel):
+        """transformers v5's get_*_features return an output object (the projected embeddings in
+        pooler_output); torchmetrics 1.9 expects the tensor of transformers v4. Nothing else changes."""
+
+        def get_image_features(self, *args, **kwargs):
+            return super().get_image_features(*args, **kwargs).pooler_output
+
+        def get_text_features(self, *args, **kwargs):
+            return super().get_text_features(*args, **kwargs).pooler_output
+
+    reference = (FeaturesAsTensors.from_pretrained(directory), CLIPProcessor.from_pretrained(directory))
+    for image, prompt, value in zip(images, prompts, ours):
+        ref = clip_score(torch.from_numpy(image).permute(2, 0, 1), prompt, model_name_or_path=lambda: reference)
+        assert 100 * max(value, 0.0) == pytest.approx(float(ref), abs=1e-3)
+    assert ours[0] != ours[1] and max(ours) > 0.05  # a positive score is compared, not only the clamp at 0
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("quality, message", [
+    ({"min": {"canny": 0.3}, "action": "keep"}, "quality.action"),
+    ({"min": {"hed": 0.3}, "speed": 1}, "quality.speed: unknown key"),
+    ({"max": {"canny": 0.3}}, "quality.max.canny: higher is better for this score; give its threshold under quality.min"),
+    ({"min": {"depth": 0.3}}, "quality.min.depth: not a scored condition"),
+    ({"min": {"clip": 0.2}}, "quality.min.clip: set quality.clip_model"),
+    ({"min": {"sharpness": 10}}, "quality.min.sharpness: set quality.sharpness=true"),
+    ({"conditions": ["nope"]}, "quality.conditions.0: 'nope' is not an annotator id"),
+    ({"min": {"hed": 0.3}, "conditions": ["canny"]}, "quality.min.hed: not a scored condition"),
+])
+def test_quality_config_errors_name_the_key(tmp_path, quality, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        quality_cfg(tmp_path, [{"name": "canny"}, {"name": "hed", "model": str(tmp_path)}], **quality)
+
+
+def test_quality_needs_generation_and_depth_bounds_are_maxima(tmp_path):
+    data = job_dict(str(tmp_path), str(tmp_path / "out"), {"base_model": "x", "annotators": "y", "controlnet/canny": "z",
+                                                           "controlnet/hed": "w"})
+    data.pop("generation")
+    data["quality"] = {"min": {"canny": 0.3}}
+    with pytest.raises(ConfigError, match="quality: needs a generation section"):
+        load_config(data=data)
+    cfg = quality_cfg(tmp_path, [{"name": "depth_anything", "model": str(tmp_path)}], max={"depth_anything": 20})
+    assert cfg.quality.max == {"depth_anything": 20}
+    with pytest.raises(ConfigError, match=r"quality\.min\.depth_anything: higher is worse"):
+        quality_cfg(tmp_path, [{"name": "depth_anything", "model": str(tmp_path)}], min={"depth_anything": 20})
