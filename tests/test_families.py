@@ -62,7 +62,7 @@ def job(models, family: str, source="/unused", output="/unused", union=False, **
 def generator(models, family, union=False, **generation):
     cfg = load_config(data=job(models, family, union=union, **generation))
     refs = generator_class(family).model_refs(cfg.generation)
-    resolve = lambda r: resolve_model(r.model, r.revision, r.probe, True)  # noqa: E731
+    resolve = lambda r: resolve_model(r.model, r.revision, r.probe, True)
     resolved = {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()}
     return generator_class(family)(cfg.generation, resolved)
 
@@ -116,11 +116,11 @@ def diffusers_images(models, family: str, mode: str, out: list[dict], union: boo
     images = []
     for row in out:
         controls = [pil(row["control_canny"]), pil(row["control_scribble_xdog"])]
-        kw = dict(prompt=row["prompt"], width=64, height=64,
-                  num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"],
-                  controlnet_conditioning_scale=row["controlnet_conditioning_scale"],
-                  control_guidance_start=row["control_guidance_start"], control_guidance_end=row["control_guidance_end"],
-                  generator=torch.Generator().manual_seed(row["seed"]), output_type="pil")
+        kw = {"prompt": row["prompt"], "width": 64, "height": 64,
+                  "num_inference_steps": row["num_inference_steps"], "guidance_scale": row["guidance_scale"],
+                  "controlnet_conditioning_scale": row["controlnet_conditioning_scale"],
+                  "control_guidance_start": row["control_guidance_start"], "control_guidance_end": row["control_guidance_end"],
+                  "generator": torch.Generator().manual_seed(row["seed"]), "output_type": "pil"}
         if not (family == "flux" and mode != "text2img"):  # Flux img2img/inpaint take no negative prompt
             kw["negative_prompt"] = row["negative_prompt"]
         if family in ("sd15", "sdxl") and mode == "text2img":

@@ -15,7 +15,16 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.config import GenerationConfig
-from pipeline.generators.base import WORKER_COLUMNS, Column, Generator, ModelRef, Models, cpu_generators, to_uint8, torch_dtype
+from pipeline.generators.base import (
+    WORKER_COLUMNS,
+    Column,
+    Generator,
+    ModelRef,
+    Models,
+    cpu_generators,
+    to_uint8,
+    torch_dtype,
+)
 from pipeline.rows import Row
 
 # Union ControlNets' condition types, by annotator name. xinsir's controlnet-union-sdxl-1.0 (and ProMax):
@@ -309,7 +318,12 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
 
 
 def make_scheduler(name: str, config: Any):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, UniPCMultistepScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
 
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(config)

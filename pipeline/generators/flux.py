@@ -57,7 +57,7 @@ class FluxControlNet(ControlNetGenerator):
             i = modes.index(None)
             raise ValueError(f"generation.controlnets.{i}.control_mode: {self.gen.controlnets[i].model} is a Union "
                              f"ControlNet; set one of {FLUX_UNION_MODES}")
-        if len(nets) > 1 and len(set(n.union for n in nets)) > 1:
+        if len(nets) > 1 and len({n.union for n in nets}) > 1:
             raise ValueError("generation.controlnets: Union and single-condition Flux ControlNets cannot be mixed")
 
     def control_modes(self) -> list[int] | None:

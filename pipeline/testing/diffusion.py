@@ -20,15 +20,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 CROSS_ATTENTION_DIM = 32
 # Shared by the UNet and every ControlNet: a ControlNet must mirror its UNet's encoder.
-ENCODER = dict(
-    in_channels=4,
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    cross_attention_dim=CROSS_ATTENTION_DIM,
-    attention_head_dim=2,
-    norm_num_groups=4,
-)
+ENCODER = {
+    "in_channels": 4,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "cross_attention_dim": CROSS_ATTENTION_DIM,
+    "attention_head_dim": 2,
+    "norm_num_groups": 4,
+}
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 LATENT_SIZE = 8  # default image size = LATENT_SIZE * 8 = 64 px
 
@@ -162,19 +162,19 @@ def _randomize_zero_convs(controlnet, extra=()) -> None:
 # ---- Stable Diffusion XL -----------------------------------------------------------------------------
 # Two CLIP text encoders of width 32: cross-attention sees both (64); the pooled projection of the second
 # (32) plus six size embeddings of 8 form the "text_time" added condition (6 * 8 + 32 = 80).
-SDXL_ENCODER = dict(
-    in_channels=4,
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    cross_attention_dim=2 * CROSS_ATTENTION_DIM,
-    attention_head_dim=2,
-    norm_num_groups=4,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=6 * 8 + CROSS_ATTENTION_DIM,
-)
+SDXL_ENCODER = {
+    "in_channels": 4,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "cross_attention_dim": 2 * CROSS_ATTENTION_DIM,
+    "attention_head_dim": 2,
+    "norm_num_groups": 4,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + CROSS_ATTENTION_DIM,
+}
 UNION_CONTROL_TYPES = 8  # as ProMax: 0 openpose ... 6 tile, 7 repaint
 
 
@@ -273,9 +273,9 @@ def _flow_vae() -> AutoencoderKL:
 
 
 # Flux: 4 latent channels packed 2x2 -> 16 transformer channels; rope axes add up to the head dim.
-FLUX_NET = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=CROSS_ATTENTION_DIM, pooled_projection_dim=CROSS_ATTENTION_DIM,
-                guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+FLUX_NET = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+                "num_attention_heads": 2, "joint_attention_dim": CROSS_ATTENTION_DIM, "pooled_projection_dim": CROSS_ATTENTION_DIM,
+                "guidance_embeds": True, "axes_dims_rope": (4, 6, 6)}
 FLUX_UNION_MODES = 10  # as InstantX's Union checkpoint
 
 
@@ -314,9 +314,9 @@ def write_flux_controlnet(cn_dir: Path, seed: int, union: bool = False) -> None:
 
 
 # SD3: two CLIP encoders with projections (pooled 32 + 32 = 64), T5 of width 64 (CLIP's 64 padded to it).
-SD3_NET = dict(sample_size=LATENT_SIZE, patch_size=1, in_channels=4, attention_head_dim=8, num_attention_heads=4,
-               joint_attention_dim=2 * CROSS_ATTENTION_DIM, caption_projection_dim=32,
-               pooled_projection_dim=2 * CROSS_ATTENTION_DIM, out_channels=4)
+SD3_NET = {"sample_size": LATENT_SIZE, "patch_size": 1, "in_channels": 4, "attention_head_dim": 8, "num_attention_heads": 4,
+               "joint_attention_dim": 2 * CROSS_ATTENTION_DIM, "caption_projection_dim": 32,
+               "pooled_projection_dim": 2 * CROSS_ATTENTION_DIM, "out_channels": 4}
 
 
 def write_sd3(sd3_dir: Path, seed: int) -> None:
