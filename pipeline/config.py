@@ -163,7 +163,7 @@ class GenerationConfig(Strict):
     revision: str | None = None
     controlnets: list[ControlNetConfig] = Field(min_length=1)
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = Field(
-        "auto", description="auto: float16 on GPU, float32 on CPU."
+        "auto", description="auto: float16 on GPU (bfloat16 for flux and sd3), float32 on CPU."
     )
     local_files_only: bool = False
     allow_pickle: bool = Field(

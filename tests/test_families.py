@@ -349,3 +349,35 @@ def test_example_configs_are_valid(name, family, mode, modes):
     cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / f"{name}.yaml")
     assert (cfg.generation.family, cfg.generation.mode) == (family, mode)
     assert [cn.control_mode for cn in cfg.generation.controlnets] == modes
+
+
+def test_inpaint_masks_from_segmentation_classes_and_pose_boxes():
+    from controlnet_aux.util import ade_palette
+
+    from pipeline.config import MaskConfig
+    from pipeline.generators._controlnet import inpaint_mask
+
+    palette = np.array(ade_palette(), dtype=np.uint8)
+    seg = np.broadcast_to(palette[2], (64, 64, 3)).copy()  # sky everywhere
+    seg[20:40, 10:30] = palette[ADE_PERSON]
+    seg[0:5, 60:64] = palette[ADE_PERSON + 1]
+    row = {"width": 64, "height": 64, "control_seg": array_to_png(seg)}
+    as_array = lambda png: np.asarray(Image.open(io.BytesIO(png))) > 0  # noqa: E731
+    outside = as_array(inpaint_mask(row, MaskConfig(annotator="seg", classes=[ADE_PERSON])))
+    person = np.zeros((64, 64), bool)
+    person[20:40, 10:30] = True
+    assert np.array_equal(outside, ~person)  # everything but the person is repainted
+    inside = as_array(inpaint_mask(row, MaskConfig(annotator="seg", classes=[ADE_PERSON], repaint="inside", margin=2)))
+    assert inside[18:42, 10:30].all() and inside[20:40, 8:32].all() and not inside[17, 20] and not inside[0, 0]
+    two = as_array(inpaint_mask(row, MaskConfig(annotator="seg", classes=[ADE_PERSON, ADE_PERSON + 1], repaint="inside")))
+    assert two[0:5, 60:64].all() and two.sum() == 20 * 20 + 5 * 4
+    nobody = dict(row, keypoints_pose=json.dumps({"people": [], "canvas_width": 64, "canvas_height": 64}))
+    assert as_array(inpaint_mask(nobody, MaskConfig(annotator="pose"))).all()  # no person: repaint all
+
+
+def test_auto_dtype_is_bfloat16_on_gpu_for_flow_families():
+    from pipeline.generators.base import torch_dtype
+
+    assert torch_dtype("auto", "cuda", generator_class("flux").auto_gpu_dtype) == torch.bfloat16
+    assert torch_dtype("auto", "cuda", generator_class("sdxl").auto_gpu_dtype) == torch.float16
+    assert torch_dtype("auto", "cpu", generator_class("sd3").auto_gpu_dtype) == torch.float32

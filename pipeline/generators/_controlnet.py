@@ -100,6 +100,7 @@ class ControlNetGenerator(Generator):
     negative_prompt_modes: ClassVar[frozenset[str]] = frozenset({"text2img", "img2img", "inpaint"})
     pipeline_kwargs: ClassVar[dict[str, Any]] = {}  # extra from_pretrained arguments
     family_columns: ClassVar[list[Column]] = []
+    auto_gpu_dtype: ClassVar[str] = "float16"  # what dtype "auto" means on a GPU
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -170,7 +171,7 @@ class ControlNetGenerator(Generator):
 
     # ---- the actor --------------------------------------------------------------------------------
     def load(self, models: Models) -> None:
-        self.dtype = torch_dtype(self.gen.dtype, self.device)
+        self.dtype = torch_dtype(self.gen.dtype, self.device, self.auto_gpu_dtype)
         self.conditions = [cn.condition for cn in self.gen.controlnets]
         self.multi = len(models["controlnets"]) > 1
         self.pipe = load_pipeline(type(self), self.gen, models["base_model"], models["controlnets"], self.device)
@@ -303,7 +304,7 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     # safetensors only unless the config allows pickle checkpoints (None: diffusers' own preference)
-    common = {"dtype": torch_dtype(gen.dtype, device), "local_files_only": gen.local_files_only,
+    common = {"dtype": torch_dtype(gen.dtype, device, family.auto_gpu_dtype), "local_files_only": gen.local_files_only,
               "use_safetensors": None if gen.allow_pickle else True}
     net_class = getattr(diffusers, family.controlnet_class)
     nets = [net_class.from_pretrained(m.load_path, revision=m.load_revision, **common) for m in controlnets]

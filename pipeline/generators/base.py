@@ -160,9 +160,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (image * 255).round().astype(np.uint8)
 
 
-def torch_dtype(name: str, device: str):
+def torch_dtype(name: str, device: str, gpu_default: str = "float16"):
+    """The torch dtype for `generation.dtype`; "auto": `gpu_default` on a GPU, float32 on CPU."""
     import torch
 
     if name == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
+        return getattr(torch, gpu_default) if device == "cuda" else torch.float32
     return getattr(torch, name)

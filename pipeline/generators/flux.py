@@ -28,6 +28,7 @@ class FluxControlNet(ControlNetGenerator):
         "inpaint": "FluxControlNetInpaintPipeline",
     }
     schedulers = ("flow_match_euler",)
+    auto_gpu_dtype = "bfloat16"  # trained in bf16; float16 overflows in their transformers
     controlnet_class = "FluxControlNetModel"
     multi_class = "FluxMultiControlNetModel"
     union_modes = FLUX_UNION_MODES

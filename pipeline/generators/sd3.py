@@ -26,6 +26,7 @@ class StableDiffusion3ControlNet(ControlNetGenerator):
         "inpaint": "StableDiffusion3ControlNetInpaintingPipeline takes an inpainting ControlNet, not a condition's",
     }
     schedulers = ("flow_match_euler",)
+    auto_gpu_dtype = "bfloat16"  # trained in bf16; float16 overflows in their transformers
     controlnet_class = "SD3ControlNetModel"
     multi_class = "SD3MultiControlNetModel"
     multi_per_row = False
