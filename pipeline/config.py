@@ -37,6 +37,9 @@ class SourceConfig(Strict):
     prompt_column: str | None = Field(None, description="Parquet: optional column with a prompt per image; it fills "
                                                         "{prompt} for that image's variants (a row without one is "
                                                         "an error row).")
+    mask_column: str | None = Field(None, description="Parquet: optional column of inpaint masks (image bytes or "
+                                                      "{bytes, path} structs with bytes; white = repainted) aligned "
+                                                      "with the upright image; used by generation.mask.source.")
     allowed_roots: list[str] = Field([], description="Parquet: paths in the image column must lie under one of these "
                                                      "directories or URL prefixes (default: the Parquet file's own "
                                                      "directory); others become error rows.")
@@ -53,6 +56,8 @@ class SourceConfig(Strict):
         if self.prompt_column and self.type != "parquet":
             raise ValueError("prompt_column: only a parquet source has columns; use generation.prompt.file for "
                              f"a {self.type} source")
+        if self.mask_column and self.type != "parquet":
+            raise ValueError(f"mask_column: only a parquet source has columns (this one is {self.type})")
         return self
 
     @property
@@ -146,13 +151,16 @@ PROMPT_FIELDS = frozenset({"prompt", "caption", "variant"})
 
 
 class MaskConfig(Strict):
-    """Inpaint mask (white: repainted), made per row from one annotator's output."""
+    """Inpaint mask (white: repainted), made per row from one annotator's output or read from the source."""
 
-    annotator: str = Field(description="Annotator id: a seg_ade20k annotator (with `classes`) or a pose annotator "
-                                       "(the bounding box of the people it found).")
+    annotator: str | None = Field(None, description="Annotator id: a seg_ade20k annotator (with `classes`) or a pose "
+                                                    "annotator (the bounding box of the people it found).")
+    source: bool = Field(False, description="Use the mask of each input from source.mask_column instead (its white "
+                                            "part is the region).")
     classes: list[int] = Field([], description="seg_ade20k: ADE20K class indices forming the region (12: person).")
-    repaint: Literal["inside", "outside"] = Field(
-        "outside", description="outside: repaint everything but the region (keep the subject); inside: the region.")
+    repaint: Literal["inside", "outside"] | None = Field(
+        None, description="outside: repaint everything but the region (keep the subject; the default for "
+                          "annotators); inside: the region (the default for source masks).")
     margin: int = Field(0, ge=0, description="Grow the region by this many pixels before masking.")
 
 

@@ -381,3 +381,47 @@ def test_auto_dtype_is_bfloat16_on_gpu_for_flow_families():
     assert torch_dtype("auto", "cuda", generator_class("flux").auto_gpu_dtype) == torch.bfloat16
     assert torch_dtype("auto", "cuda", generator_class("sdxl").auto_gpu_dtype) == torch.float16
     assert torch_dtype("auto", "cpu", generator_class("sd3").auto_gpu_dtype) == torch.float32
+
+
+def test_inpaint_with_masks_from_a_parquet_column_end_to_end(ray_session, family_models, tmp_path):
+    """source.mask_column: each input's own mask, resized with the image, repaints its white part."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.job import run
+
+    def encoded(array, fmt):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format=fmt)
+        return buf.getvalue()
+
+    mask = np.zeros((96, 128), np.uint8)
+    mask[:, :64] = 255  # repaint the left half
+    images = [encoded(photo(n, (128, 96)), "JPEG") for n in ("astronaut", "coffee")]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image": images, "mask": [encoded(mask, "PNG"), None]}), tmp_path / "in" / "a.parquet")
+    data = job(family_models, "sd15", source=str(tmp_path / "in"), output=str(tmp_path / "out"), mode="inpaint",
+               mask={"source": True}, strength=0.9)
+    data["source"] |= {"type": "parquet", "mask_column": "mask"}
+    data["annotators"] = data["annotators"][:2]
+    result = run(load_config(data=data), echo=lambda _: None)
+    assert result.samples == 1 and result.errors == 1  # the row without a mask is a generate error row
+    row = read_parquet_dir(tmp_path / "out" / "samples").to_pylist()[0]
+    got = np.asarray(Image.open(io.BytesIO(row["inpaint_mask"])))
+    assert got.shape == (64, 88) and got[:, :43].all() and not got[:, 45:].any()  # 128x96 -> 88x64
+    errors = read_parquet_dir(tmp_path / "out" / "errors").to_pylist()
+    assert "no mask in source.mask_column" in errors[0]["error_message"]
+
+
+@pytest.mark.parametrize("change, source, message", [
+    ({"mask": {"source": True}}, {}, "generation.mask.source: set source.mask_column"),
+    ({"mask": {"source": True, "annotator": "openpose"}}, {}, "generation.mask: give either annotator"),
+    ({"mask": {}}, {}, "generation.mask: give either annotator"),
+    ({"mask": {"source": True}}, {"mask_column": "mask"}, "source: mask_column: only a parquet source has columns"),
+])
+def test_source_mask_refusals(family_models, change, source, message):
+    data = job(family_models, "sd15", mode="inpaint", **change)
+    data["source"] |= source
+    with pytest.raises(ConfigError) as e:
+        load_config(data=data)
+    assert message in str(e.value) and "\n" not in str(e.value)

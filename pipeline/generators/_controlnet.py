@@ -351,6 +351,14 @@ def check_mask(cfg: Any, gen: GenerationConfig) -> None:
         raise ValueError(f"generation.mask: only inpaint uses a mask (generation.mode is {gen.mode})")
     names = {a.key: a.name for a in cfg.annotators}
     mask = gen.mask
+    if mask.source == (mask.annotator is not None):
+        raise ValueError("generation.mask: give either annotator (an annotator id) or source: true (source.mask_column)")
+    if mask.source:
+        if not cfg.source.mask_column:
+            raise ValueError("generation.mask.source: set source.mask_column (a parquet source's column of masks)")
+        if mask.classes:
+            raise ValueError("generation.mask.classes: only a seg_ade20k annotator has classes")
+        return
     if mask.annotator not in names:
         raise ValueError(f"generation.mask.annotator: {mask.annotator!r} is not an annotator id {list(names)}")
     name = names[mask.annotator]
@@ -367,7 +375,12 @@ def inpaint_mask(row: Row, mask) -> bytes:
     from pipeline.io.images import png_to_array
 
     height, width = row["height"], row["width"]
-    if mask.classes:
+    if mask.source:  # decoded and resized with the image (pipeline.io.images.mask_to_size)
+        if row.get("source_mask") is None:
+            raise ValueError("this input has no mask in source.mask_column")
+        region = png_to_array(row["source_mask"]) > 127
+        region = region[..., 0] if region.ndim == 3 else region
+    elif mask.classes:
         from controlnet_aux.util import ade_palette
 
         seg = png_to_array(row[f"control_{mask.annotator}"])[..., :3]
@@ -390,7 +403,8 @@ def inpaint_mask(row: Row, mask) -> bytes:
         from scipy.ndimage import binary_dilation
 
         region = binary_dilation(region, iterations=mask.margin)
-    repaint = ~region if mask.repaint == "outside" else region
+    outside = (mask.repaint or ("inside" if mask.source else "outside")) == "outside"
+    repaint = ~region if outside else region
     buf = io.BytesIO()
     Image.fromarray(repaint.astype(np.uint8) * 255, "L").save(buf, format="PNG")
     return buf.getvalue()

@@ -33,6 +33,15 @@ def array_to_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def mask_to_size(data: bytes, width: int, height: int) -> bytes:
+    """An inpaint mask (any image; white = repainted) as a 0/255 grayscale PNG of width x height (nearest)."""
+    try:
+        mask = Image.open(io.BytesIO(data)).convert("L").resize((width, height), Image.Resampling.NEAREST)
+    except Exception as e:  # noqa: BLE001 - any undecodable mask is one rejected input
+        raise RejectedImage(f"source mask: not a decodable image: {type(e).__name__}") from None
+    return array_to_png(np.where(np.asarray(mask) > 127, 255, 0).astype(np.uint8))
+
+
 def png_to_array(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
@@ -185,4 +194,6 @@ class Decode:
         row["source_sha256"] = hashlib.sha256(data).hexdigest()
         array, transform = decode_image(data, self.policy, self.formats)
         row.update(image=array_to_png(array), width=array.shape[1], height=array.shape[0], transform=json.dumps(transform))
+        if row.get("source_mask") is not None:  # source.mask_column: an inpaint mask at the image's new size
+            row["source_mask"] = mask_to_size(row["source_mask"], array.shape[1], array.shape[0])
         return [row]

@@ -167,11 +167,13 @@ def _arrow_files(cfg: SourceConfig, listing: Listing) -> tuple[fsspec.AbstractFi
 
 def _read_parquet(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
     fs, paths, arrow_fs = _arrow_files(cfg, listing)
-    columns = [cfg.image_column] + [c for c in (cfg.caption_column, cfg.prompt_column) if c]
+    columns = [cfg.image_column] + [c for c in (cfg.caption_column, cfg.prompt_column, cfg.mask_column) if c]
     ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys(columns)), include_paths=True, filesystem=arrow_fs)
-    image_col, caption_col, prompt_col = cfg.image_column, cfg.caption_column, cfg.prompt_column
+    image_col, caption_col, prompt_col, mask_col = cfg.image_column, cfg.caption_column, cfg.prompt_column, cfg.mask_column
     # source_prompt: the image's own prompt (source.prompt_column), for variant expansion
     schema = SOURCE_SCHEMA.append(pa.field("source_prompt", pa.string())) if prompt_col else SOURCE_SCHEMA
+    # source_mask: the image's inpaint mask (source.mask_column), bytes only; decoded with the image
+    schema = schema.append(pa.field("source_mask", pa.binary())) if mask_col else schema
 
     def normalize(batch: pa.Table) -> pa.Table:
         rows = []
@@ -192,10 +194,17 @@ def _read_parquet(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
             else:
                 uri = f"{parquet_uri}#{name or 'sha256=' + hashlib.sha256(data or b'').hexdigest()[:16]}"
             rows.append({"source_uri": uri, "source_bytes": data, "caption": row.get(caption_col) if caption_col else None,
-                         "source_error": error} | ({"source_prompt": row.get(prompt_col)} if prompt_col else {}))
+                         "source_error": error} | ({"source_prompt": row.get(prompt_col)} if prompt_col else {})
+                        | ({"source_mask": _mask_bytes(row.get(mask_col))} if mask_col else {}))
         return pa.Table.from_pylist(rows, schema=schema)
 
     return ds.map_batches(normalize, batch_format="pyarrow")
+
+
+def _mask_bytes(value) -> bytes | None:
+    """A mask cell's image bytes (bytes, or an {bytes, path} struct); None when it holds none."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    return data if isinstance(data, bytes) else None
 
 
 def _normalized(uri: str) -> str:
