@@ -258,3 +258,181 @@ def test_quality_needs_generation_and_depth_bounds_are_maxima(tmp_path):
     assert cfg.quality.max == {"depth_anything": 20}
     with pytest.raises(ConfigError, match=r"quality\.min\.depth_anything: higher is worse"):
         quality_cfg(tmp_path, [{"name": "depth_anything", "model": str(tmp_path)}], min={"depth_anything": 20})
+
+
+# ---------------------------------------------------------------- jobs: score, flag, drop, resume, `score`, documents
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> str:
+    from pipeline.testing.clip import write_clip
+
+    return write_clip(tmp_path_factory.mktemp("clip"))
+
+
+def quality_job(photos_dir, out, tiny_models, clip_dir, **quality) -> dict:
+    data = job_dict(str(photos_dir), str(out), tiny_models)
+    data["quality"] = {"clip_model": clip_dir, "sharpness": True, **quality}
+    return data
+
+
+@pytest.fixture(scope="module")
+def flagged(ray_session, tiny_models, photos_dir, clip_dir, tmp_path_factory):
+    """A run that scores every sample and flags (thresholds every sample meets, one per kind of score)."""
+    from pipeline.job import run
+
+    out = tmp_path_factory.mktemp("quality") / "flag"
+    cfg = load_config(data=quality_job(photos_dir, out, tiny_models, clip_dir,
+                                       min={"canny": 0.0, "clip": -1.0, "sharpness": 0.0}, action="flag"))
+    return out, run(cfg, echo=lambda s: None), cfg
+
+
+def scores_of(out, kind: str = "samples", columns=("sample_id", "score_canny", "passed")) -> list[dict]:
+    from tests.helpers import read_parquet_dir
+
+    return read_parquet_dir(out / kind, list(columns)).to_pylist()
+
+
+def test_a_job_with_quality_scores_every_sample_with_provenance_in_the_documented_schema(flagged, clip_dir):
+    import pyarrow.parquet as pq
+
+    from pipeline.schema import samples_schema
+    from pipeline.scorers.stage import score_columns
+    from tests.helpers import read_parquet_dir
+
+    out, result, cfg = flagged
+    assert result.manifest["counts"]["samples"] == 10 and result.errors == 0
+    assert not (out / "rejected").exists()
+    table = read_parquet_dir(out / "samples")
+    expected = samples_schema(["canny", "hed"], [], "sd15", score_columns(cfg))
+    assert pq.read_schema(next((out / "samples").glob("*.parquet"))).remove_metadata() == expected.remove_metadata()
+    assert [c for c in table.schema.names if "score" in c or c == "passed"] == [
+        "score_canny", "score_hed", "clip_score", "sharpness_score", "passed", "score_provenance"]
+    for row in table.select(["score_canny", "score_hed", "clip_score", "sharpness_score", "passed",
+                             "score_provenance"]).to_pylist():
+        assert 0.0 <= row["score_canny"] <= 1.0 and -1.0 <= row["score_hed"] <= 1.0
+        assert -1.0 <= row["clip_score"] <= 1.0 and row["sharpness_score"] > 0
+        assert row["passed"] is True
+        prov = json.loads(row["score_provenance"])
+        assert prov["conditions"]["hed"]["metric"] == "ssim"
+        assert prov["conditions"]["hed"]["annotator"]["weights_file"] == "ControlNetHED.pth"
+        assert prov["clip"]["model"] == clip_dir and prov["clip"]["commit"].startswith("sha256:")
+    assert len(set(table.column("score_canny").to_pylist())) > 1  # scored per sample, not a constant
+    quality = result.manifest["quality"]
+    assert quality["min"] == {"canny": 0.0, "clip": -1.0, "sharpness": 0.0} and quality["scored_by"] == "run"
+    assert result.manifest["models"]["scorers"]["clip"]["local_dir"] == clip_dir
+
+
+def test_score_columns_round_trip_through_load_dataset(flagged):
+    import datasets
+
+    from tests.helpers import read_parquet_dir
+
+    out, _, _ = flagged
+    ds = datasets.load_dataset("parquet", data_files=str(out / "samples" / "*.parquet"), split="train")
+    table = read_parquet_dir(out / "samples", ["sample_id", "score_canny", "clip_score", "passed"])
+    by_id = {r["sample_id"]: r for r in table.to_pylist()}
+    assert ds.features["score_canny"].dtype == "float64" and ds.features["passed"].dtype == "bool"
+    for row in ds.select_columns(["sample_id", "score_canny", "clip_score", "passed"]):
+        assert row == by_id[row["sample_id"]]
+
+
+def test_inspect_report_and_card_show_distributions_extremes_and_thresholds(flagged):
+    from pipeline.docs import inspect_text
+
+    out, _, _ = flagged
+    text = inspect_text(str(out))
+    quality = text[text.index("\nquality:"):]
+    for column in ("score_canny", "score_hed", "clip_score", "sharpness_score"):
+        assert f"  {column} (" in quality
+    assert "score_canny (edge_f1, higher is better; min 0: 0 below): n 10, min " in quality
+    assert quality.count("    worst: ") == 4 and quality.count("    best: ") == 4
+    html = (out / "report.html").read_text()
+    assert html.count('alt="histogram of ') == 4 and html.count('src="data:image/png;base64,') >= 4
+    assert html.count('<figure class="worst">') == 4 * 3 and html.count('<figure class="best">') == 4 * 3
+    card = (out / "README.md").read_text()
+    assert "## Quality gate" in card and "| `canny` | ≥ 0.0 |" in card and "| `clip` | ≥ -1.0 |" in card
+
+
+def test_score_command_regates_an_existing_output_in_place_with_nothing_lost(flagged, tmp_path):
+    import shutil
+
+    from pipeline.cli import main
+    from pipeline.io.output import RunOutput
+
+    source, result, _ = flagged
+    out = tmp_path / "scored"
+    shutil.copytree(source, out)
+    before = {r["sample_id"]: r["score_canny"] for r in scores_of(out)}
+    threshold = float(np.median(list(before.values())))
+    assert main(["score", str(out), "--set", "quality.action=drop", "--set", f"quality.min.canny={threshold}"]) == 0
+    kept, rejected = scores_of(out), scores_of(out, "rejected")
+    assert kept and rejected
+    assert sorted(r["sample_id"] for r in kept + rejected) == sorted(before)  # every sample, once
+    assert all(r["passed"] and r["score_canny"] >= threshold for r in kept)
+    assert all(not r["passed"] and r["score_canny"] < threshold for r in rejected)
+    assert {r["sample_id"]: r["score_canny"] for r in kept + rejected} == pytest.approx(before)  # same annotators
+    manifest = RunOutput(str(out)).manifest()
+    counts = manifest["counts"]
+    assert (counts["samples"], counts["rejected_samples"]) == (len(kept), len(rejected))
+    assert counts["inputs"] == result.manifest["counts"]["inputs"] and counts["duplicate_sample_ids"] == 0
+    assert manifest["quality"]["scored_by"] == "python -m pipeline score"
+    assert manifest["quality"]["min"]["canny"] == threshold
+    prov = json.loads(read_one(out / "rejected", "score_provenance"))
+    assert prov["scored_by"] == "python -m pipeline score" and prov["action"] == "drop"
+    assert f"| `canny` | ≥ {threshold} |" in (out / "README.md").read_text()
+
+    # flagging again brings the rejected samples back: rejected/ goes away, nothing is lost
+    assert main(["score", str(out), "--set", "quality.action=flag"]) == 0
+    assert not (out / "rejected").exists()
+    again = scores_of(out)
+    assert sorted(r["sample_id"] for r in again) == sorted(before)
+    assert sorted(r["passed"] for r in again) == sorted([False] * len(rejected) + [True] * len(kept))
+    assert "rejected_samples" not in RunOutput(str(out)).manifest()["counts"]
+
+
+def read_one(directory, column):
+    from tests.helpers import read_parquet_dir
+
+    return read_parquet_dir(directory, [column]).column(column)[0].as_py()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "generation.steps=3"], "only keys of the quality section can change when scoring"),
+    (["--set", "quality.min.depth=3"], "quality.min.depth: not a scored condition"),
+    (["--set", "quality.colour=1"], "quality.colour: unknown key"),
+])
+def test_score_command_refuses_other_settings_with_the_key(flagged, args, message, capsys):
+    from pipeline.cli import main
+
+    out, _, _ = flagged
+    assert main(["score", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_drop_routes_failing_samples_to_rejected_with_exact_accounting_and_a_resume_skips_them(
+        flagged, ray_session, tiny_models, photos_dir, clip_dir, tmp_path):
+    from pipeline.io.output import RunOutput
+    from pipeline.job import run
+
+    threshold = float(np.median([r["score_canny"] for r in scores_of(flagged[0])]))
+    out = tmp_path / "drop"
+    cfg = load_config(data=quality_job(photos_dir, out, tiny_models, clip_dir, min={"canny": threshold},
+                                       action="drop"))
+    result = run(cfg, echo=lambda s: None)
+    kept, rejected = scores_of(out), scores_of(out, "rejected")
+    assert kept and rejected  # the median of the flagged run splits this run's samples too
+    assert all(r["passed"] and r["score_canny"] >= threshold for r in kept)
+    assert all(r["passed"] is False and r["score_canny"] < threshold for r in rejected)
+    counts = result.manifest["counts"]
+    # inputs = samples + rejected + errors (variants_per_image 2, no failed inputs here)
+    assert counts["inputs"] == 5 and counts["samples"] + counts["rejected_samples"] + counts["failed_samples"] == 10
+    assert (counts["samples"], counts["rejected_samples"]) == (len(kept), len(rejected))
+    assert result.manifest["this_run"] == {"samples": len(kept), "errors": 0, "rejected": len(rejected)}
+
+    manifest = RunOutput(str(out)).manifest()  # as after an interruption: the same command resumes
+    manifest["completed"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again = run(cfg, echo=lambda s: None)
+    assert again.manifest["this_run"] == {"samples": 0, "errors": 0, "rejected": 0}
+    assert again.manifest["counts"] == counts

@@ -15,6 +15,7 @@ from pipeline.docs.stats import (
     model_rows,
     run_family,
 )
+from pipeline.docs.scores import card_markdown
 from pipeline.generators import generator_class
 
 
@@ -81,7 +82,7 @@ Uploaded to the Hugging Face Hub with this card, `load_dataset("<user>/<repo>")`
 | | |
 |---|---|
 {count_rows}
-
+{card_markdown(manifest)}
 ## Models
 
 | role | model | revision (configured) | resolved revision |

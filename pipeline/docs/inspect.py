@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from pipeline.docs.stats import error_groups, fmt_rate, fmt_seconds, model_rows, stage_rows
+from pipeline.docs.scores import inspect_lines as quality_lines
 from pipeline.io.output import RunOutput
 
 
@@ -21,7 +22,10 @@ def inspect_text(url: str, storage_options: dict[str, Any] | None = None) -> str
     lines += ["counts (parquet):",
               f"  samples: {out.num_rows('samples')} rows in {len(out.files('samples'))} files, "
               f"{len(set(sources.column('source_uri').to_pylist())) if sources is not None else 0} sources",
-              f"  errors: {out.num_rows('errors')} rows in {len(out.files('errors'))} files", "", "errors:"]
+              f"  errors: {out.num_rows('errors')} rows in {len(out.files('errors'))} files"]
+    if out.files("rejected"):
+        lines.append(f"  rejected: {out.num_rows('rejected')} rows in {len(out.files('rejected'))} files")
+    lines += ["", "errors:"]
     errors = error_groups(out)
     by_stage: dict[str, list] = defaultdict(list)
     for g in errors:
@@ -40,4 +44,5 @@ def inspect_text(url: str, storage_options: dict[str, Any] | None = None) -> str
     lines += [f"  {r['role']}: {r['model'] or '(no weights)'}"
               + (f" @ {r['commit']}" if r["commit"] else "") + (f" (revision {r['revision']})" if r["revision"] else "")
               for r in model_rows(manifest)]
+    lines += quality_lines(out, manifest)  # score distributions, worst and best samples (scored outputs only)
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline.docs.stats import annotator_rows, error_groups, fmt_rate, fmt_seconds, model_rows, stage_rows
+from pipeline.docs.scores import report_section
 from pipeline.io.output import RunOutput
 
 MAX_SOURCES = 200  # sources shown in the gallery
@@ -142,6 +143,25 @@ TEMPLATE = """<!doctype html>
 {%- else %}
 <p>This run's manifest has no per-stage timings.</p>
 {%- endif %}
+{%- if quality %}
+<h2 id="quality">Quality</h2>
+<p>Action {{ quality.action }}, scored by {{ quality.scored_by }} at {{ quality.scored_at }}. Per score: its
+distribution (threshold in red), then the worst and the best samples (generated image, control map).</p>
+{%- for s in quality.scores %}
+<section class="score"><h3>{{ s.column }} · {{ s.metric }}, {{ s.direction }} · {{ s.bound }} · below: {{ s.failing }}</h3>
+<p>{{ s.summary }}</p>
+<div class="row"><figure class="histogram"><img src="{{ s.histogram }}" alt="histogram of {{ s.column }}" style="max-width:420px"><figcaption>distribution of {{ s.column }}</figcaption></figure></div>
+{%- for label, picks in [("worst", s.worst), ("best", s.best)] %}
+<div class="row {{ label }}">
+{%- for p in picks %}
+<figure class="{{ label }}">{% if p.generated %}<img src="{{ p.generated }}" alt="generated {{ p.sample_id }}" title="sample_id: {{ p.sample_id }}
+source: {{ p.source_uri }}">{% endif %}{% if p.control %}<img src="{{ p.control }}" alt="control map of {{ p.sample_id }}">{% endif %}<figcaption>{{ label }}: {{ s.column }} {{ p.score }} ({{ p.kind }})<br>{{ p.sample_id }}</figcaption></figure>
+{%- endfor %}
+</div>
+{%- endfor %}
+</section>
+{%- endfor %}
+{%- endif %}
 <h2>Errors</h2>
 {%- if errors %}
 <table id="errors"><tr><th>stage</th><th>type</th><th>message</th><th>count</th><th>examples</th></tr>
@@ -206,4 +226,5 @@ def report_html(out: RunOutput, max_sources: int = MAX_SOURCES, px: int = THUMB_
                 for r in model_rows(manifest)],
         annotators=[[a["id"], a["name"], json.dumps(a["params"], sort_keys=True)] for a in annotator_rows(manifest, out)],
         control_ids=[c.removeprefix("control_") for c in out.control_columns()],
-        cards=cards, n_sources=n_sources)
+        cards=cards, n_sources=n_sources,
+        quality=report_section(out, manifest, lambda png: thumbnail_uri(png, px)))

@@ -46,6 +46,8 @@ def model_rows(manifest: dict[str, Any]) -> list[dict[str, str | None]]:
     for key, value in models.items():  # the generator's models by role ("base_model", "controlnets"), then annotators
         if key == "annotators":
             rows += [row(f"annotator {k}", m) for k, m in value.items()]
+        elif key == "scorers":  # the quality gate's own models (CLIP)
+            rows += [row(f"scorer {k}", m) for k, m in value.items()]
         elif isinstance(value, list):  # one model per condition
             rows += [row(f"{key.removesuffix('s')} ({conditions[i] if i < len(conditions) else i})", m)
                      for i, m in enumerate(value)]

@@ -1,7 +1,8 @@
 """`python -m pipeline score OUT`: score an existing run's output in place, without generating anything.
 
 For runs made before the quality gate existed, or to gate again with other thresholds. The quality
-section is the run's own (from its manifest) with `--set quality.…=…` overrides on top. The
+section is the one the output was last gated with (the manifest's `quality` record: the run's, or the
+last `score`'s), else the run's config's, with `--set quality.…=…` overrides on top. The
 annotators are the run's: same parameters, and the weights the run recorded (hub models at the
 recorded commit; a local directory must still hold the same files). Every sample of `samples/` and
 `rejected/` is scored again; each part file is rewritten atomically under its own name, the rows
@@ -15,26 +16,47 @@ from __future__ import annotations
 import copy
 import posixpath
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, JobConfig, apply_override
+from pipeline.config import AnnotatorConfig, ConfigError, QualityConfig, apply_override, check_quality
+from pipeline.generators import DEFAULT_FAMILY
 from pipeline.io.output import RunOutput, write_parquet
 from pipeline.models import ModelUnavailable, ResolvedModel, resolve_model
 from pipeline.schema import IMAGE, samples_schema
+from pipeline.scorers.stage import Gate
+
+REDACTED = "<redacted>"
 
 
 class NotScorable(ValueError):
     """An output that cannot be scored (annotate-only, unfinished, no quality section)."""
 
 
-def _config(manifest: dict[str, Any], overrides: list[str]) -> JobConfig:
+@dataclass(frozen=True)
+class Scoring:
+    """What scoring needs of a run's config: the gate (quality section, annotators) and a few generation
+    settings. Read from the manifest section by section, not as a whole job config: the manifest's
+    config is redacted and carries values the validators derive, so it need not validate as a whole."""
+
+    gate: Gate
+    family: str
+    variants: int
+    local_files_only: bool
+
+
+def _config(manifest: dict[str, Any], overrides: list[str]) -> Scoring:
     from pydantic import ValidationError
 
-    data = copy.deepcopy(manifest.get("config") or {})
-    if not data.get("generation"):
+    data = _unredacted(copy.deepcopy(manifest.get("config") or {}))
+    generation = data.get("generation")
+    if not generation:
         raise NotScorable("the output holds no generated images (an annotate-only run): nothing to score")
+    last = {k: v for k, v in (manifest.get("quality") or {}).items() if k not in ("scored_by", "scored_at")}
+    if last:  # the output was scored: start from the thresholds it was last gated with
+        data["quality"] = {**(data.get("quality") or {}), **last}
     for assignment in overrides:
         if not assignment.strip().startswith("quality."):
             raise ConfigError(f"--set {assignment!r}: only keys of the quality section can change when scoring")
@@ -43,22 +65,38 @@ def _config(manifest: dict[str, Any], overrides: list[str]) -> JobConfig:
         raise NotScorable("the run has no quality section: give one with --set, e.g. --set quality.min.canny=0.3 "
                           "--set quality.action=drop")
     try:
-        return JobConfig.model_validate(data)
+        annotators = [AnnotatorConfig.model_validate(a) for a in data.get("annotators", [])]
+        quality = QualityConfig.model_validate(data["quality"])
+        check_quality(quality, {a.key: a.name for a in annotators}, True)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"invalid quality settings: {loc + ': ' if loc else ''}{msg}") from None
+        raise ConfigError(f"invalid quality settings: {'quality.' + loc + ': ' if loc else ''}{msg}") from None
+    except ValueError as e:
+        raise ConfigError(f"invalid quality settings: {e}") from None
+    return Scoring(Gate(quality, annotators), generation.get("family") or DEFAULT_FAMILY,
+                   int(generation.get("variants_per_image") or 1), bool(generation.get("local_files_only")))
 
 
-def _annotator_models(cfg: JobConfig, manifest: dict[str, Any]) -> dict[str, ResolvedModel | None]:
+def _unredacted(value: Any) -> Any:
+    """The manifest's config without the values its redaction replaced (credentials, and fields that share
+    their names, such as generation.prompt.key): they fall back to their defaults, which scoring never reads."""
+    if isinstance(value, dict):
+        return {k: _unredacted(v) for k, v in value.items() if v != REDACTED}
+    if isinstance(value, list):
+        return [_unredacted(v) for v in value]
+    return value
+
+
+def _annotator_models(cfg: Scoring, manifest: dict[str, Any]) -> dict[str, ResolvedModel | None]:
     """The weights the run used for each scored condition's annotator, checked to be the same."""
     from pipeline.annotators import ANNOTATORS
     from pipeline.scorers.stage import scored_conditions
 
     recorded = (manifest.get("models") or {}).get("annotators") or {}
     models: dict[str, ResolvedModel | None] = {}
-    for c in scored_conditions(cfg):
+    for c in scored_conditions(cfg.gate):
         rec = recorded.get(c.key)
         if rec is None:
             models[c.key] = None
@@ -66,7 +104,7 @@ def _annotator_models(cfg: JobConfig, manifest: dict[str, Any]) -> dict[str, Res
         cls = ANNOTATORS[c.cfg.name]
         local = rec.get("local_dir")
         model = resolve_model(local or rec["model"], rec.get("revision") if local else rec["commit"], cls.files[0],
-                              cfg.generation.local_files_only, cls.files)
+                              cfg.local_files_only, cls.files)
         if model.commit != rec["commit"]:
             raise ModelUnavailable(f"annotator {c.key}: the weights in {local} changed since the run "
                                    f"({rec['commit']} then, {model.commit} now); scoring needs the run's weights")
@@ -95,12 +133,12 @@ def score_output(url: str, overrides: list[str] = (), storage_options: dict[str,
     if not manifest.get("completed"):
         raise NotScorable(f"{url}: the run did not finish; run the same job again to complete it, then score it")
     cfg = _config(manifest, list(overrides))
-    q = cfg.quality
-    scorer = Scorer(cfg, _annotator_models(cfg, manifest),
-                    scorer_models(q, cfg.generation.local_files_only).get("clip"), scored_by="score")
-    control_ids = [a.key for a in cfg.annotators]
-    keypoint_ids = [a.key for a in cfg.annotators if ANNOTATORS[a.name].keypoints]
-    schema = samples_schema(control_ids, keypoint_ids, cfg.generation.family, score_columns(cfg))
+    q = cfg.gate.quality
+    scorer = Scorer(cfg.gate, _annotator_models(cfg, manifest), scorer_models(q, cfg.local_files_only).get("clip"),
+                    scored_by="python -m pipeline score")
+    control_ids = [a.key for a in cfg.gate.annotators]
+    keypoint_ids = [a.key for a in cfg.gate.annotators if ANNOTATORS[a.name].keypoints]
+    schema = samples_schema(control_ids, keypoint_ids, cfg.family, score_columns(cfg.gate))
     images = {f.name for f in schema if f.type == IMAGE}
 
     with RunLock(out, new_run_id()):  # no run writes into the output meanwhile
@@ -130,9 +168,9 @@ def score_output(url: str, overrides: list[str] = (), storage_options: dict[str,
         if q.action == "flag" and out.fs.isdir(out.path("rejected")) and not out.files("rejected"):
             out.fs.rm(out.path("rejected"), recursive=True)
         written = out.written()
-        manifest["counts"] = written.counts(cfg.generation.variants_per_image)
+        manifest["counts"] = written.counts(cfg.variants)
         manifest["files"] = written.files
-        manifest["quality"] = quality_record(q, "score")
+        manifest["quality"] = quality_record(q, "python -m pipeline score")
         out.write_json("manifest.json", manifest)
         write_documents(url, storage_options)
     counts = manifest["counts"]

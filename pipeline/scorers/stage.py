@@ -54,7 +54,16 @@ class ScoredCondition:
         return self.cfg.key
 
 
-def scored_conditions(cfg: JobConfig) -> list[ScoredCondition]:
+@dataclass(frozen=True)
+class Gate:
+    """What scoring reads of a job config: its quality section and its annotators (a JobConfig has both;
+    `python -m pipeline score` builds one from a run's manifest)."""
+
+    quality: QualityConfig | None
+    annotators: list[AnnotatorConfig]
+
+
+def scored_conditions(cfg: JobConfig | Gate) -> list[ScoredCondition]:
     """The conditions the job's quality section scores, in annotator order."""
     if cfg.quality is None:
         return []
@@ -63,7 +72,7 @@ def scored_conditions(cfg: JobConfig) -> list[ScoredCondition]:
             if metric_for(a.name) and (wanted is None or a.key in wanted)]
 
 
-def score_columns(cfg: JobConfig) -> list[tuple[str, pa.DataType, str]]:
+def score_columns(cfg: JobConfig | Gate) -> list[tuple[str, pa.DataType, str]]:
     """The columns the quality section adds to every sample (none without one)."""
     if cfg.quality is None:
         return []
@@ -96,14 +105,14 @@ def quality_record(quality: QualityConfig, scored_by: str) -> dict[str, Any]:
     from datetime import datetime, timezone
 
     return {**quality.model_dump(mode="json", include={"min", "max", "action", "conditions", "pck_alpha",
-                                                       "clip_model", "sharpness"}),
+                                                       "clip_model", "clip_revision", "sharpness"}),
             "scored_by": scored_by, "scored_at": datetime.now(timezone.utc).isoformat()}
 
 
 class Scorer:
     """Scores rows that hold `generated`, `prompt` and the scored `control_<id>` / `keypoints_<id>`."""
 
-    def __init__(self, cfg: JobConfig, annotator_models: dict[str, ResolvedModel | None],
+    def __init__(self, cfg: JobConfig | Gate, annotator_models: dict[str, ResolvedModel | None],
                  clip_model: ResolvedModel | None, device: str | None = None, scored_by: str = "run"):
         from pipeline.annotators import ANNOTATORS
 
@@ -166,7 +175,7 @@ class Scorer:
         return out
 
 
-def needs_actor(cfg: JobConfig, annotator_models: dict[str, ResolvedModel | None]) -> bool:
+def needs_actor(cfg: JobConfig | Gate, annotator_models: dict[str, ResolvedModel | None]) -> bool:
     """Whether the stage loads a model (then it runs in an actor pool, the model loaded once per actor)."""
     return bool(cfg.quality.clip_model) or any(annotator_models.get(c.key) for c in scored_conditions(cfg))
 
@@ -175,7 +184,7 @@ class Score:
     """The Ray Data stage: `Scorer` over the good rows of a batch; a row that fails becomes an error
     row at stage `score`."""
 
-    def __init__(self, cfg: JobConfig, annotator_models: dict[str, ResolvedModel | None],
+    def __init__(self, cfg: JobConfig | Gate, annotator_models: dict[str, ResolvedModel | None],
                  clip_model: ResolvedModel | None):
         self.scorer = Scorer(cfg, annotator_models, clip_model)
 
