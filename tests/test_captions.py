@@ -13,9 +13,10 @@ import pytest
 
 from pipeline.captioners import CAPTIONERS
 from pipeline.captioners.stage import Caption
-from pipeline.config import CaptionerConfig, ConfigError, PromptConfig, load_config
+from pipeline.config import CaptionerConfig, ConfigError, ImageConfig, PromptConfig, SourceConfig, load_config
 from pipeline.export import ExportError, export_controlnet_train
-from pipeline.io.images import array_to_png
+from pipeline.io.images import Decode, array_to_png
+from pipeline.io.sources import read_source
 from pipeline.job import resolve_models, run
 from pipeline.models import resolve_model
 from pipeline.variants import ExpandVariants, PromptFileError, load_prompt_file, render_prompt
@@ -53,6 +54,8 @@ def test_captions_are_written_recorded_and_deterministic(tiny_models, kind, task
                         "max_new_tokens": 8, "decoding": "greedy", "transformers": prov["transformers"]}
         assert prov["revision"].startswith("sha256:")
     assert prov["task"] == (task or ("<CAPTION>" if kind == "florence2" else None))
+    if task == "<MORE_DETAILED_CAPTION>":  # the image decides the caption (the tiny Florence-2 has large weights)
+        assert len({by_name[n]["caption"] for n in ("astronaut", "chelsea", "camera")}) > 1
     # greedy: the same images give the same captions, in another batch composition and another actor too
     again = {r["source_uri"]: r["caption"] for r in Caption(cfg, model)(batch.slice(1, 2)).to_pylist()}
     assert again == {r["source_uri"]: r["caption"] for r in out[1:3]}
@@ -160,32 +163,38 @@ def test_uncaptioned_photos_become_training_pairs_with_text(ray_session, tiny_mo
         export_controlnet_train(str(tmp_path / "plain"), str(tmp_path / "refused"), require_text=True)
 
 
-def test_prompts_from_a_parquet_column_and_a_file_in_a_job(ray_session, tiny_models, photos_dir, tmp_path):
+def test_prompts_from_a_parquet_column_reach_their_rows(ray_session, photos_dir, tmp_path):
     photos = sorted(photos_dir.glob("*.jpg"))
-    pq.write_table(pa.table({"jpg": [p.read_bytes() for p in photos],
+    pq.write_table(pa.table({"jpg": [{"bytes": p.read_bytes(), "path": p.name} for p in photos],
                              "text": [f"a drawing of {p.stem}" for p in photos[:-1]] + [None]}), tmp_path / "s.parquet")
-    data = job_dict(str(tmp_path / "s.parquet"), str(tmp_path / "out"), tiny_models, steps=1, variants_per_image=1,
-                    controlnets=[{"condition": "canny", "model": tiny_models["controlnet/canny"]}])
-    data["annotators"] = data["annotators"][:1]
-    data["source"] = {"type": "parquet", "path": str(tmp_path / "s.parquet"), "image_column": "jpg", "prompt_column": "text"}
-    data["generation"]["prompt"]["template"] = "{prompt}, {caption}"
-    result = run(load_config(data=data))
-    samples = read_parquet_dir(tmp_path / "out" / "samples").to_pylist()
-    assert sorted(r["prompt"] for r in samples) == sorted(f"a drawing of {p.stem}" for p in photos[:-1])
-    errors = read_parquet_dir(tmp_path / "out" / "errors").to_pylist()
-    assert [(e["stage"], e["error_type"], e["error_message"]) for e in errors] == [
-        ("expand", "MissingPrompt", "no prompt for this image: its source.prompt_column value is empty")]
-    assert result.errors == 1
+    source = SourceConfig(type="parquet", path=str(tmp_path / "s.parquet"), image_column="jpg", prompt_column="text")
+    rows = read_source(source).map_batches(Decode(ImageConfig(resolution=64), {}), batch_format="pyarrow").take_all()
+    out = expand(PromptConfig(template="{prompt}, {caption}"), rows)
+    got = {r["source_uri"].rsplit("#", 1)[1]: r for r in out}
+    assert {n: r["prompt"] for n, r in got.items() if not r.get("error_stage")} == {
+        p.name: f"a drawing of {p.stem}" for p in photos[:-1]}
+    assert (got[photos[-1].name]["error_type"], got[photos[-1].name]["error_message"]) == (
+        "MissingPrompt", "no prompt for this image: its source.prompt_column value is empty")
 
+
+def test_captions_and_a_prompts_file_in_a_job(ray_session, tiny_models, photos_dir, tmp_path):
+    """The captioner fills the captions, the prompts file the prompts; the template joins them; a photo
+    the file does not name is an error row."""
+    photos = sorted(photos_dir.glob("*.jpg"))
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"name": p.name, "prompt": f"a sketch of {p.stem}"}) + "\n"
                                               for p in photos[1:]))
-    data = job_dict(str(photos_dir), str(tmp_path / "out2"), tiny_models, steps=1, variants_per_image=1,
+    data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models, steps=1, variants_per_image=1,
                     controlnets=[{"condition": "canny", "model": tiny_models["controlnet/canny"]}])
     data["annotators"] = data["annotators"][:1]
+    data["captioner"] = {"kind": "florence2", "model": tiny_models["captioner/florence2"], "max_new_tokens": 5,
+                         "task": "<DETAILED_CAPTION>", "batch_size": 2}
     data["generation"]["prompt"] = {"file": str(tmp_path / "p.jsonl"), "template": "{prompt}, {caption}"}
-    run(load_config(data=data))
-    samples = read_parquet_dir(tmp_path / "out2" / "samples").to_pylist()
-    assert {r["source_uri"]: r["prompt"] for r in samples} == {str(p): f"a sketch of {p.stem}" for p in photos[1:]}
-    errors = read_parquet_dir(tmp_path / "out2" / "errors").to_pylist()
-    assert [(e["source_uri"], e["error_message"]) for e in errors] == [
-        (str(photos[0]), f"no prompt for {photos[0].name} in {tmp_path / 'p.jsonl'} (generation.prompt.key: name)")]
+    result = run(load_config(data=data))
+    samples = read_parquet_dir(tmp_path / "out" / "samples").to_pylist()
+    assert {r["source_uri"]: r["prompt"] for r in samples} == {
+        str(p): f"a sketch of {p.stem}, {r['caption']}" for p in photos[1:] for r in samples if r["source_uri"] == str(p)}
+    assert all(r["caption"] and json.loads(r["captioner"])["task"] == "<DETAILED_CAPTION>" for r in samples)
+    errors = read_parquet_dir(tmp_path / "out" / "errors").to_pylist()
+    assert [(e["source_uri"], e["stage"], e["error_message"]) for e in errors] == [
+        (str(photos[0]), "expand", f"no prompt for {photos[0].name} in {tmp_path / 'p.jsonl'} (generation.prompt.key: name)")]
+    assert (result.samples, result.errors) == (len(photos) - 1, 1)

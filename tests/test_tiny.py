@@ -69,7 +69,12 @@ def test_layout(tiny: dict[str, str]) -> None:
     # the default set: every neural annotator (one with a default_model) but the heavy ones, in registry order
     default = [name for name, cls in ANNOTATORS.items() if cls.default_model and name not in HEAVY]
     assert {"hed", "dwpose", "depth_anything"} <= set(default) and "canny" not in default
-    assert marker == {"seed": 0, "conditions": ["canny", "hed"], "annotators": default}
+    assert marker == {"seed": 0, "conditions": ["canny", "hed"], "annotators": default,
+                      "captioners": ["blip", "florence2"]}
+    for kind in ("blip", "florence2"):  # loaded through from_pretrained in tests/test_captions.py
+        assert tiny[f"captioner/{kind}"] == str(out / f"captioner-{kind}")
+        assert (out / f"captioner-{kind}" / "model.safetensors").is_file()
+        assert (out / f"captioner-{kind}" / "processor_config.json").is_file()
     assert "hed" in marker["annotators"] and "lineart_anime" not in marker["annotators"]  # heavy: only on request
     for name in marker["annotators"]:
         for f in ANNOTATORS[name].files:
@@ -180,7 +185,8 @@ def test_deterministic(tiny: dict[str, str], tmp_path: Path) -> None:
     for rel in ("stable-diffusion/unet/diffusion_pytorch_model.safetensors",
                 "stable-diffusion/text_encoder/model.safetensors",
                 "stable-diffusion/vae/diffusion_pytorch_model.safetensors",
-                "controlnet-hed/diffusion_pytorch_model.safetensors"):
+                "controlnet-hed/diffusion_pytorch_model.safetensors",
+                "captioner-blip/model.safetensors", "captioner-florence2/model.safetensors"):
         a = Path(tiny["base_model"]).parent / rel
         b = Path(again["base_model"]).parent / rel
         assert a.read_bytes() == b.read_bytes(), rel

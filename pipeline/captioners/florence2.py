@@ -25,8 +25,9 @@ class Florence2Captioner(Captioner):
         inputs = self.processor(text=[self.task] * len(images), images=list(images), return_tensors="pt")
         inputs = inputs.to(self.device, self.dtype)
         ids = self.model.generate(**inputs, **self.greedy())
-        texts = self.processor.batch_decode(ids, skip_special_tokens=False)
-        # the processor's own parsing for the task: special tokens and task markup removed
+        # special tokens skipped: a batch pads its shorter captions with <pad>, which the parsing of caption
+        # tasks (pure text) would keep; then the processor's own parsing for the task
+        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [self.processor.post_process_generation(text=t, task=self.task, image_size=(im.shape[1], im.shape[0]))[self.task]
                 for t, im in zip(texts, images)]
 

@@ -4,9 +4,10 @@ Florence-2 (`Florence2ForConditionalGeneration`: DaViT vision tower + BART, a by
 tokenizer written from a small vocab.json/merges.txt), each with its real processor, in the
 `save_pretrained` layout that `from_pretrained` and `models fetch` expect.
 
-Random weights caption in random words; their generation_config only keeps the decoder to lowercase
-letters and spaces and asks for a few tokens at least, so that every caption is readable, non-empty
-text (the pipeline's greedy decoding settings apply on top, as with real checkpoints).
+Random weights caption in random words. BLIP's vocabulary holds only words and letters; Florence-2's
+generation_config keeps its decoder to lowercase letters and spaces and asks for a few tokens at least
+(the pipeline's greedy decoding settings apply on top, as with real checkpoints), so that every caption
+is readable, non-empty text.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def write_blip(out_dir: str | Path, seed: int = 0) -> str:
     out.mkdir(parents=True, exist_ok=True)
     letters = list(string.ascii_lowercase)
     words = [w for w in BLIP_WORDS if len(w) > 1]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *words, *("##" + c for c in letters)]
+    # no "##" word pieces: captioning never tokenizes text, and so every generated token is a word or a letter
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *words]
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizer(str(out / "vocab.txt"), bos_token="[DEC]", model_max_length=64)
     torch.manual_seed(seed)
@@ -50,8 +52,6 @@ def write_blip(out_dir: str | Path, seed: int = 0) -> str:
                          eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id),
         projection_dim=16, image_text_hidden_size=16)
     model = BlipForConditionalGeneration(config).eval()
-    keep = {i for t, i in tokenizer.get_vocab().items() if t.isalpha() and t.islower()}  # whole words and letters
-    _generation_config(model, tokenizer, keep)
     model.save_pretrained(out, safe_serialization=True)
     processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     BlipProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(out)
@@ -93,11 +93,11 @@ def write_florence2(out_dir: str | Path, seed: int = 0) -> str:
                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                       max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id)
+                      decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id,
+                      init_std=1.0)  # large random weights: the image visibly changes the caption
     model = Florence2ForConditionalGeneration(
         Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)).eval()
-    keep = {i for t, i in tokenizer.get_vocab().items() if t.replace("Ġ", " ").strip().isalpha()
-            and t.replace("Ġ", "").islower() or t == "Ġ"}
+    keep = {i for t, i in tokenizer.get_vocab().items() if t == "Ġ" or set(t.removeprefix("Ġ")) <= LOWERCASE}
     _generation_config(model, tokenizer, keep)
     model.save_pretrained(out, safe_serialization=True)
     side = IMAGE_SIZE // 32
@@ -111,6 +111,7 @@ def write_florence2(out_dir: str | Path, seed: int = 0) -> str:
     return str(out)
 
 
+LOWERCASE = set(string.ascii_lowercase)
 OCR_PATTERN = r"(.+?)" + r"<loc_(\d+)>" * 8
 WRITERS = {"blip": write_blip, "florence2": write_florence2}
 
