@@ -126,6 +126,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("models:")
     for key, model in models.annotators.items():
         print(f"  annotator {key}: " + (f"{model.model} @ {model.commit}" if model else "(no weights)"))
+    if models.captioner:
+        print(f"  captioner {cfg.captioner.kind}: {models.captioner.model} @ {models.captioner.commit}")
     for model in flat(models.generation):
         print(f"  {model.model} @ {model.commit}")
     if cfg.generation and args.seconds_per_image and todo is not None:

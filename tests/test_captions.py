@@ -198,3 +198,52 @@ def test_captions_and_a_prompts_file_in_a_job(ray_session, tiny_models, photos_d
     assert [(e["source_uri"], e["stage"], e["error_message"]) for e in errors] == [
         (str(photos[0]), "expand", f"no prompt for {photos[0].name} in {tmp_path / 'p.jsonl'} (generation.prompt.key: name)")]
     assert (result.samples, result.errors) == (len(photos) - 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["blip", "florence2"])
+def test_models_fetch_downloads_what_the_captioner_loads(tiny_models, tmp_path, monkeypatch, kind):
+    """`models fetch` asks the hub for the captioner's file patterns; a snapshot of exactly the matching
+    files of a real save_pretrained layout (here the tiny model's, served by a stand-in for the hub)
+    loads and captions."""
+    import fnmatch
+    import shutil
+    from pathlib import Path
+
+    import huggingface_hub
+
+    from pipeline.fetch import fetch
+
+    served = Path(tiny_models[f"captioner/{kind}"])
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, local_dir=None, allow_patterns=None):
+        asked.append((repo_id, revision, tuple(allow_patterns)))
+        Path(local_dir).mkdir(parents=True)
+        for f in served.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, Path(local_dir) / f.name)
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    data = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
+    del data["generation"]
+    data["annotators"] = data["annotators"][:1]
+    data["captioner"] = {"kind": kind, "model": f"acme/{kind}-captions", "revision": "v1"}
+    fetched = fetch(load_config(data=data), tmp_path / "models")
+    assert [(f.role, f.path, f.downloaded) for f in fetched] == [
+        (f"captioner {kind}", str(tmp_path / "models" / "acme" / f"{kind}-captions"), True)]
+    assert asked == [(f"acme/{kind}-captions", "v1", CAPTIONERS[kind].files)]
+    local = tmp_path / "models" / "acme" / f"{kind}-captions"
+    assert {f.name for f in local.iterdir()} == {f.name for f in served.iterdir()}  # nothing the loader needs is left out
+    model = resolve_model(str(local), None, CAPTIONERS[kind].probe, False, CAPTIONERS[kind].files)
+    captioner = CAPTIONERS[kind](model, CAPTIONERS[kind].tasks[0] if CAPTIONERS[kind].tasks else None, 4)
+    assert captioner([photo("rocket", (64, 64))])[0]
+
+
+def test_a_captioner_model_that_is_not_there_fails_the_job_at_start(tiny_models, tmp_path):
+    from pipeline.models import ModelUnavailable
+
+    data = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
+    data["captioner"] = {"kind": "blip", "model": "acme/not-cached"}
+    with pytest.raises(ModelUnavailable, match=r"model 'acme/not-cached' \(revision main\) is not available"):
+        resolve_models(load_config(data=data))
