@@ -229,6 +229,20 @@ def test_clip_score_equals_torchmetrics_clip_score(tmp_path):
     assert ours[0] != ours[1] and max(ours) > 0.05  # a positive score is compared, not only the clamp at 0
 
 
+def test_a_row_that_cannot_be_scored_becomes_an_error_row_and_the_batch_goes_on(tmp_path):
+    from pipeline.rows import table_of
+    from pipeline.scorers.stage import Score
+
+    cfg = quality_cfg(tmp_path, [{"name": "canny"}], min={"canny": 0.1})
+    source = photo("coffee", (64, 48))
+    control = array_to_png(Score(cfg, {}, None).scorer.annotators["canny"].annotate([source])[0])
+    rows = [{"sample_id": "good", "prompt": "p", "control_canny": control, "generated": array_to_png(source)},
+            {"sample_id": "bad", "prompt": "p", "control_canny": control, "generated": b"not a png"}]
+    out = {r["sample_id"]: r for r in Score(cfg, {}, None)(table_of(rows)).to_pylist()}
+    assert out["good"]["score_canny"] == 1.0 and out["good"]["passed"] is True and out["good"]["error_stage"] is None
+    assert out["bad"]["error_stage"] == "score" and out["bad"]["score_canny"] is None
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -350,6 +364,13 @@ def test_inspect_report_and_card_show_distributions_extremes_and_thresholds(flag
     html = (out / "report.html").read_text()
     assert html.count('alt="histogram of ') == 4 and html.count('src="data:image/png;base64,') >= 4
     assert html.count('<figure class="worst">') == 4 * 3 and html.count('<figure class="best">') == 4 * 3
+    import mlcroissant as mlc
+
+    dataset = mlc.Dataset(jsonld=str(out / "croissant.json"))  # the score columns are Croissant fields too
+    assert not dataset.metadata.ctx.issues.errors
+    records = list(dataset.records("samples"))
+    assert len(records) == 10 and {r["samples/passed"] for r in records} == {True}
+    assert all(0.0 <= r["samples/score_canny"] <= 1.0 for r in records)
     card = (out / "README.md").read_text()
     assert "## Quality gate" in card and "| `canny` | ≥ 0.0 |" in card and "| `clip` | ≥ -1.0 |" in card
 

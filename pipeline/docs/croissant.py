@@ -6,6 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.docs.scores import manifest_score_columns
 from pipeline.docs.stats import run_family
 from pipeline.generators import generator_class
 from pipeline.schema import IMAGE, sample_columns
@@ -31,6 +32,8 @@ def croissant_type(t: pa.DataType) -> str | None:
         return "sc:Text"
     if pa.types.is_integer(t):
         return "sc:Integer"
+    if pa.types.is_boolean(t):
+        return "sc:Boolean"
     if pa.types.is_floating(t):
         return "sc:Float"
     if pa.types.is_timestamp(t):
@@ -43,7 +46,7 @@ def croissant(manifest: dict[str, Any], control_ids: list[str], url: str) -> dic
     (the nested `annotators` column is left out; its content is in the dataset card)."""
     family = run_family(manifest)
     fields = []
-    for name, type_, doc in sample_columns(control_ids, family=family):
+    for name, type_, doc in sample_columns(control_ids, family=family, scores=manifest_score_columns(manifest)):
         repeated = pa.types.is_list(type_)
         data_type = croissant_type(type_.value_type if repeated else type_)
         if data_type is None:

@@ -252,3 +252,16 @@ def report_section(out: RunOutput, manifest: dict[str, Any], thumbnail) -> dict[
                     "histogram": "data:image/png;base64," + base64.b64encode(histogram_png(s)).decode("ascii"),
                     "worst": figures(s, s.worst), "best": figures(s, s.best)} for s in items],
     }
+
+
+def manifest_score_columns(manifest: dict[str, Any]) -> list[tuple[str, pa.DataType, str]]:
+    """The quality columns of a scored output's samples, from its manifest (none when never scored)."""
+    from pipeline.config import AnnotatorConfig, QualityConfig
+    from pipeline.scorers.stage import Gate, score_columns
+
+    record = manifest.get("quality")
+    if not record:
+        return []
+    quality = QualityConfig.model_validate({k: v for k, v in record.items() if k not in ("scored_by", "scored_at")})
+    annotators = [AnnotatorConfig.model_validate(a) for a in (manifest.get("config") or {}).get("annotators", [])]
+    return score_columns(Gate(quality, annotators))
