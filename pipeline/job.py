@@ -7,6 +7,8 @@ sources -> decode -> annotate (one stage per annotator) -> expand variants -> ge
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -235,12 +237,15 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False)
     `dry_run`: decide the same without locking, deleting or creating anything."""
     models = models or resolve_models(cfg)
     listing = list_inputs(cfg.source, source_extensions(cfg.source))  # SourceError: nothing is touched
+    prompts = None
     if cfg.generation and cfg.generation.prompt.file:  # a prompts file that cannot be used: also nothing
-        load_prompt_file(cfg.generation.prompt, cfg.source.storage_options)
+        prompts = load_prompt_file(cfg.generation.prompt, cfg.source.storage_options)
     output = RunOutput(cfg.output.path, cfg.output.storage_options)
     if output.fs.isfile(output.root):
         raise OutputExists(f"output.path {cfg.output.path} is a file, not a directory")
     identity = redacted(job_identity(cfg, models.provenance()))  # credentials may change between runs
+    if prompts is not None:  # the file's prompts decide the samples as much as the config does
+        identity["prompts_file_sha256"] = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
     lock = RunLock(output, new_run_id())
     try:
         if not dry_run:

@@ -16,6 +16,7 @@ from pipeline.captioners.stage import Caption
 from pipeline.config import CaptionerConfig, ConfigError, ImageConfig, PromptConfig, SourceConfig, load_config
 from pipeline.export import ExportError, export_controlnet_train
 from pipeline.io.images import Decode, array_to_png
+from pipeline.io.resume import OutputExists
 from pipeline.io.sources import read_source
 from pipeline.job import resolve_models, run
 from pipeline.models import resolve_model
@@ -198,6 +199,10 @@ def test_captions_and_a_prompts_file_in_a_job(ray_session, tiny_models, photos_d
     assert [(e["source_uri"], e["stage"], e["error_message"]) for e in errors] == [
         (str(photos[0]), "expand", f"no prompt for {photos[0].name} in {tmp_path / 'p.jsonl'} (generation.prompt.key: name)")]
     assert (result.samples, result.errors) == (len(photos) - 1, 1)
+    # other prompts in the file are another job: refused before anything runs, naming what changed
+    (tmp_path / "p.jsonl").write_text(json.dumps({"name": photos[0].name, "prompt": "a lion"}) + "\n")
+    with pytest.raises(OutputExists, match=r"holds a run of a different job \(changed: prompts_file_sha256\)"):
+        run(load_config(data=data))
 
 
 @pytest.mark.parametrize("kind", ["blip", "florence2"])
