@@ -91,4 +91,17 @@ def fetch(cfg: JobConfig, directory: str | Path) -> list[Fetched]:
         except Exception as e:  # noqa: BLE001
             raise _error(ref.role, ref.model, "a snapshot", e) from None
         out.append(Fetched(ref.role, ref.model, str(target), (ref.probe,), True))
+
+    if (q := cfg.quality) is not None and q.clip_model:  # the quality gate's CLIP model (its annotators are above)
+        from pipeline.scorers.clip import FILES, PROBE
+
+        if _is_local(q.clip_model):
+            out.append(_local("scorer clip", q.clip_model, (PROBE,)))
+        else:
+            target = root / q.clip_model
+            try:
+                snapshot_download(q.clip_model, revision=q.clip_revision, local_dir=target, allow_patterns=list(FILES))
+            except Exception as e:  # noqa: BLE001
+                raise _error("scorer clip", q.clip_model, "a snapshot", e) from None
+            out.append(Fetched("scorer clip", q.clip_model, str(target), (PROBE,), True))
     return out

@@ -457,3 +457,11 @@ def test_drop_routes_failing_samples_to_rejected_with_exact_accounting_and_a_res
     again = run(cfg, echo=lambda s: None)
     assert again.manifest["this_run"] == {"samples": 0, "errors": 0, "rejected": 0}
     assert again.manifest["counts"] == counts
+
+
+def test_models_fetch_knows_the_clip_model(tiny_models, photos_dir, clip_dir, tmp_path):
+    from pipeline.fetch import fetch
+
+    cfg = load_config(data=quality_job(photos_dir, tmp_path / "out", tiny_models, clip_dir, min={"clip": 0.1}))
+    fetched = {f.role: f for f in fetch(cfg, tmp_path / "models")}
+    assert fetched["scorer clip"].path == clip_dir and not fetched["scorer clip"].downloaded
