@@ -162,7 +162,7 @@ def test_a_sample_generated_from_its_own_control_map_scores_ideal_and_another_im
         cls = ANNOTATORS[a.name]
         models[a.key] = resolve_model(a.model, None, cls.files[0], False, cls.files) if a.model else None
     scorer = Scorer(cfg, models, None, device="cpu")
-    sources = [photo("astronaut", (96, 64)), photo("coffee", (96, 64))]
+    sources = [photo("astronaut", (96, 64))]  # a person, for the pose annotator
     rows = []
     for i, source in enumerate(sources):
         row = {"sample_id": f"s{i}", "prompt": "a photo", "image": array_to_png(source)}
@@ -175,7 +175,7 @@ def test_a_sample_generated_from_its_own_control_map_scores_ideal_and_another_im
     ideal = scorer.score([{**r, "generated": r["image"]} for r in rows])
     unrelated = np.asarray(np.random.default_rng(3).integers(0, 256, (64, 96, 3)), np.uint8)
     floor = scorer.score([{**rows[0], "generated": array_to_png(unrelated)},
-                          {**rows[1], "generated": rows[0]["image"]}])  # another photograph
+                          {**rows[0], "generated": array_to_png(photo("coffee", (96, 64)))}])  # another photograph
     for row in ideal:
         assert row["score_canny"] == 1.0 and row["score_lineart_standard"] == pytest.approx(1.0)
         assert row["score_scribble_xdog"] == pytest.approx(1.0) and row["score_tile"] == pytest.approx(1.0)
@@ -465,3 +465,30 @@ def test_models_fetch_knows_the_clip_model(tiny_models, photos_dir, clip_dir, tm
     cfg = load_config(data=quality_job(photos_dir, tmp_path / "out", tiny_models, clip_dir, min={"clip": 0.1}))
     fetched = {f.role: f for f in fetch(cfg, tmp_path / "models")}
     assert fetched["scorer clip"].path == clip_dir and not fetched["scorer clip"].downloaded
+
+
+def test_score_command_scores_an_output_written_before_the_gate_existed(flagged, tmp_path, capsys):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+
+    source, _, _ = flagged
+    out = tmp_path / "old"
+    shutil.copytree(source, out)
+    gate = ["score_canny", "score_hed", "clip_score", "sharpness_score", "passed", "score_provenance"]
+    for path in (out / "samples").glob("*.parquet"):  # as a run without a quality section wrote them
+        pq.write_table(pq.read_table(path).drop_columns(gate), path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["quality"], manifest["config"]["quality"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = {r["sample_id"]: r["score_canny"] for r in scores_of(source)}
+
+    assert main(["score", str(out)]) == 2
+    assert "the run has no quality section: give one with --set" in capsys.readouterr().err
+    assert main(["score", str(out), "--set", "quality.min.hed=0.0"]) == 0
+    table = pq.read_table(next((out / "samples").glob("*.parquet")))
+    assert [c for c in table.schema.names if c in gate] == ["score_canny", "score_hed", "passed", "score_provenance"]
+    assert {r["sample_id"]: r["score_canny"] for r in scores_of(out)} == pytest.approx(before)
+    assert all(r["passed"] for r in scores_of(out))
