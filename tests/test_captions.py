@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.captioners import CAPTIONERS
 from pipeline.captioners.stage import Caption
+from pipeline.cli import main
 from pipeline.config import CaptionerConfig, ConfigError, ImageConfig, PromptConfig, SourceConfig, load_config
 from pipeline.export import ExportError, export_controlnet_train
 from pipeline.io.images import Decode, array_to_png
@@ -21,7 +22,7 @@ from pipeline.io.sources import read_source
 from pipeline.job import resolve_models, run
 from pipeline.models import resolve_model
 from pipeline.variants import ExpandVariants, PromptFileError, load_prompt_file, render_prompt
-from tests.helpers import cli, job_dict, photo, read_parquet_dir
+from tests.helpers import job_dict, photo, read_parquet_dir
 
 NAMES = ("astronaut", "chelsea", "coffee", "camera")
 
@@ -132,7 +133,7 @@ def test_prompt_column_needs_parquet_and_generation(tiny_models, tmp_path):
         load_config(data=data)
 
 
-def test_uncaptioned_photos_become_training_pairs_with_text(ray_session, tiny_models, photos_dir, tmp_path):
+def test_uncaptioned_photos_become_training_pairs_with_text(ray_session, tiny_models, photos_dir, tmp_path, capsys):
     """Annotate-only job with the tiny BLIP captioner; the export has text in every row; without the
     captioner the export warns and --require-text refuses."""
     data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models)
@@ -154,11 +155,14 @@ def test_uncaptioned_photos_become_training_pairs_with_text(ray_session, tiny_mo
     del data["captioner"]
     data["output"]["path"] = str(tmp_path / "plain")
     run(load_config(data=data))
-    done = cli("export", tmp_path / "plain", tmp_path / "plain-train", "--format", "controlnet-train")
-    assert done.returncode == 0, done.stderr
-    assert "warning: 5 rows have an empty caption (text)" in done.stderr and "`captioner` section" in done.stderr
-    refused = cli("export", tmp_path / "plain", tmp_path / "refused", "--format", "controlnet-train", "--require-text")
-    assert refused.returncode == 2 and "5 rows have an empty caption" in refused.stderr
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "plain"), str(tmp_path / "plain-train"), "--format", "controlnet-train"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 5 rows have an empty caption (text)" in err and "`captioner` section" in err
+    assert "--require-text makes this an error" in err and len(err.strip().splitlines()) == 1
+    assert main(["export", str(tmp_path / "plain"), str(tmp_path / "refused"), "--format", "controlnet-train",
+                 "--require-text"]) == 2
+    assert capsys.readouterr().err.startswith("error: 5 rows have an empty caption")
     assert not (tmp_path / "refused").exists()
     with pytest.raises(ExportError, match="add captions"):
         export_controlnet_train(str(tmp_path / "plain"), str(tmp_path / "refused"), require_text=True)
