@@ -92,8 +92,8 @@ def test_config_errors_come_before_ray_and_torch_are_imported():
     assert proc.stderr.strip() == "error: invalid config: generation.stepz: unknown key"
 
 
-def test_a_ray_that_cannot_start_says_so_without_the_resume_advice(tmp_path):
-    bad = cli("run", DEMO, "--set", f"output.path={tmp_path / 'out'}", "--address", "not-an-address")
+def test_a_ray_that_cannot_start_says_so_without_the_resume_advice(job, tmp_path):
+    bad = cli("run", job[0], "--set", f"output.path={tmp_path / 'out'}", "--address", "not-an-address")
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: could not join Ray at not-an-address:") and "resume" not in bad.stderr
 
