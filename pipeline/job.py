@@ -69,6 +69,8 @@ class RunResult:
         runs = len(self.manifest.get("runs", [])) > 1
         what = (f"added {added} samples ({self.samples} in all), {self.errors} errors from {self.inputs} inputs"
                 if runs else f"{self.samples} samples, {self.errors} errors from {self.inputs} inputs")
+        if (below := self.manifest.get("counts", {}).get("rejected_samples")) is not None:
+            what += f" ({below} samples below the quality thresholds in rejected/)"
         return f"run {self.run_id}: {what} in {self.seconds:.1f}s ({rate:.2f} samples/s) -> {self.output}"
 
 
