@@ -66,7 +66,7 @@ CONFIG_ERRORS = [
     ("controlnet-condition-not-an-annotator", {"generation.controlnets.0.condition": "depth"},
      r"generation\.controlnets\.0\.condition: 'depth' is not an annotator id \['canny', 'hed'\]"),
     ("unsupported-scheduler", {"generation.scheduler": "pndm"},
-     r"generation\.scheduler: Input should be 'unipc', 'dpmpp_2m', 'ddim' or 'euler_a'"),
+     r"generation\.scheduler: Input should be 'unipc', 'dpmpp_2m', 'ddim', 'euler_a' or 'flow_match_euler'"),
     *[(f"template-{template}", {"generation.prompt.template": template},
        re.escape(f"generation.prompt.template: {error}")) for template, error in TEMPLATE_ERRORS],
     ("guidance-window-reversed",
