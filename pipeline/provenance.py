@@ -54,12 +54,15 @@ SECRET_FIELDS = frozenset({
 URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]*)@")
 
 
-def redacted(value: Any) -> Any:
-    """A config as data with credentials replaced: known secret fields, and passwords in URLs."""
+def redacted(value: Any, options: bool = False) -> Any:
+    """A config as data with credentials replaced: known secret fields inside `storage_options` (where
+    fsspec filesystems take credentials; `generation.prompt.key` elsewhere is not one), and passwords
+    in URLs anywhere."""
     if isinstance(value, dict):
-        return {k: "<redacted>" if str(k).lower() in SECRET_FIELDS and v else redacted(v) for k, v in value.items()}
+        return {k: "<redacted>" if options and str(k).lower() in SECRET_FIELDS and v
+                else redacted(v, options or str(k).endswith("storage_options")) for k, v in value.items()}
     if isinstance(value, list):
-        return [redacted(v) for v in value]
+        return [redacted(v, options) for v in value]
     if isinstance(value, str):
         return URL_CREDENTIALS.sub(r"\g<scheme>\g<user>:<redacted>@", value)
     return value

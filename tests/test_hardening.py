@@ -236,6 +236,7 @@ def test_secrets_are_redacted_by_field_and_in_urls_and_nothing_else():
     assert options["client_kwargs"]["headers"]["Authorization"] == "<redacted>"
     assert all(options[k] == "<redacted>" for k in ("key", "secret", "connection_string", "sas"))
     assert options["anon"] is False and "p4ss" not in json.dumps(got) and "s3cr3t" not in json.dumps(got)
+    assert redacted({"generation": {"prompt": {"key": "sha256"}}}) == {"generation": {"prompt": {"key": "sha256"}}}
 
 
 def test_report_escapes_every_value_from_the_output(hostile, tmp_path):
