@@ -74,15 +74,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def print_tables(result) -> None:
     """The stages' time shares and throughputs, and the output's errors by reason."""
     from pipeline.console import error_lines, stage_table
+    from pipeline.docs.stats import error_groups
     from pipeline.io.output import RunOutput
 
     print("stages (time measured in each stage; they overlap):")
-    print("\n".join(stage_table(result.manifest.get("stages", {}))))
-    errors = RunOutput(result.output, result.manifest["config"]["output"].get("storage_options") or {}).read(
-        "errors", ["stage", "error_type", "error_message"])
-    if errors is not None and errors.num_rows:
+    print("\n".join(stage_table(result.manifest)))
+    groups = error_groups(RunOutput(result.output, result.manifest["config"]["output"].get("storage_options") or {}))
+    if groups:
         print("errors by reason:")
-        print("\n".join(error_lines(errors.to_pylist())))
+        print("\n".join(error_lines(groups)))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -94,7 +94,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 2
     from pipeline.io.lock import OutputLocked
     from pipeline.io.sources import SourceError
-    from pipeline.job import OutputExists, flat, prepare, resolve_models
+    from pipeline.generators import flat
+    from pipeline.job import OutputExists, prepare, resolve_models
     from pipeline.models import ModelUnavailable
 
     try:
@@ -105,7 +106,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 2
     cfg, variants = plan.cfg, cfg.generation.variants_per_image if cfg.generation else 1
     listed = len(plan.listing.uris)
-    inputs = min(listed, cfg.source.limit) if cfg.source.limit and cfg.source.type == "images" else listed
+    inputs = len(plan.listing.limited(cfg.source.limit)) if cfg.source.type == "images" else listed
     what = {"images": "image files", "parquet": "Parquet files", "webdataset": "tar shards"}[cfg.source.type]
     print(f"source: {cfg.source.path}: {listed} {what}" + (f", {inputs} read (source.limit)" if inputs != listed else "")
           + (f"; {plan.listing.skipped} entries that are not regular files skipped" if plan.listing.skipped else ""))

@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
 from typing import Any, Callable, TextIO
 
 import ray
@@ -155,22 +154,23 @@ class Bar:
             self.stream.flush()
 
 
-def stage_table(stages: dict[str, dict[str, Any]]) -> list[str]:
+def stage_table(manifest: dict[str, Any]) -> list[str]:
     """Each stage's share of the stages' time and its own throughput (rows out per second of its work)."""
-    total = sum(s["seconds"] for s in stages.values()) or 1.0
-    width = max([len("stage"), *map(len, stages)])
+    from pipeline.docs.stats import stage_rows
+
+    rows = stage_rows(manifest)
+    width = max([len("stage"), *(len(r["name"]) for r in rows)])
     lines = [f"  {'stage':<{width}}  {'time':>8}  {'share':>5}  {'rows':>6}  {'rows/s':>8}"]
-    for name, s in stages.items():
-        rate = s["rows_out"] / s["seconds"] if s["seconds"] else 0.0
-        lines.append(f"  {name:<{width}}  {s['seconds']:>7.2f}s  {100 * s['seconds'] / total:>4.0f}%  "
-                     f"{s['rows_out']:>6}  {rate:>8.2f}")
+    for r in rows:
+        lines.append(f"  {r['name']:<{width}}  {r['seconds']:>7.2f}s  {r['share']:>5}  {r['rows']:>6}  "
+                     f"{r['rows_per_s'] or 0.0:>8.2f}")
     return lines
 
 
-def error_lines(errors: list[dict[str, Any]], limit: int = 10) -> list[str]:
-    """Errors grouped by (stage, type, message), most frequent first."""
-    groups = Counter((e["stage"], e["error_type"], e["error_message"]) for e in errors)
-    lines = [f"  {n} x {stage}: {kind}: {message}" for (stage, kind, message), n in groups.most_common(limit)]
+def error_lines(groups: list[dict[str, Any]], limit: int = 10) -> list[str]:
+    """Error groups (docs.stats.error_groups), most frequent first."""
+    ranked = sorted(groups, key=lambda g: -g["count"])
+    lines = [f"  {g['count']} x {g['stage']}: {g['type']}: {g['message']}" for g in ranked[:limit]]
     if len(groups) > limit:
         lines.append(f"  ... {len(groups) - limit} more kinds (python -m pipeline inspect OUT)")
     return lines

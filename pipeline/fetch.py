@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.annotators import ANNOTATORS
 from pipeline.captioners import CAPTIONERS
 from pipeline.config import JobConfig
-from pipeline.generators import generator_class
+from pipeline.generators import flat, generator_class
 from pipeline.models import ModelUnavailable
 
 
@@ -81,7 +81,7 @@ def fetch(cfg: JobConfig, directory: str | Path) -> list[Fetched]:
 
     gen = cfg.generation  # None: an annotate-only job needs the annotators' weights only
     refs = generator_class(gen.family).model_refs(gen) if gen else {}
-    for ref in [r for v in refs.values() for r in (v if isinstance(v, list) else [v])]:
+    for ref in flat(refs):
         if _is_local(ref.model):
             out.append(_local(ref.role, ref.model, (ref.probe,)))
             continue

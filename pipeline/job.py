@@ -22,7 +22,7 @@ from pipeline.captioners import CAPTIONERS
 from pipeline.captioners.stage import Caption
 from pipeline.config import JobConfig, QualityConfig
 from pipeline.console import Bar, Progress, timed
-from pipeline.generators import generator_class
+from pipeline.generators import flat, generator_class
 from pipeline.io.images import Decode
 from pipeline.io.output import RunOutput, Written
 from pipeline.io.lock import RunLock
@@ -117,11 +117,6 @@ def captioner_model(cfg: JobConfig) -> ResolvedModel | None:
         return None
     cls = CAPTIONERS[c.kind]
     return resolve_model(c.model, c.revision, cls.probe, c.local_files_only, cls.files)
-
-
-def flat(models: dict[str, Any]) -> list[Any]:
-    """The values of a dict of models or lists of models, as one list."""
-    return [m for v in models.values() for m in (v if isinstance(v, list) else [v])]
 
 
 def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict[str, float]:
@@ -221,7 +216,7 @@ class Plan:
         counts the inputs with nothing written yet as whole ones)."""
         if self.cfg.source.type != "images":
             return None
-        inputs = len(self.listing.uris[: self.cfg.source.limit] if self.cfg.source.limit else self.listing.uris)
+        inputs = len(self.listing.limited(self.cfg.source.limit))
         variants = self.cfg.generation.variants_per_image if self.cfg.generation else 1
         written = self.target.written
         return max(0, inputs - len(written.done_sources) - len(written.done_samples) // variants)

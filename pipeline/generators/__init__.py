@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.generators.base import Generator
@@ -21,6 +21,11 @@ DEFAULT_FAMILY = "sd15"
 def families() -> tuple[str, ...]:
     """Every family: the modules of this package other than `base` and private ones (`_controlnet`)."""
     return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_")))
+
+
+def flat(models: dict[str, Any]) -> list[Any]:
+    """The values of a dict of models (or model refs) or lists of them, as one list."""
+    return [m for v in models.values() for m in (v if isinstance(v, list) else [v])]
 
 
 def generator_class(family: str) -> type[Generator]:

@@ -80,6 +80,10 @@ class Listing:
     digest: str
     skipped: int = 0  # entries that are not regular files (FIFOs, devices, broken links): never read
 
+    def limited(self, limit: int | None) -> list[str]:
+        """The files read under `source.limit` (for image folders, where a file is an input)."""
+        return self.uris[:limit] if limit else self.uris
+
 
 def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
     """Every regular file with one of `extensions` under the configured directories/globs."""
@@ -148,8 +152,7 @@ def read_source(cfg: SourceConfig, listing: Listing | None = None) -> ray.data.D
     """The source as rows {source_uri, source_bytes, caption}; `listing` saves listing it again."""
     listing = listing or list_inputs(cfg, source_extensions(cfg))
     if cfg.type == "images":
-        uris = listing.uris
-        uris = uris[: cfg.limit] if cfg.limit else uris
+        uris = listing.limited(cfg.limit)
         return ray.data.from_items(
             [{"source_uri": u, "source_bytes": None, "caption": None} for u in uris],
             override_num_blocks=min(len(uris), 200),
