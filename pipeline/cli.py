@@ -138,6 +138,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train.config import load_train_config
+
+    try:
+        cfg = load_train_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.models import ModelUnavailable
+    from pipeline.train import NotEnoughCPUs, TrainDataError, run_training
+
+    try:
+        _init_ray(args.address, args.verbose)
+        run_training(cfg)
+    except (ModelUnavailable, NotEnoughCPUs, TrainDataError, RayUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the checkpoints are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one readable line; the checkpoints are kept
+        print(f"error: training stopped: {failure_reason(e)}; the checkpoints are kept, and running the same "
+              f"command again resumes from the last one", file=sys.stderr)
+        return 1
+    return 0
+
+
 def failure_reason(e: BaseException) -> str:
     """The root cause of a failed run in one line (Ray errors carry the remote traceback as text)."""
     import re
@@ -286,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     loud.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and progress bars")
     loud.add_argument("-q", "--quiet", action="store_true", help="print only the summary line and errors (for scripts)")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("train", help="train a ControlNet on run outputs or exports with Ray Train")
+    p.add_argument("config", help="training config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--address", help="Ray cluster address (as for run)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("plan", help="what a run would do: inputs, samples, models and revisions, what a resume skips")
     p.add_argument("config", help="job config YAML")

@@ -380,7 +380,7 @@ def _first_error(e: ValidationError) -> str:
     return f"{loc}: {err['msg']}" if loc else err["msg"]
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
+def apply_override(data: dict[str, Any], assignment: str, root: type[BaseModel] | None = None) -> None:
     """Apply one `--set` override in place.
 
     `a.b.c=VALUE` sets a key (or a list item, `a.list.0=VALUE`); `a.list+=VALUE` appends to a list. The
@@ -397,7 +397,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         node = _child(node, part, ".".join(parts[: i + 1]), create=True)
-    wanted = _annotation(parts)
+    wanted = _annotation(parts, root or JobConfig)
     value = _parse_value(raw, wanted, append)
     last = parts[-1]
     if append:
@@ -425,9 +425,9 @@ def _parse_value(raw: str, wanted: Any, append: bool) -> Any:
         return raw  # not YAML: the text itself
 
 
-def _annotation(parts: list[str]) -> Any:
-    """The type the job config schema declares at a dotted key (None where it does not say)."""
-    model: Any = JobConfig
+def _annotation(parts: list[str], root: type[BaseModel]) -> Any:
+    """The type the config schema (`root`) declares at a dotted key (None where it does not say)."""
+    model: Any = root
     annotation: Any = None
     for part in parts:
         model = _model_of(annotation) if annotation is not None else model
@@ -495,14 +495,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            lines.append(f"{loc}: {msg}" if err["loc"] else msg)
-        raise ConfigError("invalid config: " + "; ".join(lines)) from None
+        raise ConfigError("invalid config: " + format_errors(e)) from None
+
+
+def format_errors(e: ValidationError) -> str:
+    """pydantic's errors as `key.path: message` lines joined by `; `."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}" if err["loc"] else msg)
+    return "; ".join(lines)
 
 
 def config_json_schema() -> dict[str, Any]:

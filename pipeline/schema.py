@@ -126,6 +126,7 @@ def schema_documents() -> dict[str, Any]:
     """The machine-readable contracts written to schemas/ (file name -> JSON document)."""
     from pipeline.config import config_json_schema
     from pipeline.generators import families
+    from pipeline.train.config import TrainConfig
 
     samples = describe(HEAD_COLUMNS)
     samples.append({"name": CONTROL_COLUMN, "type": str(IMAGE), "description": CONTROL_DOC + " One column per annotator."})
@@ -133,6 +134,7 @@ def schema_documents() -> dict[str, Any]:
     samples += describe([GENERATED_COLUMN, ANNOTATORS_COLUMN, *generator_columns(DEFAULT_FAMILY), *TAIL_COLUMNS])
     return {
         "job_config.schema.json": config_json_schema(),
+        "train_config.schema.json": TrainConfig.model_json_schema(),
         "samples.schema.json": {
             "title": "samples/*.parquet", "image_columns": "Hugging Face datasets Image structs",
             "columns": samples,

@@ -1,0 +1,182 @@
+"""Train a ControlNet on the pipeline's own output with Ray Train.
+
+`run_training(cfg)` reads the pairs (run outputs or exports) through Ray Data, trains on
+`num_workers` Ray Train workers (`TorchTrainer`, DDP), checkpoints to the output path, and at the
+end saves the ControlNet with `save_pretrained` (safetensors) and a model card with its training
+data's provenance into `OUTPUT/controlnet/`, which a generation job's `controlnets` can name. Run
+the same command again after a crash and it resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline.io.output import RunOutput
+from pipeline.models import ResolvedModel, resolve_model
+from pipeline.train.config import TrainConfig, load_train_config
+from pipeline.train.data import Source, TrainDataError, inspect_source, training_dataset
+
+__all__ = ["NotEnoughCPUs", "TrainConfig", "TrainDataError", "TrainResult", "load_train_config", "run_training"]
+
+class NotEnoughCPUs(ValueError):
+    """The training workers would leave Ray Data no CPU to prepare their pairs with."""
+
+
+RUN_NAME = "train"  # Ray Train's run directory under the output path; the same name resumes
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    controlnet: str  # where the trained ControlNet is (save_pretrained layout)
+    step: int
+    loss: float | None
+    metrics: dict[str, Any]
+
+
+def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train.loop import train_loop
+
+    base, cfg = resolved(cfg)  # ModelUnavailable before anything starts
+    sources = [inspect_source(p, cfg) for p in cfg.data.paths]  # and TrainDataError
+    check_cpus(cfg)  # and NotEnoughCPUs
+    out = RunOutput(cfg.output.path, cfg.output.storage_options)
+    out.fs.makedirs(out.root, exist_ok=True)
+    echo(f"training on {sum(s.rows for s in sources)} pairs from {len(sources)} path(s) with {cfg.num_workers} "
+         f"worker(s) -> {cfg.output.path}")
+    storage = ray_storage(cfg)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=RUN_NAME, checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       **storage),
+        datasets={"train": training_dataset(cfg, sources)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        metrics = json.loads(open(os.path.join(directory, "metrics.json")).read())
+        save_controlnet(cfg, base, os.path.join(directory, "state.pt"), sources, metrics, out)
+    write_validation_page(cfg, out)
+    echo(f"trained {metrics['step']} steps (loss {metrics['loss']:.4f}) -> {out.path('controlnet')}")
+    return TrainResult(out.path("controlnet"), metrics["step"], metrics.get("loss"), metrics)
+
+
+def resolved(cfg: TrainConfig) -> tuple[ResolvedModel, TrainConfig]:
+    """The base model resolved as generation jobs resolve theirs (a local directory, or a hub id at its
+    commit), and the config the workers get: model and local paths absolute, since a Ray Train worker
+    does not run in the driver's directory."""
+    base = resolve_model(cfg.base_model, cfg.revision, "unet/config.json")
+    net = resolve_model(cfg.controlnet, None, "config.json") if cfg.controlnet else None
+    local = lambda p: p if "://" in p else os.path.abspath(os.path.expanduser(p))  # noqa: E731
+    return base, cfg.model_copy(update={
+        "base_model": base.load_path, "revision": base.load_revision, "controlnet": net.load_path if net else None,
+        "data": cfg.data.model_copy(update={"paths": [local(p) for p in cfg.data.paths]}),
+        "validation": cfg.validation.model_copy(update={"control_images": [local(p) for p in cfg.validation.control_images]}),
+        "output": cfg.output.model_copy(update={"path": local(cfg.output.path)}),
+    })
+
+
+def check_cpus(cfg: TrainConfig) -> None:
+    """Ray Data needs a whole CPU beside the training workers (listing the files claims one): without
+    it the workers would wait for pairs forever."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    claimed = cfg.num_workers * cfg.cpus_per_worker
+    if cpus - claimed < 1:
+        raise NotEnoughCPUs(f"the training workers claim {claimed:g} of the cluster's {cpus:g} CPUs; Ray Data needs at "
+                             f"least 1 more to read and prepare the pairs: lower cpus_per_worker or num_workers")
+
+
+def ray_storage(cfg: TrainConfig) -> dict[str, Any]:
+    """Ray Train's storage at the output path: a local directory, or any fsspec URL with its options."""
+    if "://" not in cfg.output.path:
+        return {"storage_path": os.path.abspath(cfg.output.path)}
+    import pyarrow.fs as pafs
+
+    out = RunOutput(cfg.output.path, cfg.output.storage_options)
+    return {"storage_path": out.root, "storage_filesystem": pafs.PyFileSystem(pafs.FSSpecHandler(out.fs))}
+
+
+def save_controlnet(cfg: TrainConfig, base: ResolvedModel, state_path: str, sources: list[Source], metrics: dict,
+                    out: RunOutput) -> None:
+    """The checkpoint's ControlNet with save_pretrained (safetensors) and its model card, in OUTPUT/controlnet/."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if cfg.controlnet:
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(cfg.base_model, subfolder="unet", revision=cfg.revision)
+        controlnet = ControlNetModel.from_unet(unet)
+    controlnet.load_state_dict(state["controlnet"])
+    with tempfile.TemporaryDirectory() as directory:
+        controlnet.save_pretrained(directory, safe_serialization=True)
+        with open(os.path.join(directory, "README.md"), "w") as f:
+            f.write(model_card(cfg, base, sources, metrics))
+        target = out.path("controlnet")
+        if out.fs.exists(target):
+            out.fs.rm(target, recursive=True)
+        out.fs.put(directory.rstrip("/") + "/", target, recursive=True)
+
+
+def model_card(cfg: TrainConfig, base: ResolvedModel, sources: list[Source], metrics: dict) -> str:
+    data = "\n".join(f"- `{s.path}` ({s.provenance['kind']}, {s.rows} pairs: `{s.image}` from `{s.control}`, text "
+                     f"`{s.text}`" + "".join(f", {k} `{s.provenance[k]}`" for k in ("run_id", "job_fingerprint",
+                                                                                    "source_run_id") if k in
+                                         s.provenance) + ")" for s in sources)
+    return f"""---
+library_name: diffusers
+base_model: {base.model}
+tags: [controlnet, diffusers]
+---
+
+# ControlNet trained with the ControlNet dataset pipeline
+
+A ControlNet for `{base.model}` (revision `{base.commit}`), trained for
+{metrics['step']} steps (last loss {metrics['loss']:.4f}) on {sum(s.rows for s in sources)} pairs:
+
+{data}
+
+Training: resolution {cfg.resolution}, learning rate {cfg.learning_rate}, batch size {cfg.batch_size} per worker x
+{cfg.num_workers} worker(s), gradient accumulation {cfg.gradient_accumulation}, mixed precision {cfg.mixed_precision},
+seed {cfg.seed}, UNet decoder {"trained" if cfg.unlock_unet_decoder else "locked"}; started from
+{f"`{cfg.controlnet}`" if cfg.controlnet else "the UNet's encoder (ControlNetModel.from_unet)"}.
+
+```python
+from diffusers import ControlNetModel
+controlnet = ControlNetModel.from_pretrained("THIS_DIRECTORY")
+```
+"""
+
+
+def write_validation_page(cfg: TrainConfig, out: RunOutput) -> None:
+    """OUTPUT/validation/index.html: the validation images of every checkpoint, newest first."""
+    from html import escape
+
+    if not out.fs.exists(out.path("validation")):
+        return
+    steps = sorted((posixpath.basename(p) for p in out.fs.ls(out.path("validation"), detail=False)
+                    if posixpath.basename(p).startswith("step-")), reverse=True)
+    sections = []
+    for step in steps:
+        images = sorted(posixpath.basename(p) for p in out.fs.ls(out.path(f"validation/{step}"), detail=False))
+        figures = "".join(f'<figure><img src="{escape(step)}/{escape(name)}" width="256"><figcaption>{escape(name)}'
+                          f"</figcaption></figure>" for name in images if name.endswith(".png"))
+        sections.append(f"<h2>{escape(step)}</h2><div style=\"display:flex;gap:8px\">{figures}</div>")
+    prompts = "".join(f"<li>{i}: {escape(p)}</li>" for i, p in enumerate(cfg.validation.prompts))
+    out.write_text("validation/index.html", f"<!doctype html><meta charset=utf-8><title>Validation</title>"
+                                            f"<h1>Validation images</h1><ol start=0>{prompts}</ol>{''.join(sections)}\n")
