@@ -46,7 +46,8 @@ def s3() -> Iterator[S3]:
     server.start()
     host, port = server.get_host_and_port()
     store = S3(f"http://{host}:{port}", key="AKIATESTKEY" + uuid.uuid4().hex[:8].upper(),
-               secret="SECRET-" + uuid.uuid4().hex, bucket="datasets")
+               secret="SECRET-" + uuid.uuid4().hex, bucket="datasets-" + uuid.uuid4().hex[:8])
+    # moto keeps its buckets in the process, across servers: each module's server gets a bucket of its own
     store.fs().mkdir(store.bucket)
     try:
         yield store

@@ -147,8 +147,9 @@ def test_webdataset_source_on_s3(ray_session, s3, photos):
     assert rows[f"{shard}#camera"]["caption"] is None
 
 
-@pytest.mark.parametrize("path", ["s3://datasets/no-such-prefix", "s3://no-such-bucket/photos"])
+@pytest.mark.parametrize("path", ["{bucket}/no-such-prefix", "s3://no-such-bucket/photos"])
 def test_missing_s3_path_is_a_source_error_naming_it(s3, path):
+    path = path.format(bucket=s3.url())
     with pytest.raises(SourceError, match=f"source.path '{path}' does not exist"):
         list_files(SourceConfig(path=path, storage_options=s3.storage_options), ["jpg"])
 
