@@ -70,6 +70,29 @@ def test_equals_diffusers_own_pipeline(tiny_models, multi):
         np.testing.assert_array_equal(got, np.asarray(want))
 
 
+def test_a_controlnet_outside_its_guidance_window_is_not_run(tiny_models):
+    """hed's window ends at 0.6 of 5 steps: diffusers would run it 5 times and scale 2 of them by 0."""
+    gen = generator(tiny_models, batch_size=4, steps=5, controlnets=[
+        {"condition": "canny", "model": tiny_models["controlnet/canny"]},
+        {"condition": "hed", "model": tiny_models["controlnet/hed"], "conditioning_scale": 0.5, "guidance_end": 0.6}])
+    rows = make_rows()
+    calls = {}
+    for condition, net in zip(("canny", "hed"), gen.pipe.controlnet.nets):
+        net.conv_in.register_forward_hook(lambda *_, c=condition: calls.__setitem__(c, calls.get(c, 0) + 1))
+    ours = [png_to_array(r["generated"]) for r in gen.generate(rows)]
+    assert calls == {"canny": 5, "hed": 3}
+    pil = lambda png: Image.open(io.BytesIO(png))  # noqa: E731
+    theirs = diffusers_pipe(tiny_models)(
+        [r["prompt"] for r in rows], negative_prompt=["blurry"] * len(rows),
+        image=[[pil(r["control_canny"]), pil(r["control_hed"])] for r in rows],
+        width=96, height=64, num_inference_steps=5, guidance_scale=7.5,
+        controlnet_conditioning_scale=[1.0, 0.5], control_guidance_start=[0.0, 0.0], control_guidance_end=[1.0, 0.6],
+        generator=[torch.Generator().manual_seed(r["seed"]) for r in rows], output_type="pil",
+    ).images
+    for got, want in zip(ours, theirs):
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
 def test_batch_invariance(multi):
     """A sample's noise comes from its own generator, so it does not depend on its batch. The pixels
     agree up to float reduction order inside batched matmuls (at most one level, rarely)."""

@@ -308,6 +308,9 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
               "use_safetensors": None if gen.allow_pickle else True}
     net_class = getattr(diffusers, family.controlnet_class)
     nets = [net_class.from_pretrained(m.load_path, revision=m.load_revision, **common) for m in controlnets]
+    if family.controlnet_class == "ControlNetModel":
+        for net in nets:
+            skip_outside_window(net)
     controlnet = family.wrap_nets(nets, gen)
     pipe_class = getattr(diffusers, family.pipelines[gen.mode])
     pipe = pipe_class.from_pretrained(base.load_path, revision=base.load_revision, controlnet=controlnet,
@@ -316,6 +319,31 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
         pipe.scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def skip_outside_window(net) -> None:
+    """Outside a ControlNet's guidance window (`guidance_start`/`guidance_end`) diffusers still runs it and
+    scales its residuals by 0. Answer those calls with zeros of the shapes the network returned for the same
+    input shape: the sums the UNet sees are the same, without the network's FLOPs. The first call for an
+    input shape always runs."""
+    import torch
+    from diffusers.models.controlnets.controlnet import ControlNetOutput
+
+    forward, shapes = net.forward, {}
+
+    def windowed(sample, *args, conditioning_scale: float = 1.0, return_dict: bool = True, **kwargs):
+        key = (tuple(sample.shape), sample.dtype, sample.device)
+        if conditioning_scale == 0 and key in shapes:
+            down_shapes, mid_shape, dtype = shapes[key]
+            down = tuple(torch.zeros(s, dtype=dtype, device=sample.device) for s in down_shapes)
+            mid = torch.zeros(mid_shape, dtype=dtype, device=sample.device)
+            return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid) if return_dict else (down, mid)
+        out = forward(sample, *args, conditioning_scale=conditioning_scale, return_dict=return_dict, **kwargs)
+        down, mid = (out.down_block_res_samples, out.mid_block_res_sample) if return_dict else out
+        shapes[key] = ([d.shape for d in down], mid.shape, mid.dtype)
+        return out
+
+    net.forward = windowed
 
 
 def make_scheduler(name: str, config: Any):
