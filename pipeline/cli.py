@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -24,7 +25,10 @@ def _init_ray(address: str | None, verbose: bool = False) -> None:
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(include_dashboard=False, **options)  # the laptop default: a local Ray instance
+            # the laptop default: a local Ray instance. Its workers inherit this environment: OpenMP threads
+            # that sleep when idle, so stages sharing a few cores do not spin against each other
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            ray.init(include_dashboard=False, **options)
     except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
         raise RayUnavailable(f"could not {'join Ray at ' + address if address else 'start a local Ray instance'}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -384,3 +388,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     return args.fn(args)
+
+
+def console() -> None:
+    """`python -m pipeline` and the `controlnet-pipeline` script: main(), then a quick exit. A Ray instance
+    this process started is stopped, and the interpreter's teardown (torch, Ray's threads: seconds of
+    every run) is skipped: everything is written and closed by then."""
+    code = main()
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

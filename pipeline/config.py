@@ -9,7 +9,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -194,7 +194,9 @@ class GenerationConfig(Strict):
     prompt: PromptConfig = PromptConfig()
     batch_size: int = Field(4, ge=1)
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor when it runs on CPU.")
+    num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="CPUs per actor when it runs on CPU, and its torch threads; auto: every CPU of a node "
+                            "(generation is the heavy stage).")
     actors: int = Field(1, ge=1, description="Maximum actor pool size.")
 
     @field_validator("family")

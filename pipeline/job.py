@@ -20,6 +20,7 @@ from pipeline.annotators import ANNOTATORS
 from pipeline.annotators.stage import Annotate
 from pipeline.captioners import CAPTIONERS
 from pipeline.captioners.stage import Caption
+from pipeline.cpus import cpus_of
 from pipeline.config import JobConfig, QualityConfig
 from pipeline.console import Bar, Progress, timed
 from pipeline.generators import flat, generator_class
@@ -119,14 +120,15 @@ def captioner_model(cfg: JobConfig) -> ResolvedModel | None:
     return resolve_model(c.model, c.revision, cls.probe, c.local_files_only, cls.files)
 
 
-def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float) -> dict[str, float]:
-    """CPUs each actor claims, scaled down if the actors would leave no CPU for read and decode tasks."""
+def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float, node: float | None = None) -> dict[str, float]:
+    """CPUs each actor claims, scaled down if the actors would leave no CPU for read and decode tasks.
+    `node`: the CPUs of the largest node (what generation's `num_cpus: auto` means)."""
     wanted = {a.key: a.num_cpus for a in cfg.annotators if models.annotators[a.key] and not (gpus and a.num_gpus)}
     wanted["dedupe"] = 0.1  # a set lookup per input
     if cfg.captioner and not (gpus and cfg.captioner.num_gpus):
         wanted["caption"] = cfg.captioner.num_cpus
     if cfg.generation and not (gpus and cfg.generation.num_gpus):
-        wanted["generate"] = cfg.generation.num_cpus
+        wanted["generate"] = cpus_of(cfg.generation.num_cpus, node or cpus)
     if cfg.quality and needs_actor(cfg, models.annotators) and not (gpus and cfg.quality.num_gpus):
         wanted["score"] = cfg.quality.num_cpus
     total = sum(wanted.values())
@@ -143,7 +145,8 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     stage is timed per batch and reports to `progress` (a console.Progress actor) when given."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
-    cpu_share = actor_cpus(cfg, models, gpus, cpus)
+    node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=cpus)
+    cpu_share = actor_cpus(cfg, models, gpus, cpus, node)
     gen = cfg.generation
     variants = gen.variants_per_image if gen else 1
     skip = None

@@ -6,6 +6,7 @@ import json
 
 import pyarrow as pa
 
+from pipeline.cpus import use_cpus
 from pipeline.annotators import ANNOTATORS, Annotator
 from pipeline.config import AnnotatorConfig
 from pipeline.io.images import array_to_png, png_to_array
@@ -24,6 +25,8 @@ class Annotate:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if model is not None and device == "cpu":  # an actor (weight-free annotators run as tasks)
+            use_cpus(cfg.num_cpus)
         self.key = cfg.key
         self.annotator: Annotator = ANNOTATORS[cfg.name](cfg.params, model=model, device=device)
         self.provenance = json.dumps({"id": cfg.key, **self.annotator.provenance()}, sort_keys=True)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cpus import use_cpus
 from pipeline.config import GenerationConfig
 from pipeline.io.images import array_to_png
 from pipeline.rows import Row, map_batch_isolated
@@ -68,6 +69,8 @@ class Generator:
         import torch
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            use_cpus(gen.num_cpus)
         self.gen = gen
         self.max_batch = gen.batch_size  # lowered for good after an out-of-memory error
         self.load(models)
