@@ -90,7 +90,7 @@ class AnnotatorConfig(Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor for neural annotators, used when the cluster has GPUs.")
     num_cpus: float = Field(1.0, gt=0)
     actors: int = Field(1, ge=1, description="Maximum actor pool size for neural annotators.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1, description="Images per annotator call (small batches reach generation sooner).")
 
     @property
     def key(self) -> str:
