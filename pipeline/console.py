@@ -38,7 +38,7 @@ class Progress:
 
     def snapshot(self) -> dict[str, Any]:
         return {"written": dict(self.written),
-                "stages": {k: {"batches": int(b), "rows_in": int(i), "rows_out": int(o), "seconds": round(s, 3)}
+                "stages": {k: {"batches": int(b), "rows_in": int(i), "rows_out": int(o), "seconds": round(s, 6)}
                            for k, (b, i, o, s) in self.stages.items()}}
 
 
