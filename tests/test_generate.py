@@ -76,19 +76,24 @@ def test_equals_diffusers_own_pipeline(tiny_models, multi):
         np.testing.assert_array_equal(got, np.asarray(want))
 
 
-def test_a_controlnet_outside_its_guidance_window_is_not_run(tiny_models):
-    """hed's window ends at 0.6 of 5 steps: diffusers would run it 5 times and scale 2 of them by 0."""
+def test_a_controlnet_runs_only_in_its_window_and_embeds_its_control_once(tiny_models):
+    """hed's window ends at 0.6 of 5 steps: diffusers would run it 5 times and scale 2 of them by 0, and
+    each net would embed the same control images at every step; ours embeds them once per call."""
     gen = generator(tiny_models, batch_size=4, steps=5, controlnets=[
         {"condition": "canny", "model": tiny_models["controlnet/canny"]},
         {"condition": "hed", "model": tiny_models["controlnet/hed"], "conditioning_scale": 0.5, "guidance_end": 0.6}])
     rows = make_rows()
     calls = {}
+    count = lambda key: lambda *_: calls.__setitem__(key, calls.get(key, 0) + 1)  # noqa: E731
     for condition, net in zip(("canny", "hed"), gen.pipe.controlnet.nets):
-        net.conv_in.register_forward_hook(lambda *_, c=condition: calls.__setitem__(c, calls.get(c, 0) + 1))
-    ours = [png_to_array(r["generated"]) for r in gen.generate(rows)]
-    assert calls == {"canny": 5, "hed": 3}
+        net.conv_in.register_forward_hook(count(condition))
+        net.controlnet_cond_embedding.conv_in.register_forward_hook(count(f"{condition} embedding"))
+    ours = [png_to_array(r["generated"]) for r in gen.generate(rows)]  # the four rows: one pipeline call
+    assert calls == {"canny": 5, "hed": 3, "canny embedding": 1, "hed embedding": 1}
     for got, want in zip(ours, diffusers_images(tiny_models, rows, steps=5, hed_end=0.6)):
         np.testing.assert_array_equal(got, np.asarray(want))
+    gen.generate(rows[:2])  # a new call, new control images: embedded anew
+    assert calls["canny embedding"] == calls["hed embedding"] == 2
 
 
 def test_batch_invariance(multi):

@@ -311,6 +311,7 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
     if family.controlnet_class == "ControlNetModel":
         for net in nets:
             skip_outside_window(net)
+            embed_once_per_call(net)
     controlnet = family.wrap_nets(nets, gen)
     pipe_class = getattr(diffusers, family.pipelines[gen.mode])
     pipe = pipe_class.from_pretrained(base.load_path, revision=base.load_revision, controlnet=controlnet,
@@ -344,6 +345,22 @@ def skip_outside_window(net) -> None:
         return out
 
     net.forward = windowed
+
+
+def embed_once_per_call(net) -> None:
+    """A ControlNet embeds its control image (convolutions at full resolution) at every step, though the
+    image is the same tensor for the whole pipeline call. Keep the last embedding and answer a call with
+    that very tensor (same object, not modified since) from it: the same numbers, computed once per call
+    instead of once per step (a fifth of the generation time of small models on CPU)."""
+    embedding = net.controlnet_cond_embedding
+    forward, last = embedding.forward, [None, -1, None]  # the control tensor (kept alive), its version, embedding
+
+    def once(cond):
+        if last[0] is not cond or last[1] != cond._version:
+            last[:] = [cond, cond._version, forward(cond)]
+        return last[2]
+
+    embedding.forward = once
 
 
 def make_scheduler(name: str, config: Any):
