@@ -456,3 +456,19 @@ def test_checkpoints_load_weights_only(tmp_path):
     torch.save({"norm": NotATensor()}, tmp_path / "ControlNetHED.pth")
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
         make("hed", {"hed": str(tmp_path)})
+
+
+def test_an_annotator_process_imports_only_the_controlnet_aux_modules_it_uses():
+    """controlnet_aux's __init__ imports every detector (timm, segment-anything, ...); an annotator actor
+    imports its own module alone, and the package's top-level names still work when asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipeline.annotators; from controlnet_aux.hed import HEDdetector; "
+            "print(sorted(m for m in sys.modules if m.startswith('controlnet_aux'))); "
+            "from controlnet_aux import HEDdetector as top, CannyDetector; print(top is HEDdetector, "
+            "'controlnet_aux.segment_anything' in sys.modules)")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    alone, whole = out.stdout.splitlines()
+    assert eval(alone) == ["controlnet_aux", "controlnet_aux.hed", "controlnet_aux.util"]
+    assert whole == "True True"

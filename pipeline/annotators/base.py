@@ -23,6 +23,8 @@ whole batch at once (pose.py).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -34,6 +36,28 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.models import ResolvedModel, file_sha256
+
+
+def import_submodules_alone(package: str = "controlnet_aux") -> None:
+    """Let `import controlnet_aux.hed` import that module alone. The package's `__init__` imports every
+    detector it has (timm, segment-anything, ...: 2.3 s of CPU in every annotator process) to offer their
+    names at its top; those names still work, importing the whole package on first use."""
+    if package in sys.modules or (spec := importlib.util.find_spec(package)) is None:
+        return
+    module = importlib.util.module_from_spec(spec)  # the package with its __path__, its __init__ not run
+
+    def __getattr__(name: str):
+        if name.startswith("__") and name != "__version__":
+            raise AttributeError(name)
+        del module.__getattr__
+        spec.loader.exec_module(module)
+        return getattr(module, name)
+
+    module.__getattr__ = __getattr__
+    sys.modules[package] = module
+
+
+import_submodules_alone()
 
 
 class Params(BaseModel):

@@ -28,7 +28,7 @@ class DepthMidas(NeuralAnnotator):
             "then min-max normalised over the image")
 
     def load(self, weights_dir: str) -> None:
-        from controlnet_aux import MidasDetector
+        from controlnet_aux.midas import MidasDetector
 
         self.network = MidasDetector.from_pretrained(weights_dir, filename=self.files[0]).model.to(self.device).eval()
 

@@ -66,7 +66,7 @@ class Hed(SoftEdges):
         safe: bool = Field(False, description="Quantise edges as controlnet-aux's safe mode does.")
 
     def load(self, weights_dir: str) -> None:
-        from controlnet_aux import HEDdetector
+        from controlnet_aux.hed import HEDdetector
 
         detector = HEDdetector.from_pretrained(weights_dir, filename=self.files[0])
         self.network = detector.netNetwork.to(self.device).eval()
@@ -108,7 +108,7 @@ class PidiNet(SoftEdges):
         apply_filter: bool = Field(False, description="Binarise edges at 0.5 (controlnet-aux apply_filter).")
 
     def load(self, weights_dir: str) -> None:
-        from controlnet_aux import PidiNetDetector
+        from controlnet_aux.pidi import PidiNetDetector
 
         detector = PidiNetDetector.from_pretrained(weights_dir, filename=self.files[0])
         self.network = detector.netNetwork.to(self.device).eval()

@@ -29,7 +29,7 @@ class Mlsd(NeuralAnnotator):
         thr_d: float = Field(0.1, ge=0, description="Minimum line length (network pixels).")
 
     def load(self, weights_dir: str) -> None:
-        from controlnet_aux import MLSDdetector
+        from controlnet_aux.mlsd import MLSDdetector
 
         self.network = MLSDdetector.from_pretrained(weights_dir, filename=self.files[0]).model.to(self.device).eval()
 
@@ -68,7 +68,7 @@ class Lineart(NeuralAnnotator):
     COARSE: ClassVar[bool] = False
 
     def load(self, weights_dir: str) -> None:
-        from controlnet_aux import LineartDetector
+        from controlnet_aux.lineart import LineartDetector
 
         detector = LineartDetector.from_pretrained(weights_dir, filename=self.files[0], coarse_filename=self.files[1])
         self.network = (detector.model_coarse if self.COARSE else detector.model).to(self.device).eval()
@@ -96,7 +96,7 @@ class LineartAnime(NeuralAnnotator):
     size = "network input resized (cubic) to multiples of 256, output resized (cubic) back, as controlnet-aux does"
 
     def load(self, weights_dir: str) -> None:
-        from controlnet_aux import LineartAnimeDetector
+        from controlnet_aux.lineart_anime import LineartAnimeDetector
 
         detector = LineartAnimeDetector.from_pretrained(weights_dir, filename=self.files[0])
         self.network = detector.model.to(self.device).eval()

@@ -20,7 +20,7 @@ class NormalBae(NeuralAnnotator):
         import contextlib
         import io
 
-        from controlnet_aux import NormalBaeDetector
+        from controlnet_aux.normalbae import NormalBaeDetector
 
         with contextlib.redirect_stdout(io.StringIO()):  # its encoder prints while it builds
             detector = NormalBaeDetector.from_pretrained(weights_dir, filename=self.files[0])

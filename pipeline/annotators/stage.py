@@ -22,11 +22,13 @@ class Annotate:
     once per actor)."""
 
     def __init__(self, cfg: AnnotatorConfig, model: ResolvedModel | None):
-        import torch
+        device = "cpu"
+        if model is not None:  # an actor; weight-free annotators are built by the driver and run as tasks (no torch)
+            import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if model is not None and device == "cpu":  # an actor (weight-free annotators run as tasks)
-            use_cpus(cfg.num_cpus)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device == "cpu":
+                use_cpus(cfg.num_cpus)
         self.key = cfg.key
         self.annotator: Annotator = ANNOTATORS[cfg.name](cfg.params, model=model, device=device)
         self.provenance = json.dumps({"id": cfg.key, **self.annotator.provenance()}, sort_keys=True)
