@@ -157,6 +157,21 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     def stage(ds: ray.data.Dataset, name: str, fn, **kw) -> ray.data.Dataset:
         return ds.map_batches(timed(name, fn, progress), batch_format="pyarrow", **kw)
 
+    # Cheap stages (weight-free annotators, variant expansion) run inside the CPU actor stage after them:
+    # Ray Data fuses a task stage into the actor stage that follows when both claim the same resources.
+    # That spares a process each, and their rows no longer wait for a whole free CPU (what a task claims)
+    # on a laptop whose actors hold all but one. CPU work stays out of GPU actors.
+    cheap: list[tuple[str, Any, dict]] = []
+
+    def actor(ds: ray.data.Dataset, name: str, cls, kwargs: dict, pool, batch_size: int, resources: dict):
+        for cheap_name, fn, kw in cheap:
+            ds = stage(ds, cheap_name, fn, **kw, **({} if "num_gpus" in resources else resources))
+        cheap.clear()
+        return stage(ds, name, cls, fn_constructor_kwargs=kwargs, compute=pool, batch_size=batch_size, **resources)
+
+    def claim(section, key: str) -> dict:
+        return {"num_gpus": section.num_gpus} if gpus and section.num_gpus else {"num_cpus": cpu_share[key]}
+
     ds = read_source(cfg.source, listing)
     if skip is not None:
         ds = stage(ds, "skip-written", SkipWritten(done, cfg.seed, variants, after_decode=False))
@@ -166,34 +181,32 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     # one actor sees every input's content hash
     ds = stage(ds, "dedupe", FirstCopy, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpu_share["dedupe"])
     if (c := cfg.captioner) is not None:
-        ds = stage(ds, "caption", Caption, fn_constructor_kwargs={"cfg": c, "model": models.captioner},
-                   compute=ray.data.ActorPoolStrategy(min_size=1, max_size=c.actors), batch_size=c.batch_size,
-                   **({"num_gpus": c.num_gpus} if gpus and c.num_gpus else {"num_cpus": cpu_share["caption"]}))
+        ds = actor(ds, "caption", Caption, {"cfg": c, "model": models.captioner},
+                   ray.data.ActorPoolStrategy(min_size=1, max_size=c.actors), c.batch_size, claim(c, "caption"))
     for a in cfg.annotators:
         model = models.annotators[a.key]
         if model is None:
-            ds = stage(ds, f"annotate:{a.key}", Annotate(a, None), batch_size=a.batch_size)
+            cheap.append((f"annotate:{a.key}", Annotate(a, None), {"batch_size": a.batch_size}))
         else:
-            ds = stage(ds, f"annotate:{a.key}", Annotate, fn_constructor_kwargs={"cfg": a, "model": model},
-                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=a.actors), batch_size=a.batch_size,
-                       **({"num_gpus": a.num_gpus} if gpus and a.num_gpus else {"num_cpus": cpu_share[a.key]}))
+            ds = actor(ds, f"annotate:{a.key}", Annotate, {"cfg": a, "model": model},
+                       ray.data.ActorPoolStrategy(min_size=1, max_size=a.actors), a.batch_size, claim(a, a.key))
     image_prompts = ray.put(load_prompt_file(gen.prompt, cfg.source.storage_options)) if gen and gen.prompt.file else None
-    ds = stage(ds, "expand", ExpandVariants(cfg.seed, variants, gen.prompt if gen else None,
-                                            skip.variant_done if skip else None, image_prompts))
+    cheap.append(("expand", ExpandVariants(cfg.seed, variants, gen.prompt if gen else None,
+                                           skip.variant_done if skip else None, image_prompts), {}))
     if gen is None:
+        for cheap_name, fn, kw in cheap:
+            ds = stage(ds, cheap_name, fn, **kw)
         return ds
-    ds = stage(ds, "generate", generator_class(gen.family), fn_constructor_kwargs={"gen": gen, "models": models.generation},
-               compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors), batch_size=gen.batch_size,
-               **({"num_gpus": gen.num_gpus} if gpus and gen.num_gpus else {"num_cpus": cpu_share["generate"]}))
+    ds = actor(ds, "generate", generator_class(gen.family), {"gen": gen, "models": models.generation},
+               ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors), gen.batch_size, claim(gen, "generate"))
     q = cfg.quality
     if q is None:
         return ds
     score_args = {"cfg": cfg, "annotator_models": models.annotators, "clip_model": models.scorers.get("clip")}
     if not needs_actor(cfg, models.annotators):  # weight-free annotators and sharpness only: Ray tasks
         return stage(ds, "score", Score(**score_args), batch_size=q.batch_size)
-    return stage(ds, "score", Score, fn_constructor_kwargs=score_args,
-                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=q.actors), batch_size=q.batch_size,
-                 **({"num_gpus": q.num_gpus} if gpus and q.num_gpus else {"num_cpus": cpu_share["score"]}))
+    return actor(ds, "score", Score, score_args, ray.data.ActorPoolStrategy(min_size=1, max_size=q.actors),
+                 q.batch_size, claim(q, "score"))
 
 
 @dataclass
