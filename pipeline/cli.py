@@ -175,9 +175,14 @@ def failure_reason(e: BaseException) -> str:
 
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
     causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:", line)]
-    where = re.search(r"ray::([^\s(]+(?:\([^)]*\)\)?)?)", str(e))
     reason = causes[-1] if causes else (lines[0] if lines else type(e).__name__)
-    return f"{where.group(1)} failed: {reason}" if where else reason
+    where = re.search(r"ray::(\S+)", str(e))
+    if where is None:
+        return reason
+    # a Ray Data worker is named by its stages, "MapWorker(MapBatches(expand)->MapBatches(generate))": the last
+    # is the one whose actor (or task) failed; other processes go by their own name
+    stages = re.findall(r"MapBatches\(([^()]+)\)", where.group(1))
+    return f"stage {stages[-1]} failed: {reason}" if stages else f"{where.group(1)} failed: {reason}"
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

@@ -164,6 +164,9 @@ class MaskConfig(Strict):
     margin: int = Field(0, ge=0, description="Grow the region by this many pixels before masking.")
 
 
+AUTO_BATCH = {"cuda": 16, "cpu": 4}  # generation.batch_size auto: where a call starts (halved on out-of-memory)
+
+
 class GenerationConfig(Strict):
     family: str = Field("sd15", description="Generator family: a module of pipeline/generators (sd15: Stable "
                                             "Diffusion 1.x + ControlNet).")
@@ -192,12 +195,21 @@ class GenerationConfig(Strict):
     guidance_scale: float = Field(7.5, ge=0)
     variants_per_image: int = Field(1, ge=1)
     prompt: PromptConfig = PromptConfig()
-    batch_size: int = Field(4, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        4, description="Samples per pipeline call (a call's samples share a size). auto: 16 on a GPU, halved on "
+                       "out-of-memory until a call fits, the size that fits then kept; 4 elsewhere.")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="Run the UNet, ControlNets and VAE in channels_last memory format (faster convolutions, "
+                            "outputs within one level of the default layout). auto: on a GPU.")
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
     num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        "auto", description="CPUs per actor when it runs on CPU, and its torch threads; auto: every CPU of a node "
-                            "(generation is the heavy stage).")
+        "auto", description="CPUs per actor when it runs on CPU: it runs that many pipeline calls at once, one "
+                            "torch thread each; auto: every CPU of a node (generation is the heavy stage).")
     actors: int = Field(1, ge=1, description="Maximum actor pool size.")
+
+    def calls_of(self, device: str) -> int:
+        """Samples per pipeline call on `device` (cuda, mps, cpu): `batch_size`, or what auto means there."""
+        return self.batch_size if self.batch_size != "auto" else AUTO_BATCH.get(device, AUTO_BATCH["cpu"])
 
     @field_validator("family")
     @classmethod

@@ -28,3 +28,15 @@ def use_cpus(num_cpus: float | str) -> int:
     threads = max(1, int(cpus_of(num_cpus, node_cpus())))
     torch.set_num_threads(threads)
     return threads
+
+
+def lanes(num_cpus: float | str) -> int:
+    """In a generator actor on CPU: how many pipeline calls run at once, each on one torch thread, for the
+    configured CPUs. Calls side by side use cores better than one call's operations split across threads
+    (2 cores: 1.16x the speed with mid-size SD 1.5-structured models, 1.35x with tiny ones), and a call's
+    numbers no longer depend on how many threads split it."""
+    import torch
+
+    torch.set_num_threads(1)
+    return max(1, int(cpus_of(num_cpus, node_cpus())))
+

@@ -192,13 +192,15 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
                        ray.data.ActorPoolStrategy(min_size=1, max_size=a.actors), a.batch_size, claim(a, a.key))
     image_prompts = ray.put(load_prompt_file(gen.prompt, cfg.source.storage_options)) if gen and gen.prompt.file else None
     cheap.append(("expand", ExpandVariants(cfg.seed, variants, gen.prompt if gen else None,
-                                           skip.variant_done if skip else None, image_prompts), {}))
+                                           skip.variant_done if skip else None, image_prompts), {"batch_size": 1}))
     if gen is None:
         for cheap_name, fn, kw in cheap:
             ds = stage(ds, cheap_name, fn, **kw)
         return ds
+    on_gpu = bool(gpus and gen.num_gpus)
     ds = actor(ds, "generate", generator_class(gen.family), {"gen": gen, "models": models.generation},
-               ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors), gen.batch_size, claim(gen, "generate"))
+               ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors), gen.calls_of("cuda" if on_gpu else "cpu"),
+               claim(gen, "generate"))
     q = cfg.quality
     if q is None:
         return ds

@@ -39,7 +39,7 @@ def generator(tiny, **gen) -> StableDiffusionControlNet:
 
 @pytest.fixture(scope="module")
 def multi(tiny_models):
-    return generator(tiny_models, batch_size=4)  # the four test rows go through in one pipeline call
+    return generator(tiny_models, batch_size=4, num_cpus=1)  # the four test rows go through in one pipeline call
 
 
 def diffusers_pipe(tiny_models):
@@ -79,7 +79,7 @@ def test_equals_diffusers_own_pipeline(tiny_models, multi):
 def test_a_controlnet_runs_only_in_its_window_and_embeds_its_control_once(tiny_models):
     """hed's window ends at 0.6 of 5 steps: diffusers would run it 5 times and scale 2 of them by 0, and
     each net would embed the same control images at every step; ours embeds them once per call."""
-    gen = generator(tiny_models, batch_size=4, steps=5, controlnets=[
+    gen = generator(tiny_models, batch_size=4, num_cpus=1, steps=5, controlnets=[
         {"condition": "canny", "model": tiny_models["controlnet/canny"]},
         {"condition": "hed", "model": tiny_models["controlnet/hed"], "conditioning_scale": 0.5, "guidance_end": 0.6}])
     rows = make_rows()
@@ -94,6 +94,55 @@ def test_a_controlnet_runs_only_in_its_window_and_embeds_its_control_once(tiny_m
         np.testing.assert_array_equal(got, np.asarray(want))
     gen.generate(rows[:2])  # a new call, new control images: embedded anew
     assert calls["canny embedding"] == calls["hed embedding"] == 2
+
+
+def test_channels_last_stays_within_one_level_of_diffusers(tiny_models, multi):
+    """channels_last (auto: on a GPU) reorders the convolutions' memory, not their maths: within one level
+    of diffusers' own images; on CPU the default keeps the usual layout (and equality)."""
+    rows = make_rows()
+    conv = lambda g: g.pipe.unet.conv_in.weight  # noqa: E731
+    assert not conv(multi).is_contiguous(memory_format=torch.channels_last)
+    fast = generator(tiny_models, batch_size=4, num_cpus=1, channels_last=True)
+    for net in (fast.pipe.unet, fast.pipe.vae, *fast.pipe.controlnet.nets):
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
+    ours = [png_to_array(r["generated"]) for r in fast.generate(rows)]
+    for got, want in zip(ours, diffusers_images(tiny_models, rows, steps=3, hed_end=0.8)):
+        assert np.abs(got.astype(int) - np.asarray(want).astype(int)).max() <= 1
+
+
+def test_device_and_auto_batch(monkeypatch):
+    from pipeline.config import GenerationConfig
+    from pipeline.generators.base import torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert torch_device() == "mps"  # a Mac: Apple's GPU, though Ray sees none
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert torch_device() == "cpu"
+    gen = GenerationConfig(base_model="m", controlnets=[{"condition": "canny", "model": "c"}], batch_size="auto")
+    assert (gen.calls_of("cuda"), gen.calls_of("mps"), gen.calls_of("cpu")) == (16, 4, 4)  # then halved on OOM
+    assert gen.model_copy(update={"batch_size": 6}).calls_of("cuda") == 6
+
+
+def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi):
+    """num_cpus 2 on CPU: two pipeline calls at once, each on its own pipeline copy (shared models) and
+    one torch thread; the images are those of one lane."""
+    import threading
+
+    two = generator(tiny_models, batch_size=4, num_cpus=2)
+    assert two.lanes == 2 and torch.get_num_threads() == 1
+    both, seen, real = threading.Barrier(2), set(), two.run
+
+    def run(rows, width, height):
+        seen.add((threading.get_ident(), id(two.pipe)))
+        both.wait(timeout=120)  # passes only with both calls in flight at once
+        return real(rows, width, height)
+
+    two.run = run
+    rows = make_rows()
+    got = two.generate(rows)  # four rows: two calls of two
+    assert len(seen) == 2 and len({pipe for _, pipe in seen}) == 2 and two._pipe.unet is two.lane_copy().unet
+    assert [r["generated"] for r in got] == [r["generated"] for r in multi.generate(rows)]
 
 
 def test_batch_invariance(multi):
@@ -140,7 +189,7 @@ def test_every_scheduler_is_deterministic_per_seed(tiny_models, scheduler):
 
 
 def test_out_of_memory_halves_the_batch_and_retries(tiny_models):
-    gen = generator(tiny_models)
+    gen = generator(tiny_models, num_cpus=1)  # one lane, as on a GPU
     calls, real_run = [], gen.run
 
     def run_with_small_memory(rows, width, height):

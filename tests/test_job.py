@@ -209,7 +209,7 @@ def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(tmp_path, 
     proc = cli("run", str(tmp_path / "job.yaml"))
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the run stopped: MapWorker(MapBatches(generate)) failed: ")
+    assert last.startswith("error: the run stopped: stage generate failed: OSError: ")
     assert "Unable to load weights" in last and "diffusion_pytorch_model.safetensors" in last and "resumes" in last
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["completed"] is False
 

@@ -319,7 +319,14 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
     if gen.scheduler != "flow_match_euler":
         pipe.scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if gen.channels_last is True or (gen.channels_last == "auto" and device == "cuda"):
+        import torch
+
+        for name in ("unet", "transformer", "controlnet", "vae"):  # 4-D weights only: convolutions
+            if (module := getattr(pipe, name, None)) is not None:
+                module.to(memory_format=torch.channels_last)
+    return pipe
 
 
 def skip_outside_window(net) -> None:
@@ -352,12 +359,15 @@ def embed_once_per_call(net) -> None:
     image is the same tensor for the whole pipeline call. Keep the last embedding and answer a call with
     that very tensor (same object, not modified since) from it: the same numbers, computed once per call
     instead of once per step (a fifth of the generation time of small models on CPU)."""
+    import threading
+
     embedding = net.controlnet_cond_embedding
-    forward, last = embedding.forward, [None, -1, None]  # the control tensor (kept alive), its version, embedding
+    forward, lane = embedding.forward, threading.local()  # per lane (calls running side by side)
 
     def once(cond):
-        if last[0] is not cond or last[1] != cond._version:
-            last[:] = [cond, cond._version, forward(cond)]
+        last = getattr(lane, "last", None)  # the control tensor (kept alive), its version, its embedding
+        if last is None or last[0] is not cond or last[1] != cond._version:
+            last = lane.last = (cond, cond._version, forward(cond))
         return last[2]
 
     embedding.forward = once

@@ -9,15 +9,18 @@ it adds (`columns`), what its samples are called in documents (`label`).
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cpus import use_cpus
+from pipeline.cpus import lanes, use_cpus
 from pipeline.config import GenerationConfig
 from pipeline.io.images import array_to_png
 from pipeline.rows import Row, map_batch_isolated
@@ -55,6 +58,7 @@ class Generator:
     label: ClassVar[str]  # what the samples are, for documents: "Stable Diffusion 1.5 + ControlNet generations"
     columns: ClassVar[list[Column]]  # provenance columns the family adds to every sample, in order
     schedulers: ClassVar[tuple[str, ...]] = ("unipc", "dpmpp_2m", "ddim", "euler_a")  # the first is the default
+    global_random_state: ClassVar[bool] = False  # its pipeline seeds torch's global RNG: no calls side by side
 
     @classmethod
     def check(cls, cfg: Any) -> GenerationConfig:
@@ -68,13 +72,40 @@ class Generator:
     def __init__(self, gen: GenerationConfig, models: Models):
         import torch
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch_device()
+        # on CPU: `lanes` pipeline calls at once, one torch thread each (see pipeline.cpus.lanes), unless the
+        # family's calls draw from torch's global random state (then one call at a time, on every thread)
+        self.lanes = 1
         if self.device == "cpu":
-            use_cpus(gen.num_cpus)
+            if self.global_random_state:
+                use_cpus(gen.num_cpus)
+            else:
+                self.lanes = lanes(gen.num_cpus)
         self.gen = gen
-        self.max_batch = gen.batch_size  # lowered for good after an out-of-memory error
+        self.max_batch = gen.calls_of(self.device)  # lowered for good after an out-of-memory error
+        self._lane = threading.local()
         self.load(models)
         self.provenance: Row = self.provenance_fields(models) | worker_fields(self.device)
+        self.pool = None
+        if self.lanes > 1:  # one thread per lane, each with a pipeline of its own (sharing the models)
+            copies = [self._pipe, *(self.lane_copy() for _ in range(self.lanes - 1))]
+            self.pool = ThreadPoolExecutor(self.lanes, initializer=lambda: setattr(self._lane, "pipe", copies.pop()))
+
+    @property
+    def pipe(self):
+        """The diffusers pipeline of the calling lane."""
+        lane = getattr(self._lane, "pipe", None)
+        return self._pipe if lane is None else lane
+
+    @pipe.setter
+    def pipe(self, pipe) -> None:
+        self._pipe = pipe
+
+    def lane_copy(self):
+        """A pipeline for one more lane: the same models, its own scheduler (a call changes its state)."""
+        lane = copy.copy(self._pipe)
+        lane.scheduler = copy.deepcopy(self._pipe.scheduler)
+        return lane
 
     @classmethod
     def model_refs(cls, gen: GenerationConfig) -> dict[str, ModelRef | list[ModelRef]]:
@@ -103,9 +134,14 @@ class Generator:
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             by_size[(row["width"], row["height"])].append(i)
+        # a call per size; with lanes, each size's rows split among them (calls of equal cost, every lane busy)
+        calls = []
+        for size, idx in by_size.items():
+            per_call = max(1, min(self.max_batch, -(-len(idx) // self.lanes)))
+            calls += [(size, idx[k : k + per_call]) for k in range(0, len(idx), per_call)]
+        run = lambda call: self.run_fitting([rows[i] for i in call[1]], *call[0])  # noqa: E731
         out: list[Row | None] = [None] * len(rows)
-        for (width, height), idx in by_size.items():
-            images = self.run_fitting([rows[i] for i in idx], width, height)
+        for (_, idx), images in zip(calls, self.pool.map(run, calls) if self.pool else map(run, calls)):
             for i, image in zip(idx, images):
                 out[i] = {**rows[i], **self.provenance, **self.row_fields(rows[i]), "generated": array_to_png(image)}
         return out
@@ -148,6 +184,17 @@ def worker_fields(device: str) -> Row:
 
     return {"generator_device": device, "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__, "transformers_version": transformers.__version__}
+
+
+def torch_device() -> str:
+    """cuda where a GPU is; Apple's mps on a Mac that has it (Ray sees no GPU there: the actor claims CPUs);
+    else cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
 def cpu_generators(rows: list[Row]) -> list:

@@ -31,6 +31,7 @@ class StableDiffusion3ControlNet(ControlNetGenerator):
     multi_class = "SD3MultiControlNetModel"
     multi_per_row = False
     family_columns = []
+    global_random_state = True
 
     def call_groups(self, rows: list[Row]) -> list[list[int]]:
         return [[i] for i in range(len(rows))]
