@@ -11,6 +11,9 @@ fresh processes (`python -m pipeline run` on a local Ray instance it starts itse
 (the sum of the tree's proportional set sizes) are measured from outside, and the ratios printed
 are pipeline / script (below 1: the pipeline is faster or lighter).
 
+With `--layout N` (default 40) it also runs the pipeline once in `output.layout: normalized` at N tiny
+inputs and with the mid-size models, and prints the Parquet bytes of both layouts.
+
 Two model sets: `tiny` (the test models, 128 px) and `mid` (written here: the SD 1.5 structure,
 narrower, ~1-3 s per generated image on a CPU core, 256 px), each loaded through the same
 `from_pretrained` paths as real weights.
@@ -197,8 +200,29 @@ def measure(command: list[str], env: dict) -> dict:
     return {"wall_s": round(wall, 2), "cpu_s": round(sum(cpu.values()), 2), "peak_mib": round(peak / 2**20)}
 
 
+def parquet_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*/*.parquet"))
+
+
+def layout_bytes(job: dict, work: Path) -> dict:
+    """Bytes of the pipeline's Parquet output in the flat layout (the last run's) and in the normalized one."""
+    import yaml
+
+    out = work / "out-normalized"
+    config = pipeline_config({**job, "output": str(out)})
+    config["output"]["layout"] = "normalized"
+    (work / "normalized.yaml").write_text(yaml.safe_dump(config))
+    measure([sys.executable, "-m", "pipeline", "run", str(work / "normalized.yaml"), "-q"], run_env())
+    flat, normalized = parquet_bytes(work / "out-pipeline"), parquet_bytes(out)
+    return {"flat_bytes": flat, "normalized_bytes": normalized, "saved": round(1 - normalized / flat, 3)}
+
+
+def run_env() -> dict:  # noqa: N802
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+
+
 def run_pair(job: dict, order: tuple[str, str], work: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+    env = run_env()
     results = {}
     for kind in order:
         out = work / f"out-{kind}"
@@ -222,6 +246,8 @@ def main() -> None:
     parser.add_argument("--mid-inputs", type=int, default=24, help="photos for the mid-size models")
     parser.add_argument("--sets", default="tiny,mid")
     parser.add_argument("--pairs", type=int, default=2, help="interleaved (script, pipeline) runs per size")
+    parser.add_argument("--layout", type=int, default=40, help="also measure output.layout normalized's bytes at this "
+                                                              "many tiny inputs and with the mid-size models (0: no)")
     parser.add_argument("--hand-written", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hand_written:
@@ -240,7 +266,7 @@ def main() -> None:
         plans += [("tiny", tiny, 128, int(n)) for n in args.sizes.split(",")]
     if "mid" in args.sets.split(","):
         plans.append(("mid", write_mid(cache / "mid", tiny), 256, args.mid_inputs))
-    summary = []
+    summary, layouts = [], []
     for name, models, resolution, n in plans:
         with tempfile.TemporaryDirectory() as tmp:
             job = {**models, "resolution": resolution, "photos": str(photos(Path(tmp) / "photos", n))}
@@ -249,6 +275,10 @@ def main() -> None:
                 order = ("script", "pipeline") if i % 2 == 0 else ("pipeline", "script")
                 runs.append(run_pair(job, order, Path(tmp)))
                 print(json.dumps({"models": name, "inputs": n, **runs[-1]}), flush=True)
+            if args.layout and (name == "mid" or n == args.layout):
+                sizes = layout_bytes(job, Path(tmp))
+                print(json.dumps({"models": name, "inputs": n, "layout": sizes}), flush=True)
+                layouts.append((name, n, sizes))
         ratio = {k: round(statistics.median(r["pipeline"][k] / r["script"][k] for r in runs), 2)
                  for k in ("wall_s", "cpu_s", "peak_mib")}
         median = lambda kind, k: statistics.median(r[kind][k] for r in runs)  # noqa: E731
@@ -257,6 +287,9 @@ def main() -> None:
     for name, n, script, pipeline, ratio in summary:
         print(f"{name:8}{n:>7}{script:>10.1f}{pipeline:>12.1f}{ratio['wall_s']:>6.2f}x{ratio['cpu_s']:>6.2f}x"
               f"{ratio['peak_mib']:>7.2f}x")
+    for name, n, sizes in layouts:
+        print(f"output.layout normalized, {name} {n} inputs: {sizes['normalized_bytes']:,} bytes of Parquet against "
+              f"{sizes['flat_bytes']:,} flat ({sizes['saved']:.0%} saved)")
 
 
 if __name__ == "__main__":

@@ -301,6 +301,10 @@ class OutputConfig(Strict):
     )
     storage_options: dict[str, Any] = {}
     rows_per_file: int = Field(1000, ge=1, description="Upper bound of rows per Parquet file.")
+    layout: Literal["flat", "normalized"] = Field(
+        "flat", description="flat: every sample row carries its source image and control maps; normalized: they are "
+                            "written once per source to sources/ and samples refer to them by source_sha256 (N "
+                            "variants: N times fewer copies). Needs generation.")
 
     @model_validator(mode="after")
     def _one_policy(self) -> OutputConfig:
@@ -337,6 +341,9 @@ class JobConfig(Strict):
                 ANNOTATORS[a.name].Params(**a.params)
             except ValidationError as e:
                 raise ValueError(f"annotators.{i}.params: {_first_error(e)}") from None
+        if self.output.layout == "normalized" and not self.generation:
+            raise ValueError("output.layout: normalized needs a generation section (an annotate-only job writes one "
+                             "row per source already)")
         if self.source.prompt_column and not self.generation:
             raise ValueError("source.prompt_column: prompts need a generation section")
         if self.source.prompt_column and self.generation and self.generation.prompt.file:

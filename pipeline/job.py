@@ -139,6 +139,10 @@ def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float, node: f
     return {k: int(v * scale * 1000) / 1000 for k, v in wanted.items()}
 
 
+def _nothing_written(source_sha256: str) -> bool:
+    return False
+
+
 def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None,
                   listing: Listing | None = None, progress=None) -> ray.data.Dataset:
     """The job's Dataset; with `written` (an earlier run's output) the work it holds is skipped. Every
@@ -151,7 +155,7 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     variants = gen.variants_per_image if gen else 1
     skip = None
     if written is not None:
-        done = ray.put((written.done_samples, written.done_sources))
+        done = ray.put((written.done_samples, written.done_sources, written.source_rows))
         skip = SkipWritten(done, cfg.seed, variants, after_decode=True)
 
     def stage(ds: ray.data.Dataset, name: str, fn, **kw) -> ray.data.Dataset:
@@ -191,8 +195,10 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
             ds = actor(ds, f"annotate:{a.key}", Annotate, {"cfg": a, "model": model},
                        ray.data.ActorPoolStrategy(min_size=1, max_size=a.actors), a.batch_size, claim(a, a.key))
     image_prompts = ray.put(load_prompt_file(gen.prompt, cfg.source.storage_options)) if gen and gen.prompt.file else None
+    source_written = (skip.source_done if skip else _nothing_written) if cfg.output.layout == "normalized" else None
     cheap.append(("expand", ExpandVariants(cfg.seed, variants, gen.prompt if gen else None,
-                                           skip.variant_done if skip else None, image_prompts), {"batch_size": 1}))
+                                           skip.variant_done if skip else None, image_prompts, source_written),
+                  {"batch_size": 1}))
     if gen is None:
         for cheap_name, fn, kw in cheap:
             ds = stage(ds, cheap_name, fn, **kw)
@@ -332,7 +338,7 @@ def execute(plan: Plan, echo: Callable[[str], None] = print, bar: bool = False) 
     progress = Progress.remote()
     sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
                             cfg.output.rows_per_file, schema, progress,
-                            reject=bool(cfg.quality and cfg.quality.action == "drop"))
+                            reject=bool(cfg.quality and cfg.quality.action == "drop"), layout=cfg.output.layout)
     t0 = time.perf_counter()
     ds = build_dataset(cfg, models, target.written if target.resuming else None, plan.listing, progress)
     variants = cfg.generation.variants_per_image if cfg.generation else 1

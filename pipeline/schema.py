@@ -82,6 +82,28 @@ ERROR_COLUMNS: list[tuple[str, pa.DataType, str]] = [
 ]
 
 
+# output.layout normalized: these columns go to sources/ once per source, keyed by source_sha256
+SOURCE_KEY = ("source_sha256", "source_uri", "width", "height", "transform")
+SOURCES_DOC = ("sources/*.parquet (output.layout normalized): one row per source with the columns its samples share "
+               "(source_sha256, source_uri, width, height, transform, image, control maps, keypoints, annotators, "
+               "run_id, code_version, created_at); samples/ then holds the rest and refers to it by source_sha256")
+
+
+def source_side(name: str, type_: pa.DataType) -> bool:
+    """Whether a samples column lives in sources/ in the normalized layout: the source image, control maps
+    and keypoints, the same for every variant of a source."""
+    return name == "image" or (name.startswith("control_") and type_ == IMAGE) or name.startswith("keypoints_")
+
+
+def normalized(schema: pa.Schema) -> tuple[pa.Schema, pa.Schema]:
+    """A flat samples schema split into (samples/, sources/) for the normalized layout."""
+    samples = pa.schema([f for f in schema if not source_side(f.name, f.type)])
+    shared = [schema.field(n) for n in SOURCE_KEY]
+    moved = [f for f in schema if source_side(f.name, f.type)]
+    tail = [schema.field(n) for n in ("annotators", "run_id", "code_version", "created_at")]
+    return _with_hf_features(samples), _with_hf_features(pa.schema(shared + moved + tail))
+
+
 def _with_hf_features(schema: pa.Schema) -> pa.Schema:
     features = {f.name: {"_type": "Image"} for f in schema if f.type == IMAGE}
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
@@ -141,6 +163,7 @@ def schema_documents() -> dict[str, Any]:
             "generation_only_columns": [*VARIANT_COLUMNS, GENERATED_COLUMN[0]] + [c[0] for c in generator_columns(DEFAULT_FAMILY)],
             "generator_columns": {family: describe(generator_columns(family)) for family in families()},
             "captioner_columns": describe(CAPTIONER_COLUMNS),
+            "normalized_layout": SOURCES_DOC,
             **quality_documents(),
         },
         "errors.schema.json": {"title": "errors/*.parquet", "columns": describe(ERROR_COLUMNS)},

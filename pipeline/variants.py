@@ -107,8 +107,12 @@ class ExpandVariants:
     skipped."""
 
     def __init__(self, job_seed: int, variants: int, prompts: PromptConfig | None,
-                 written: Callable[[str], bool] | None = None, image_prompts: Any = None):
+                 written: Callable[[str], bool] | None = None, image_prompts: Any = None,
+                 source_written: Callable[[str], bool] | None = None):
         self.job_seed, self.variants, self.prompts, self.written = job_seed, variants, prompts, written
+        # output.layout normalized: whether a source's row is in sources/ already; the first variant row of a
+        # source without one is marked `writes_source` (the writer writes the source's row from it)
+        self.source_written = source_written
         self.image_prompts = image_prompts  # load_prompt_file's dict, or a Ray object reference to it
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -143,4 +147,6 @@ class ExpandVariants:
                 sample.update(prompt=render_prompt(self.prompts, v, row.get("caption"), own),
                               negative_prompt=self.prompts.negative)
             out.append(sample)
+        if out and self.source_written is not None and not self.source_written(row["source_sha256"]):
+            out[0]["writes_source"] = True
         return out

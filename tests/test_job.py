@@ -235,3 +235,38 @@ def test_cheap_stages_run_inside_the_cpu_actor_stage_after_them(ray_session, tin
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[MapBatches(generate)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(annotate:hed)]" in optimized
+
+
+def test_normalized_layout_writes_each_source_once_and_reads_back_as_the_flat_rows(first_run, tiny_models, inputs,
+                                                                                   tmp_path):
+    """output.layout normalized: image and control maps once per source in sources/, samples refer to them by
+    source_sha256; read back (RunOutput, export, load_dataset) they are the flat run's rows."""
+    import datasets
+
+    from pipeline.export import export_controlnet_train
+    from pipeline.io.output import RunOutput
+
+    _, _, flat = first_run
+    out = tmp_path / "normalized"
+    data = job_dict(str(inputs), str(out), tiny_models)
+    data["output"]["layout"] = "normalized"
+    data["source"]["limit"] = 4  # a first run on some inputs, resumed on all: no source written twice
+    assert run(load_config(data=data)).samples < 10
+    del data["source"]["limit"]
+    result = run(load_config(data=data))
+    assert (result.samples, result.errors) == (10, 2) and len(result.manifest["runs"]) == 2
+    samples, sources = read(out, "samples"), read(out, "sources")
+    assert not {"image", "control_canny", "control_hed"} & set(samples.column_names)
+    assert sources.column("source_sha256").to_pylist() and len(set(sources.column("source_sha256").to_pylist())) \
+        == sources.num_rows == len(set(samples.column("source_sha256").to_pylist())) == 5  # 5 sources, 2 variants
+    columns = ["sample_id", "image", "control_canny", "control_hed", "generated", "prompt"]
+    joined = by_id(RunOutput(str(out)).read("samples", columns))
+    assert joined == by_id(RunOutput(str(flat)).read("samples", columns))
+    exports = [export_controlnet_train(str(o), str(tmp_path / f"export-{i}"), control="hed") for i, o in enumerate((flat, out))]
+    assert exports[0]["rows"] == exports[1]["rows"] == 10
+    pairs = [sorted((r["image"]["bytes"], r["conditioning_image"]["bytes"], r["text"])
+                    for r in pq.read_table(tmp_path / f"export-{i}" / "train").to_pylist()) for i in (0, 1)]
+    assert pairs[0] == pairs[1]
+    default = datasets.load_dataset(str(out), split="train")  # the card's configs: samples, and sources
+    assert default.num_rows == 10 and "image" not in default.column_names
+    assert datasets.load_dataset(str(out), "sources", split="train").num_rows == 5

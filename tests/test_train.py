@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -195,7 +196,12 @@ def test_training_refuses_to_start_where_it_could_not_finish(ray_session, tiny_m
         run_training(load_train_config(data=train_dict({"base_model": str(tmp_path / "missing")}, circles, tmp_path)))
     with pytest.raises(TrainDataError, match="has no samples/.*parquet .* or train/.*parquet"):
         run_training(load_train_config(data=train_dict(tiny_models, tmp_path, tmp_path / "b")))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
+    normalized = tmp_path / "normalized"  # output.layout normalized: the maps are in sources/
+    shutil.copytree(circles / "train", normalized / "samples")
+    (normalized / "sources").mkdir()
+    with pytest.raises(TrainDataError, match="has the normalized layout .* export it first"):
+        run_training(load_train_config(data=train_dict(tiny_models, normalized, tmp_path / "c")))
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
 
 
 def test_unlocking_the_unet_decoder_trains_its_up_blocks_only(tiny_models, tmp_path):

@@ -29,12 +29,27 @@ def md_code(value: Any) -> str:
     return "`" + str(value).replace("`", "'").replace("|", "\\|").replace("\n", " ") + "`"
 
 
+NORMALIZED = """
+This output has the normalized layout: the source image, control maps and keypoints are written once per
+source, in `sources/*.parquet` (config `sources`), and each sample refers to its source by `source_sha256`:
+
+```python
+sources = load_dataset("parquet", data_files={sources}, split="train")
+by_sha = {{sha: i for i, sha in enumerate(sources["source_sha256"])}}
+source = sources[by_sha[ds[0]["source_sha256"]]]  # image, control maps of the first sample
+```
+"""
+
+
 def dataset_card(manifest: dict[str, Any], url: str) -> str:
     front = {
         "license": "unknown",
         "tags": ["controlnet", "synthetic", "image"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "samples/*.parquet"}]}],
     }
+    layout = manifest.get("config", {}).get("output", {}).get("layout", "flat")
+    if layout == "normalized":  # a second table: the sources, once each
+        front["configs"].append({"config_name": "sources", "data_files": [{"split": "train", "path": "sources/*.parquet"}]})
     counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
     models = "\n".join(f"| {md_cell(r['role'])} | {md_code(r['model']) if r['model'] else '— (no weights)'} "
                        f"| {md_cell(r['revision'] or '—')} | {md_code(r['commit']) if r['commit'] else '—'} |"
@@ -76,7 +91,7 @@ ds = load_dataset("parquet", data_files={json.dumps(posixpath.join(url, "samples
 ```
 
 Uploaded to the Hugging Face Hub with this card, `load_dataset("<user>/<repo>")` reads the same files.
-
+{NORMALIZED.format(sources=json.dumps(posixpath.join(url, "sources/*.parquet"))) if layout == "normalized" else ""}
 ## Counts
 
 | | |

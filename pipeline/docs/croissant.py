@@ -9,7 +9,7 @@ import pyarrow as pa
 from pipeline.docs.scores import manifest_score_columns
 from pipeline.docs.stats import run_family
 from pipeline.generators import generator_class
-from pipeline.schema import IMAGE, sample_columns
+from pipeline.schema import source_side, IMAGE, sample_columns
 
 CROISSANT_CONTEXT = {
     "@language": "en", "@vocab": "https://schema.org/", "citeAs": "cr:citeAs", "column": "cr:column",
@@ -45,17 +45,27 @@ def croissant(manifest: dict[str, Any], control_ids: list[str], url: str) -> dic
     """Croissant 1.0 JSON-LD: the samples Parquet files and one field per column
     (the nested `annotators` column is left out; its content is in the dataset card)."""
     family = run_family(manifest)
-    fields = []
+    normalized = manifest.get("config", {}).get("output", {}).get("layout") == "normalized"
+    fields, source_fields = [], []
     for name, type_, doc in sample_columns(control_ids, family=family, scores=manifest_score_columns(manifest)):
         repeated = pa.types.is_list(type_)
         data_type = croissant_type(type_.value_type if repeated else type_)
         if data_type is None:
             continue
-        source: dict[str, Any] = {"fileSet": {"@id": "samples-parquet"}, "extract": {"column": name}}
+        moved = normalized and source_side(name, type_)  # in sources/, joined on source_sha256
+        record = "sources" if moved else "samples"
+        source: dict[str, Any] = {"fileSet": {"@id": f"{record}-parquet"}, "extract": {"column": name}}
         if type_ == IMAGE:
             source["transform"] = {"jsonPath": "bytes"}
-        fields.append({"@type": "cr:Field", "@id": f"samples/{name}", "name": name, "description": doc,
-                       "dataType": data_type, "source": source, **({"repeated": True} if repeated else {})})
+        field = {"@type": "cr:Field", "@id": f"{record}/{name}", "name": name, "description": doc,
+                 "dataType": data_type, "source": source, **({"repeated": True} if repeated else {})}
+        (source_fields if moved else fields).append(field)
+    if source_fields:  # the key that joins the two record sets
+        key = {"@type": "cr:Field", "@id": "sources/source_sha256", "name": "source_sha256", "dataType": "sc:Text",
+               "description": "sha256 of the source file's bytes (samples/source_sha256 refers to it).",
+               "source": {"fileSet": {"@id": "sources-parquet"}, "extract": {"column": "source_sha256"}}}
+        source_fields.insert(0, key)
+        next(f for f in fields if f["name"] == "source_sha256")["references"] = {"@id": "sources/source_sha256"}
     run_id = str(manifest.get("run_id"))
     return {
         "@context": CROISSANT_CONTEXT,
@@ -71,10 +81,17 @@ def croissant(manifest: dict[str, Any], control_ids: list[str], url: str) -> dic
         "keywords": ["controlnet", "synthetic", "image"],
         "distribution": [{"@type": "cr:FileSet", "@id": "samples-parquet", "name": "samples-parquet",
                           "description": "The samples Parquet files.", "encodingFormat": "application/x-parquet",
-                          "includes": "samples/*.parquet"}],
+                          "includes": "samples/*.parquet"}]
+                        + ([{"@type": "cr:FileSet", "@id": "sources-parquet", "name": "sources-parquet",
+                             "description": "The sources Parquet files (normalized layout).",
+                             "encodingFormat": "application/x-parquet", "includes": "sources/*.parquet"}]
+                           if source_fields else []),
         "recordSet": [{"@type": "cr:RecordSet", "@id": "samples", "name": "samples",
                        "description": "One generated sample per row." if family else
                                       "One source image and its control maps per row (an annotate-only run).",
                        "key": {"@id": "samples/sample_id"},
-                       "field": fields}],
+                       "field": fields}]
+                     + ([{"@type": "cr:RecordSet", "@id": "sources", "name": "sources",
+                          "description": "One source image with its control maps per row (normalized layout).",
+                          "key": {"@id": "sources/source_sha256"}, "field": source_fields}] if source_fields else []),
     }

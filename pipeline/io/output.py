@@ -19,12 +19,14 @@ from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.sources import filesystem
 from pipeline.schema import IMAGE
 
-KINDS = ("samples", "errors", "rejected")  # rejected/: samples below the quality gate (quality.action drop)
+# rejected/: samples below the quality gate (quality.action drop); sources/: output.layout normalized
+KINDS = ("samples", "errors", "rejected", "sources")
 
 
 class NotARunOutput(ValueError):
@@ -80,6 +82,7 @@ class Written:
     files: list[str] = field(default_factory=list)  # relative to the output path
     rejected: list[dict[str, Any]] = field(default_factory=list)  # rejected/ (below the quality gate): as samples
     gated: bool = False  # the output has a rejected/ folder (a run with quality.action drop)
+    source_rows: frozenset[str] = frozenset()  # sources/ (output.layout normalized): the sources' sha256
 
     @property
     def sample_ids(self) -> list[str]:
@@ -172,9 +175,58 @@ class RunOutput:
     def files(self, kind: str) -> list[str]:
         return sorted(self.fs.glob(self.path(f"{kind}/*.parquet")))
 
-    def read_file(self, path: str, columns: list[str]) -> pa.Table:
+    @cached_property
+    def normalized(self) -> bool:
+        """The output has the normalized layout: samples' source columns are in sources/."""
+        return self.fs.isdir(self.path("sources"))
+
+    def read_file(self, path: str, columns: list[str] | None) -> pa.Table:
+        """These columns of one Parquet file. In a normalized output a samples/ or rejected/ file reads the
+        source columns it asks for (image, control maps, keypoints) from sources/, as if they were its own;
+        `columns` None: every column of the file (and in a normalized output, those of its sources)."""
         with self.fs.open(path, "rb") as f:
-            return read_parquet(f, path, columns)
+            if not self.normalized or posixpath.basename(posixpath.dirname(path)) not in ("samples", "rejected"):
+                return read_parquet(f, path, columns)
+            own = pq.read_schema(f).names
+            f.seek(0)
+            wanted = columns if columns is not None else own + [n for n in self.sources_schema().names if n not in own]
+            moved = [c for c in wanted if c not in own]
+            table = read_parquet(f, path, [c for c in wanted if c in own] + (["source_sha256"] if moved else []))
+        if not moved:
+            return table
+        shas = table.column("source_sha256")
+        found = self.source_columns(moved, set(shas.to_pylist()))
+        index = {sha: i for i, sha in enumerate(found.column("source_sha256").to_pylist())}
+        missing = [sha for sha in shas.to_pylist() if sha not in index]
+        if missing:
+            raise ValueError(f"{path}: no row in sources/ for source {missing[0]} (an incomplete normalized output)")
+        rows = pa.array([index[sha] for sha in shas.to_pylist()], pa.int64())
+        for name in moved:
+            table = table.append_column(name, found.column(name).take(rows))
+        return table.select(wanted)
+
+    def sources_schema(self) -> pa.Schema:
+        files = self.files("sources")
+        if not files:
+            return pa.schema([])
+        with self.fs.open(files[0], "rb") as f:
+            check_plain_parquet(f, files[0])
+            return pq.read_schema(f)
+
+    def source_columns(self, columns: list[str], shas: set[str]) -> pa.Table:
+        """These columns of the sources/ rows of these sources (with source_sha256), one row per source."""
+        key = pa.array(sorted(shas), pa.string())
+        parts, seen = [], set()
+        for path in self.files("sources"):
+            with self.fs.open(path, "rb") as f:
+                part = read_parquet(f, path, ["source_sha256", *columns])
+            part = part.filter(pc.is_in(part.column("source_sha256"), value_set=key))
+            parts.append(part)
+            seen.update(part.column("source_sha256").to_pylist())
+            if seen >= shas:
+                break
+        table = pa.concat_tables(parts) if parts else pa.table({"source_sha256": pa.array([], pa.string())})
+        return table
 
     def read(self, kind: str, columns: list[str]) -> pa.Table | None:
         """These columns of every file of `kind` (samples, errors); None when there are no files."""
@@ -189,12 +241,16 @@ class RunOutput:
         return total
 
     def samples_schema(self) -> pa.Schema:
+        """The samples' columns, in a normalized output with those their sources hold (as the rows read)."""
         files = self.files("samples")
         if not files:
             return pa.schema([])
         with self.fs.open(files[0], "rb") as f:
             check_plain_parquet(f, files[0])
-            return pq.read_schema(f)
+            schema = pq.read_schema(f)
+        if self.normalized:
+            schema = pa.schema([*schema, *(f for f in self.sources_schema() if f.name not in schema.names)])
+        return schema
 
     def control_columns(self) -> list[str]:
         return [f.name for f in self.samples_schema() if f.type == IMAGE and f.name.startswith("control_")]
@@ -208,7 +264,9 @@ class RunOutput:
         samples = self.read("samples", ["sample_id", "source_uri"])
         errors = self.read("errors", ["sample_id", "source_uri", "stage"])
         rejected = self.read("rejected", ["sample_id", "source_uri"])
+        sources = self.read("sources", ["source_sha256"])
         files = [posixpath.relpath(p, self.root) for kind in KINDS for p in self.files(kind)]
         return Written(samples.to_pylist() if samples is not None else [],
                        errors.to_pylist() if errors is not None else [], files,
-                       rejected.to_pylist() if rejected is not None else [], self.fs.isdir(self.path("rejected")))
+                       rejected.to_pylist() if rejected is not None else [], self.fs.isdir(self.path("rejected")),
+                       frozenset(sources.column("source_sha256").to_pylist()) if sources is not None else frozenset())

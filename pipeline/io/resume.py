@@ -25,7 +25,7 @@ from pipeline.rows import map_rows
 # Settings that change how fast a job runs or where it reads credentials, not what it writes;
 # a resume may change them (e.g. more actors on a bigger cluster, or a bigger `limit`).
 EXECUTION_KEYS = {"num_gpus", "num_cpus", "actors", "batch_size", "storage_options", "limit", "local_files_only"}
-RUN_FILES = ("manifest.json", "samples", "errors", "rejected", "stats.txt", "report.html", "README.md",
+RUN_FILES = ("manifest.json", "samples", "errors", "rejected", "sources", "stats.txt", "report.html", "README.md",
              "croissant.json")
 
 
@@ -144,17 +144,18 @@ class SkipWritten:
         self.done_ref, self.job_seed, self.variants, self.after_decode = done_ref, job_seed, variants, after_decode
         self._done: tuple[dict[str, str], pa.Array] | None = None
 
-    def done(self) -> tuple[dict[str, str], pa.Array]:
-        """(finished sample ids -> source uri, rejected source uris), fetched once per worker."""
+    def done(self) -> tuple[dict[str, str], pa.Array, frozenset[str]]:
+        """(finished sample ids -> source uri, rejected source uris, sha256s of the rows in sources/), fetched
+        once per worker."""
         if self._done is None:
             import ray
 
-            samples, sources = ray.get(self.done_ref)
-            self._done = samples, pa.array(sorted(sources), pa.string())
+            samples, sources, source_rows = ray.get(self.done_ref)
+            self._done = samples, pa.array(sorted(sources), pa.string()), source_rows
         return self._done
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        samples, sources = self.done()
+        samples, sources, _ = self.done()
         if not self.after_decode:
             return batch.filter(pc.invert(pc.is_in(batch["source_uri"], value_set=sources)))
         return map_rows("dedupe", batch, lambda row: self.unfinished(row, samples))
@@ -169,6 +170,10 @@ class SkipWritten:
 
     def variant_done(self, sample_id: str) -> bool:
         return sample_id in self.done()[0]
+
+    def source_done(self, source_sha256: str) -> bool:
+        """output.layout normalized: the source's row is in sources/ already."""
+        return source_sha256 in self.done()[2]
 
 
 class FirstCopy:

@@ -22,14 +22,15 @@ from ray.data.datasource.datasink import WriteResult
 
 from pipeline.io.output import write_parquet
 from pipeline.io.sources import filesystem
-from pipeline.schema import ANNOTATOR, IMAGE, errors_schema
+from pipeline.schema import ANNOTATOR, IMAGE, errors_schema, normalized
 
 ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
 
 
 class SplitParquetSink(Datasink[dict]):
     def __init__(self, path: str, storage_options: dict[str, Any], run_id: str, code_version: str,
-                 control_ids: list[str], rows_per_file: int, schema: pa.Schema, progress=None, reject: bool = False):
+                 control_ids: list[str], rows_per_file: int, schema: pa.Schema, progress=None, reject: bool = False,
+                 layout: str = "flat"):
         self.path = path
         self.storage_options = storage_options
         self.run_id = run_id
@@ -40,24 +41,34 @@ class SplitParquetSink(Datasink[dict]):
         self.progress = progress  # console.Progress: told what each write task wrote
         self.reject = reject  # quality.action drop: samples with passed = false go to rejected/
         self.totals: dict[str, int] = {}  # rows this run wrote, by kind
+        # normalized: sample rows without the source's columns, which go to sources/ once, from the row that
+        # variant expansion marked `writes_source` (the first of the source's variants in this run)
+        self.sources_schema = None
+        if layout == "normalized":
+            self.schema, self.sources_schema = normalized(schema)
+        self.row_schema = schema  # every column a row is built with (image columns as structs)
 
     def on_write_start(self, schema=None) -> None:
         fs, root = filesystem(self.path, self.storage_options)
-        for sub in ("samples", "errors", *(("rejected",) if self.reject else ())):
+        for sub in ("samples", "errors", *(("rejected",) if self.reject else ()), *(("sources",) if self.sources_schema else ())):
             fs.makedirs(posixpath.join(root, sub), exist_ok=True)
 
     def write(self, blocks: Iterable[Block], ctx) -> dict[str, int]:
         fs, root = filesystem(self.path, self.storage_options)
         now = datetime.now(timezone.utc)
-        samples, errors, rejected = [], [], []
+        samples, errors, rejected, sources = [], [], [], []
         for block in blocks:
             for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                if self.sources_schema is not None and row.get("writes_source"):
+                    sources.append(self.sample_row(row, now))
                 if row.get("error_stage") is not None:
                     errors.append(self.error_row(row, now))
                 elif self.reject and row.get("passed") is False:
                     rejected.append(self.sample_row(row, now))
                 else:
                     samples.append(self.sample_row(row, now))
+        if sources:  # before the samples that refer to them: a crash never leaves a marked sample without its source
+            self._write(fs, root, "sources", sources, self.sources_schema)
         self._write(fs, root, "samples", samples, self.schema)
         self._write(fs, root, "errors", errors, errors_schema())
         self._write(fs, root, "rejected", rejected, self.schema)
@@ -83,7 +94,7 @@ class SplitParquetSink(Datasink[dict]):
     def sample_row(self, row: dict, now: datetime) -> dict:
         """The stages' row in the output schema: image columns as {bytes, path}, annotator provenance
         gathered into one list, run fields added."""
-        out = {f.name: {"bytes": row[f.name], "path": None} if f.type == IMAGE else row.get(f.name) for f in self.schema}
+        out = {f.name: {"bytes": row[f.name], "path": None} if f.type == IMAGE else row.get(f.name) for f in self.row_schema}
         annotators = []
         for c in self.control_ids:
             prov = json.loads(row[f"annotator_{c}"])

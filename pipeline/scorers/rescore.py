@@ -25,7 +25,7 @@ from pipeline.config import AnnotatorConfig, ConfigError, QualityConfig, apply_o
 from pipeline.generators import DEFAULT_FAMILY
 from pipeline.io.output import RunOutput, write_parquet
 from pipeline.models import ModelUnavailable, ResolvedModel, resolve_model
-from pipeline.schema import IMAGE, samples_schema
+from pipeline.schema import normalized, IMAGE, samples_schema
 from pipeline.scorers.stage import Gate
 
 REDACTED = "<redacted>"
@@ -140,6 +140,8 @@ def score_output(url: str, overrides: list[str] = (), storage_options: dict[str,
     keypoint_ids = [a.key for a in cfg.gate.annotators if ANNOTATORS[a.name].keypoints]
     schema = samples_schema(control_ids, keypoint_ids, cfg.family, score_columns(cfg.gate))
     images = {f.name for f in schema if f.type == IMAGE}
+    if out.normalized:  # the rows are read with their sources' columns; written back without them
+        schema = normalized(schema)[0]
 
     with RunLock(out, new_run_id()):  # no run writes into the output meanwhile
         names = sorted({posixpath.basename(p) for kind in ("samples", "rejected") for p in out.files(kind)})

@@ -47,6 +47,10 @@ class Source:
 def inspect_source(path: str, cfg: TrainConfig) -> Source:
     fs, root = filesystem(path, cfg.data.storage_options)
     export = fs.exists(posixpath.join(root, "train"))
+    if not export and fs.isdir(posixpath.join(root, "sources")):
+        raise TrainDataError(f"data path {path} has the normalized layout (source images and control maps in "
+                             f"sources/): export it first (python -m pipeline export {path} DEST --format "
+                             f"controlnet-train) and train on DEST")
     files = sorted(fs.glob(posixpath.join(root, "train" if export else "samples", "*.parquet")))
     if not files:
         raise TrainDataError(f"data path {path} has no samples/*.parquet (a run output) or train/*.parquet (an export)")
