@@ -11,8 +11,8 @@ fresh processes (`python -m pipeline run` on a local Ray instance it starts itse
 (the sum of the tree's proportional set sizes) are measured from outside, and the ratios printed
 are pipeline / script (below 1: the pipeline is faster or lighter).
 
-With `--layout N` (default 40) it also runs the pipeline once in `output.layout: normalized` at N tiny
-inputs and with the mid-size models, and prints the Parquet bytes of both layouts.
+With `--layout N` (default 8) it also runs the tiny job on N photos at 128 and at 512 px in both
+`output.layout`s (flat, normalized) and prints the Parquet bytes of each.
 
 Two model sets: `tiny` (the test models, 128 px) and `mid` (written here: the SD 1.5 structure,
 narrower, ~1-3 s per generated image on a CPU core, 256 px), each loaded through the same
@@ -205,16 +205,17 @@ def parquet_bytes(directory: Path) -> int:
 
 
 def layout_bytes(job: dict, work: Path) -> dict:
-    """Bytes of the pipeline's Parquet output in the flat layout (the last run's) and in the normalized one."""
+    """Bytes of the pipeline's Parquet output for `job` in the flat and in the normalized layout."""
     import yaml
 
-    out = work / "out-normalized"
-    config = pipeline_config({**job, "output": str(out)})
-    config["output"]["layout"] = "normalized"
-    (work / "normalized.yaml").write_text(yaml.safe_dump(config))
-    measure([sys.executable, "-m", "pipeline", "run", str(work / "normalized.yaml"), "-q"], run_env())
-    flat, normalized = parquet_bytes(work / "out-pipeline"), parquet_bytes(out)
-    return {"flat_bytes": flat, "normalized_bytes": normalized, "saved": round(1 - normalized / flat, 3)}
+    sizes = {}
+    for layout in ("flat", "normalized"):
+        config = pipeline_config({**job, "output": str(work / f"out-{layout}")})
+        config["output"]["layout"] = layout
+        (work / f"{layout}.yaml").write_text(yaml.safe_dump(config))
+        measure([sys.executable, "-m", "pipeline", "run", str(work / f"{layout}.yaml"), "-q"], run_env())
+        sizes[f"{layout}_bytes"] = parquet_bytes(work / f"out-{layout}")
+    return sizes | {"saved": round(1 - sizes["normalized_bytes"] / sizes["flat_bytes"], 3)}
 
 
 def run_env() -> dict:  # noqa: N802
@@ -246,8 +247,8 @@ def main() -> None:
     parser.add_argument("--mid-inputs", type=int, default=24, help="photos for the mid-size models")
     parser.add_argument("--sets", default="tiny,mid")
     parser.add_argument("--pairs", type=int, default=2, help="interleaved (script, pipeline) runs per size")
-    parser.add_argument("--layout", type=int, default=40, help="also measure output.layout normalized's bytes at this "
-                                                              "many tiny inputs and with the mid-size models (0: no)")
+    parser.add_argument("--layout", type=int, default=8, help="inputs of the output.layout comparison (flat against "
+                                                             "normalized bytes, tiny models at 128 and 512 px; 0: none)")
     parser.add_argument("--hand-written", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hand_written:
@@ -275,21 +276,24 @@ def main() -> None:
                 order = ("script", "pipeline") if i % 2 == 0 else ("pipeline", "script")
                 runs.append(run_pair(job, order, Path(tmp)))
                 print(json.dumps({"models": name, "inputs": n, **runs[-1]}), flush=True)
-            if args.layout and (name == "mid" or n == args.layout):
-                sizes = layout_bytes(job, Path(tmp))
-                print(json.dumps({"models": name, "inputs": n, "layout": sizes}), flush=True)
-                layouts.append((name, n, sizes))
+
         ratio = {k: round(statistics.median(r["pipeline"][k] / r["script"][k] for r in runs), 2)
                  for k in ("wall_s", "cpu_s", "peak_mib")}
         median = lambda kind, k: statistics.median(r[kind][k] for r in runs)  # noqa: E731
         summary.append((name, n, median("script", "wall_s"), median("pipeline", "wall_s"), ratio))
+    for resolution in (128, 512) if args.layout else ():  # the tiny models' job, its photos at two sizes
+        with tempfile.TemporaryDirectory() as tmp:
+            job = {**tiny, "resolution": resolution, "photos": str(photos(Path(tmp) / "photos", args.layout))}
+            sizes = layout_bytes(job, Path(tmp))
+            print(json.dumps({"layout": resolution, "inputs": args.layout, **sizes}), flush=True)
+            layouts.append((resolution, args.layout, sizes))
     print(f"\n{'models':8}{'inputs':>7}{'script s':>10}{'pipeline s':>12}{'wall':>7}{'cpu':>7}{'memory':>8}")
     for name, n, script, pipeline, ratio in summary:
         print(f"{name:8}{n:>7}{script:>10.1f}{pipeline:>12.1f}{ratio['wall_s']:>6.2f}x{ratio['cpu_s']:>6.2f}x"
               f"{ratio['peak_mib']:>7.2f}x")
-    for name, n, sizes in layouts:
-        print(f"output.layout normalized, {name} {n} inputs: {sizes['normalized_bytes']:,} bytes of Parquet against "
-              f"{sizes['flat_bytes']:,} flat ({sizes['saved']:.0%} saved)")
+    for resolution, n, sizes in layouts:
+        print(f"output.layout normalized, {n} inputs at {resolution} px: {sizes['normalized_bytes']:,} bytes of Parquet "
+              f"against {sizes['flat_bytes']:,} flat ({sizes['saved']:.0%} saved)")
 
 
 if __name__ == "__main__":

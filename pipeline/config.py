@@ -203,8 +203,8 @@ class GenerationConfig(Strict):
                             "outputs within one level of the default layout). auto: on a GPU.")
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
     num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        "auto", description="CPUs per actor when it runs on CPU: it runs that many pipeline calls at once, one "
-                            "torch thread each; auto: every CPU of a node (generation is the heavy stage).")
+        "auto", description="CPUs per actor when it runs on CPU: two pipeline calls run at once on half of them each "
+                            "(one call with one CPU); auto: every CPU of a node (generation is the heavy stage).")
     actors: int = Field(1, ge=1, description="Maximum actor pool size.")
 
     def calls_of(self, device: str) -> int:

@@ -40,3 +40,17 @@ def test_generation_claims_a_whole_node_by_default_scaled_to_leave_room_for_task
     assert shares == {k: int(v * scale * 1000) / 1000 for k, v in wanted.items()}
     pinned = load_config(data=job_dict("/unused", "/unused", tiny_models, num_cpus=2))
     assert actor_cpus(pinned, models, gpus=0, cpus=8, node=8)["generate"] == 2.0
+
+
+def test_cpu_generation_runs_two_calls_at_most_each_on_a_share_of_the_cpus():
+    import torch
+
+    from pipeline.cpus import lanes
+
+    before = torch.get_num_threads()
+    try:
+        assert (lanes(8), torch.get_num_threads()) == (2, 4)  # two calls of four threads: two calls' memory, not eight
+        assert (lanes(3), torch.get_num_threads()) == (2, 1)
+        assert (lanes(1), torch.get_num_threads()) == (1, 1)
+    finally:
+        torch.set_num_threads(before)

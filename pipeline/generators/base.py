@@ -73,8 +73,8 @@ class Generator:
         import torch
 
         self.device = torch_device()
-        # on CPU: `lanes` pipeline calls at once, one torch thread each (see pipeline.cpus.lanes), unless the
-        # family's calls draw from torch's global random state (then one call at a time, on every thread)
+        # on CPU: up to two pipeline calls at once on half the threads each (see pipeline.cpus.lanes), unless
+        # the family's calls draw from torch's global random state (then one call at a time, on every thread)
         self.lanes = 1
         if self.device == "cpu":
             if self.global_random_state:
@@ -134,11 +134,9 @@ class Generator:
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             by_size[(row["width"], row["height"])].append(i)
-        # a call per size; with lanes, each size's rows split among them (calls of equal cost, every lane busy)
-        calls = []
-        for size, idx in by_size.items():
-            per_call = max(1, min(self.max_batch, -(-len(idx) // self.lanes)))
-            calls += [(size, idx[k : k + per_call]) for k in range(0, len(idx), per_call)]
+        # a call per size; with lanes, calls small enough that every lane has one
+        per_call = max(1, min(self.max_batch, -(-len(rows) // self.lanes)))
+        calls = [(size, idx[k : k + per_call]) for size, idx in by_size.items() for k in range(0, len(idx), per_call)]
         run = lambda call: self.run_fitting([rows[i] for i in call[1]], *call[0])  # noqa: E731
         out: list[Row | None] = [None] * len(rows)
         for (_, idx), images in zip(calls, self.pool.map(run, calls) if self.pool else map(run, calls)):
