@@ -205,13 +205,17 @@ class RunOutput:
             table = table.append_column(name, found.column(name).take(rows))
         return table.select(wanted)
 
-    def sources_schema(self) -> pa.Schema:
-        files = self.files("sources")
+    def schema_of(self, kind: str) -> pa.Schema:
+        """The columns of the first file of `kind` (samples, sources, ...), as written."""
+        files = self.files(kind)
         if not files:
             return pa.schema([])
         with self.fs.open(files[0], "rb") as f:
             check_plain_parquet(f, files[0])
             return pq.read_schema(f)
+
+    def sources_schema(self) -> pa.Schema:
+        return self.schema_of("sources")
 
     def source_columns(self, columns: list[str], shas: set[str]) -> pa.Table:
         """These columns of the sources/ rows of these sources (with source_sha256), one row per source."""
@@ -242,13 +246,8 @@ class RunOutput:
 
     def samples_schema(self) -> pa.Schema:
         """The samples' columns, in a normalized output with those their sources hold (as the rows read)."""
-        files = self.files("samples")
-        if not files:
-            return pa.schema([])
-        with self.fs.open(files[0], "rb") as f:
-            check_plain_parquet(f, files[0])
-            schema = pq.read_schema(f)
-        if self.normalized:
+        schema = self.schema_of("samples")
+        if self.normalized and schema.names:
             schema = pa.schema([*schema, *(f for f in self.sources_schema() if f.name not in schema.names)])
         return schema
 
