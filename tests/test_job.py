@@ -245,6 +245,7 @@ def test_normalized_layout_writes_each_source_once_and_reads_back_as_the_flat_ro
 
     from pipeline.export import export_controlnet_train
     from pipeline.io.output import RunOutput
+    from pipeline.job import OutputExists, prepare
 
     _, _, flat = first_run
     out = tmp_path / "normalized"
@@ -267,6 +268,10 @@ def test_normalized_layout_writes_each_source_once_and_reads_back_as_the_flat_ro
     pairs = [sorted((r["image"]["bytes"], r["conditioning_image"]["bytes"], r["text"])
                     for r in pq.read_table(tmp_path / f"export-{i}" / "train").to_pylist()) for i in (0, 1)]
     assert pairs[0] == pairs[1]
+    on_flat = job_dict(str(inputs), str(flat), tiny_models)  # the flat run's output is another job's
+    on_flat["output"]["layout"] = "normalized"
+    with pytest.raises(OutputExists, match=r"a different job \(changed: output\.layout\)"):
+        prepare(load_config(data=on_flat), dry_run=True)
     default = datasets.load_dataset(str(out), split="train")  # the card's configs: samples, and sources
     assert default.num_rows == 10 and "image" not in default.column_names
     assert datasets.load_dataset(str(out), "sources", split="train").num_rows == 5

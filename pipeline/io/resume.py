@@ -47,6 +47,8 @@ def job_identity(cfg: JobConfig, models_provenance: dict[str, Any]) -> dict[str,
     # settings left at their defaults are left out, so a setting added in a later version (with a default that
     # keeps what earlier versions did) does not make earlier runs look like a different job
     identity = strip({k: v for k, v in cfg.model_dump(mode="json", exclude_defaults=True).items() if k != "output"})
+    if cfg.output.layout != "flat":  # where the source columns go is part of what the job writes
+        identity["output"] = {"layout": cfg.output.layout}
     identity["model_revisions"] = _revisions(models_provenance)
     return identity
 
@@ -67,6 +69,8 @@ def fingerprint(identity: dict[str, Any]) -> str:
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two JSON-like values."""
+    if isinstance(old, dict) and new is None or old is None and isinstance(new, dict):  # a section set on one side
+        old, new = old or {}, new or {}
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
