@@ -36,9 +36,7 @@ def lanes(num_cpus: float | str, most: int = 2) -> int:
     by side use two cores better than one call split across them (1.16x the speed with mid-size SD
     1.5-structured models, 1.35x with tiny ones), and with one core each a call's numbers do not depend
     on the thread count. More lanes would each hold a call's activations in memory at once."""
-    import torch
-
     cpus = max(1, int(cpus_of(num_cpus, node_cpus())))
     count = min(most, cpus)
-    torch.set_num_threads(max(1, cpus // count))
+    use_cpus(cpus // count)
     return count

@@ -14,6 +14,7 @@ from pipeline.docs.stats import (
     generation_params,
     model_rows,
     run_family,
+    run_layout,
 )
 from pipeline.docs.scores import card_markdown
 from pipeline.generators import generator_class
@@ -47,7 +48,7 @@ def dataset_card(manifest: dict[str, Any], url: str) -> str:
         "tags": ["controlnet", "synthetic", "image"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "samples/*.parquet"}]}],
     }
-    layout = manifest.get("config", {}).get("output", {}).get("layout", "flat")
+    layout = run_layout(manifest)
     if layout == "normalized":  # a second table: the sources, once each
         front["configs"].append({"config_name": "sources", "data_files": [{"split": "train", "path": "sources/*.parquet"}]})
     counts, timings = manifest.get("counts", {}), manifest.get("timings", {})

@@ -7,7 +7,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.docs.scores import manifest_score_columns
-from pipeline.docs.stats import run_family
+from pipeline.docs.stats import run_family, run_layout
 from pipeline.generators import generator_class
 from pipeline.schema import source_side, IMAGE, sample_columns
 
@@ -45,7 +45,7 @@ def croissant(manifest: dict[str, Any], control_ids: list[str], url: str) -> dic
     """Croissant 1.0 JSON-LD: the samples Parquet files and one field per column
     (the nested `annotators` column is left out; its content is in the dataset card)."""
     family = run_family(manifest)
-    normalized = manifest.get("config", {}).get("output", {}).get("layout") == "normalized"
+    normalized = run_layout(manifest) == "normalized"
     fields, source_fields = [], []
     for name, type_, doc in sample_columns(control_ids, family=family, scores=manifest_score_columns(manifest)):
         repeated = pa.types.is_list(type_)

@@ -88,6 +88,11 @@ def fmt_rate(r: Any) -> str:
     return f"{r:.3g} rows/s" if isinstance(r, (int, float)) else "—"
 
 
+def run_layout(manifest: dict[str, Any]) -> str:
+    """The run's output.layout (flat, or normalized: source columns in sources/)."""
+    return manifest.get("config", {}).get("output", {}).get("layout", "flat")
+
+
 def run_family(manifest: dict[str, Any]) -> str | None:
     """The run's generator family; None for an annotate-only run (manifests before families: sd15)."""
     gen = manifest.get("config", {}).get("generation")

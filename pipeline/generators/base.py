@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cpus import lanes, use_cpus
+from pipeline.cpus import lanes
 from pipeline.config import GenerationConfig
 from pipeline.io.images import array_to_png
 from pipeline.rows import Row, map_batch_isolated
@@ -70,17 +70,10 @@ class Generator:
         return cfg.generation
 
     def __init__(self, gen: GenerationConfig, models: Models):
-        import torch
-
         self.device = torch_device()
         # on CPU: up to two pipeline calls at once on half the threads each (see pipeline.cpus.lanes), unless
         # the family's calls draw from torch's global random state (then one call at a time, on every thread)
-        self.lanes = 1
-        if self.device == "cpu":
-            if self.global_random_state:
-                use_cpus(gen.num_cpus)
-            else:
-                self.lanes = lanes(gen.num_cpus)
+        self.lanes = lanes(gen.num_cpus, most=1 if self.global_random_state else 2) if self.device == "cpu" else 1
         self.gen = gen
         self.max_batch = gen.calls_of(self.device)  # lowered for good after an out-of-memory error
         self._lane = threading.local()

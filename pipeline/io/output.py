@@ -217,20 +217,21 @@ class RunOutput:
     def sources_schema(self) -> pa.Schema:
         return self.schema_of("sources")
 
+    @cached_property
+    def source_files(self) -> dict[str, str]:
+        """sources/ (normalized layout): which file holds each source's row, read once from the key column."""
+        return {sha: path for path in self.files("sources")
+                for sha in self.read_file(path, ["source_sha256"]).column("source_sha256").to_pylist()}
+
     def source_columns(self, columns: list[str], shas: set[str]) -> pa.Table:
-        """These columns of the sources/ rows of these sources (with source_sha256), one row per source."""
+        """These columns of the sources/ rows of these sources (with source_sha256), one row per source;
+        only the files holding them are read."""
         key = pa.array(sorted(shas), pa.string())
-        parts, seen = [], set()
-        for path in self.files("sources"):
-            with self.fs.open(path, "rb") as f:
-                part = read_parquet(f, path, ["source_sha256", *columns])
-            part = part.filter(pc.is_in(part.column("source_sha256"), value_set=key))
-            parts.append(part)
-            seen.update(part.column("source_sha256").to_pylist())
-            if seen >= shas:
-                break
-        table = pa.concat_tables(parts) if parts else pa.table({"source_sha256": pa.array([], pa.string())})
-        return table
+        parts = []
+        for path in sorted({self.source_files[sha] for sha in shas if sha in self.source_files}):
+            part = self.read_file(path, ["source_sha256", *columns])
+            parts.append(part.filter(pc.is_in(part.column("source_sha256"), value_set=key)))
+        return pa.concat_tables(parts) if parts else pa.table({"source_sha256": pa.array([], pa.string())})
 
     def read(self, kind: str, columns: list[str]) -> pa.Table | None:
         """These columns of every file of `kind` (samples, errors); None when there are no files."""
