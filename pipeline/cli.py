@@ -34,6 +34,28 @@ def _init_ray(address: str | None, verbose: bool = False) -> None:
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def _stop_ray() -> None:
+    """Stop (or leave) Ray now, not from its exit hook, which first sleeps half a second for late log lines."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def stops_ray(command):
+    """A command that may start Ray: Ray is shut down when it returns, however it returns."""
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        finally:
+            _stop_ray()
+
+    wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
+    return wrapper
+
+
+@stops_ray
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)  # config errors before anything heavy is imported
@@ -142,6 +164,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@stops_ray
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train.config import load_train_config
 

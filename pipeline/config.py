@@ -200,7 +200,7 @@ class GenerationConfig(Strict):
                        "out-of-memory until a call fits, the size that fits then kept; 4 elsewhere.")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="Run the UNet, ControlNets and VAE in channels_last memory format (faster convolutions, "
-                            "outputs within one level of the default layout). auto: on a GPU.")
+                            "outputs within one level of the default layout). auto: on a GPU and on CPU (not on mps).")
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
     num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="CPUs per actor when it runs on CPU: two pipeline calls run at once on half of them each "

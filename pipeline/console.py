@@ -21,11 +21,18 @@ import ray
 
 @ray.remote(num_cpus=0)
 class Progress:
-    """Counts of a run, reported by its stages and its sink."""
+    """Counts of a run, reported by its stages and its sink. As the one actor of a run, it also keeps the
+    first input of each content (`first_copies`, asked by the dedupe stage): a process less than an actor
+    stage of its own."""
 
     def __init__(self):
         self.stages: dict[str, list[float]] = {}  # name -> [batches, rows in, rows out, seconds]
         self.written = {"samples": 0, "errors": 0, "rejected": 0}  # rejected: inputs refused before expansion
+        self.first: dict[bytes, str] = {}  # 16 bytes of an input's content hash -> the uri that had it first
+
+    def first_copies(self, inputs: list[tuple[str, str]]) -> list[str]:
+        """For each decoded input (content sha256, uri), the uri of the first input with that content."""
+        return [self.first.setdefault(bytes.fromhex(sha)[:16], uri) for sha, uri in inputs]
 
     def stage(self, name: str, rows_in: int, rows_out: int, seconds: float) -> None:
         totals = self.stages.setdefault(name, [0, 0, 0, 0.0])

@@ -124,7 +124,6 @@ def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float, node: f
     """CPUs each actor claims, scaled down if the actors would leave no CPU for read and decode tasks.
     `node`: the CPUs of the largest node (what generation's `num_cpus: auto` means)."""
     wanted = {a.key: a.num_cpus for a in cfg.annotators if models.annotators[a.key] and not (gpus and a.num_gpus)}
-    wanted["dedupe"] = 0.1  # a set lookup per input
     if cfg.captioner and not (gpus and cfg.captioner.num_gpus):
         wanted["caption"] = cfg.captioner.num_cpus
     if cfg.generation and not (gpus and cfg.generation.num_gpus):
@@ -146,7 +145,9 @@ def _nothing_written(source_sha256: str) -> bool:
 def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None,
                   listing: Listing | None = None, progress=None) -> ray.data.Dataset:
     """The job's Dataset; with `written` (an earlier run's output) the work it holds is skipped. Every
-    stage is timed per batch and reports to `progress` (a console.Progress actor) when given."""
+    stage is timed per batch and reports to `progress` (a console.Progress actor; one is started when not
+    given), which also keeps the first input of each content for the dedupe stage."""
+    progress = progress or Progress.remote()
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=cpus)
@@ -182,8 +183,7 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     ds = stage(ds, "decode", Decode(cfg.image, cfg.source.storage_options, cfg.source.extensions), batch_size=16)
     if skip is not None:
         ds = stage(ds, "skip-decoded", skip)
-    # one actor sees every input's content hash
-    ds = stage(ds, "dedupe", FirstCopy, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpu_share["dedupe"])
+    ds = stage(ds, "dedupe", FirstCopy(progress))  # fused into decoding; the Progress actor sees every input
     if (c := cfg.captioner) is not None:
         ds = actor(ds, "caption", Caption, {"cfg": c, "model": models.captioner},
                    ray.data.ActorPoolStrategy(min_size=1, max_size=c.actors), c.batch_size, claim(c, "caption"))

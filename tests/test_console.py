@@ -1,6 +1,7 @@
 """The console: what `run` prints (checked by its lines), `plan`, `--set` values, fast failures, --version."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -90,6 +91,19 @@ def test_config_errors_come_before_ray_and_torch_are_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
     assert proc.stderr.strip() == "error: invalid config: generation.stepz: unknown key"
+
+
+def test_a_command_stops_the_ray_it_started_however_it_ends():
+    # stopped by the command, not by Ray's exit hook (which first sleeps half a second)
+    code = ("import ray; from pipeline.cli import _init_ray, stops_ray\n"
+            "def ok(args): _init_ray(None); return 0\n"
+            "def fails(args): _init_ray(None); raise RuntimeError('boom')\n"
+            "print(stops_ray(ok)(None), ray.is_initialized())\n"
+            "try: stops_ray(fails)(None)\n"
+            "except RuntimeError as e: print(e, ray.is_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.stdout.split() == ["0", "False", "boom", "False"], proc.stderr
 
 
 def test_a_ray_that_cannot_start_says_so_without_the_resume_advice(job, tmp_path):

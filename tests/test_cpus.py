@@ -35,7 +35,7 @@ def test_generation_claims_a_whole_node_by_default_scaled_to_leave_room_for_task
     assert cfg.generation.num_cpus == "auto"
     models = resolve_models(cfg)
     shares = actor_cpus(cfg, models, gpus=0, cpus=8, node=8)
-    wanted = {"hed": 1.0, "dedupe": 0.1, "generate": 8.0}
+    wanted = {"hed": 1.0, "generate": 8.0}
     scale = 7 / sum(wanted.values())  # one CPU stays free for read and decode tasks
     assert shares == {k: int(v * scale * 1000) / 1000 for k, v in wanted.items()}
     pinned = load_config(data=job_dict("/unused", "/unused", tiny_models, num_cpus=2))

@@ -39,7 +39,9 @@ def generator(tiny, **gen) -> StableDiffusionControlNet:
 
 @pytest.fixture(scope="module")
 def multi(tiny_models):
-    return generator(tiny_models, batch_size=4, num_cpus=1)  # the four test rows go through in one pipeline call
+    # the four test rows go through in one pipeline call; the usual memory layout, so that the maths can be
+    # compared with diffusers' to the bit (channels_last, the default, is within one level: tested below)
+    return generator(tiny_models, batch_size=4, num_cpus=1, channels_last=False)
 
 
 def diffusers_pipe(tiny_models):
@@ -78,31 +80,34 @@ def test_equals_diffusers_own_pipeline(tiny_models, multi):
 
 def test_a_controlnet_runs_only_in_its_window_and_embeds_its_control_once(tiny_models):
     """hed's window ends at 0.6 of 5 steps: diffusers would run it 5 times and scale 2 of them by 0, and
-    each net would embed the same control images at every step; ours embeds them once per call."""
-    gen = generator(tiny_models, batch_size=4, num_cpus=1, steps=5, controlnets=[
+    each net would embed the same control images at every step, twice (the batch holds each for the
+    conditional and the unconditional half); ours embeds them once per call."""
+    gen = generator(tiny_models, batch_size=4, num_cpus=1, steps=5, channels_last=False, controlnets=[
         {"condition": "canny", "model": tiny_models["controlnet/canny"]},
         {"condition": "hed", "model": tiny_models["controlnet/hed"], "conditioning_scale": 0.5, "guidance_end": 0.6}])
     rows = make_rows()
     calls = {}
-    count = lambda key: lambda *_: calls.__setitem__(key, calls.get(key, 0) + 1)  # noqa: E731
+    count = lambda key: lambda _, args, __: calls.__setitem__(key, calls.get(key, 0) + len(args[0]))  # noqa: E731
     for condition, net in zip(("canny", "hed"), gen.pipe.controlnet.nets):
         net.conv_in.register_forward_hook(count(condition))
         net.controlnet_cond_embedding.conv_in.register_forward_hook(count(f"{condition} embedding"))
     ours = [png_to_array(r["generated"]) for r in gen.generate(rows)]  # the four rows: one pipeline call
-    assert calls == {"canny": 5, "hed": 3, "canny embedding": 1, "hed embedding": 1}
+    # images through each net: 4 rows x 2 halves per step; embedded: the 4 control images, once
+    assert calls == {"canny": 5 * 8, "hed": 3 * 8, "canny embedding": 4, "hed embedding": 4}
     for got, want in zip(ours, diffusers_images(tiny_models, rows, steps=5, hed_end=0.6)):
         np.testing.assert_array_equal(got, np.asarray(want))
     gen.generate(rows[:2])  # a new call, new control images: embedded anew
-    assert calls["canny embedding"] == calls["hed embedding"] == 2
+    assert calls["canny embedding"] == calls["hed embedding"] == 4 + 2
 
 
 def test_channels_last_stays_within_one_level_of_diffusers(tiny_models, multi):
-    """channels_last (auto: on a GPU) reorders the convolutions' memory, not their maths: within one level
-    of diffusers' own images; on CPU the default keeps the usual layout (and equality)."""
+    """channels_last (the default on a GPU and on CPU, where oneDNN's convolutions are faster in it) reorders
+    the convolutions' memory, not their maths: within one level of diffusers' own images; `false` keeps
+    the usual layout (and equality to the bit)."""
     rows = make_rows()
     conv = lambda g: g.pipe.unet.conv_in.weight  # noqa: E731
     assert not conv(multi).is_contiguous(memory_format=torch.channels_last)
-    fast = generator(tiny_models, batch_size=4, num_cpus=1, channels_last=True)
+    fast = generator(tiny_models, batch_size=4, num_cpus=1)
     for net in (fast.pipe.unet, fast.pipe.vae, *fast.pipe.controlnet.nets):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
     ours = [png_to_array(r["generated"]) for r in fast.generate(rows)]
@@ -129,7 +134,7 @@ def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi
     one torch thread; the images are those of one lane."""
     import threading
 
-    two = generator(tiny_models, batch_size=4, num_cpus=2)
+    two = generator(tiny_models, batch_size=4, num_cpus=2, channels_last=False)
     assert two.lanes == 2 and torch.get_num_threads() == 1
     both, seen, real = threading.Barrier(2), set(), two.run
 

@@ -217,7 +217,8 @@ def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(tmp_path, 
 def test_cheap_stages_run_inside_the_cpu_actor_stage_after_them(ray_session, tiny_models, inputs, tmp_path, capsys,
                                                                 monkeypatch):
     """canny (weight-free) runs in the hed actors and variant expansion in the generator actors (Ray Data
-    fuses them: same resources); read and decode stay tasks, and nothing is fused into a GPU actor."""
+    fuses them: same resources); read and decode stay tasks, dedupe runs in the decode tasks (asking the
+    Progress actor), and nothing is fused into a GPU actor."""
     from pipeline.job import build_dataset, resolve_models
 
     cfg = load_config(data=job_dict(str(inputs), str(tmp_path / "out"), tiny_models))
@@ -226,7 +227,7 @@ def test_cheap_stages_run_inside_the_cpu_actor_stage_after_them(ray_session, tin
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[MapBatches(expand)->MapBatches(generate)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(annotate:canny)->MapBatches(annotate:hed)]" in optimized
-    assert "TaskPoolMapOperator[MapBatches(decode)]" in optimized or "->MapBatches(decode)]" in optimized
+    assert "MapBatches(decode)->MapBatches(dedupe)]" in optimized and "ActorPoolMapOperator[MapBatches(dedupe)" not in optimized
     on_gpu = job_dict(str(inputs), str(tmp_path / "out"), tiny_models, num_gpus=1)
     on_gpu["annotators"][1]["num_gpus"] = 1
     # a GPU node, as the plan sees it (nothing runs)

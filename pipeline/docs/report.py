@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,21 +60,26 @@ def gallery(out: RunOutput, max_sources: int, px: int) -> tuple[list[SourceCard]
     columns = ["source_uri", "image", *controls]
     columns += ["sample_id", "variant_index", "seed", "prompt", "generated"] if generated else []
     cards: dict[str, SourceCard] = {}
-    for path in files:
-        if not uris_by_file[path] & shown:
-            continue
-        table = out.read_file(path, columns)
-        table = table.filter(pc.is_in(table.column("source_uri"), value_set=pa.array(sorted(shown), pa.string())))
-        for row in table.to_pylist():
-            card = cards.get(row["source_uri"])
-            if card is None:  # every variant carries the same source image and control maps
-                card = cards[row["source_uri"]] = SourceCard(
-                    row["source_uri"], thumbnail_uri(row["image"]["bytes"], px),
-                    {c: thumbnail_uri(row[c]["bytes"], px) for c in controls}, [])
-            if generated:
-                card.variants.append({k: row[k] for k in ("variant_index", "seed", "prompt", "sample_id")}
-                                     | {"uri": thumbnail_uri(row["generated"]["bytes"], px)})
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # PIL decodes and encodes outside the GIL
+        thumb = lambda png: pool.submit(thumbnail_uri, png, px)  # noqa: E731 - a future, resolved below
+        for path in files:
+            if not uris_by_file[path] & shown:
+                continue
+            table = out.read_file(path, columns)
+            table = table.filter(pc.is_in(table.column("source_uri"), value_set=pa.array(sorted(shown), pa.string())))
+            for row in table.to_pylist():
+                card = cards.get(row["source_uri"])
+                if card is None:  # every variant carries the same source image and control maps
+                    card = cards[row["source_uri"]] = SourceCard(
+                        row["source_uri"], thumb(row["image"]["bytes"]), {c: thumb(row[c]["bytes"]) for c in controls}, [])
+                if generated:
+                    card.variants.append({k: row[k] for k in ("variant_index", "seed", "prompt", "sample_id")}
+                                         | {"uri": thumb(row["generated"]["bytes"])})
     for card in cards.values():
+        card.image = card.image.result()
+        card.controls = {c: uri.result() for c, uri in card.controls.items()}
+        for variant in card.variants:
+            variant["uri"] = variant["uri"].result()
         card.variants.sort(key=lambda v: v["variant_index"])
     return [cards[u] for u in sorted(cards)], len(all_uris)
 

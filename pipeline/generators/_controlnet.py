@@ -320,7 +320,7 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
         pipe.scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    if gen.channels_last is True or (gen.channels_last == "auto" and device == "cuda"):
+    if gen.channels_last is True or (gen.channels_last == "auto" and device in ("cuda", "cpu")):
         import torch
 
         for name in ("unet", "transformer", "controlnet", "vae"):  # 4-D weights only: convolutions
@@ -358,16 +358,27 @@ def embed_once_per_call(net) -> None:
     """A ControlNet embeds its control image (convolutions at full resolution) at every step, though the
     image is the same tensor for the whole pipeline call. Keep the last embedding and answer a call with
     that very tensor (same object, not modified since) from it: the same numbers, computed once per call
-    instead of once per step (a fifth of the generation time of small models on CPU)."""
+    instead of once per step (a fifth of the generation time of small models on CPU). With classifier-free
+    guidance the batch holds each control image twice (conditional and unconditional halves): the first
+    half is embedded and repeated."""
     import threading
+
+    import torch
 
     embedding = net.controlnet_cond_embedding
     forward, lane = embedding.forward, threading.local()  # per lane (calls running side by side)
 
+    def embed(cond):
+        half = cond.shape[0] // 2
+        if cond.shape[0] % 2 == 0 and torch.equal(cond[:half], cond[half:]):
+            once = forward(cond[:half])
+            return torch.cat([once, once])
+        return forward(cond)
+
     def once(cond):
         last = getattr(lane, "last", None)  # the control tensor (kept alive), its version, its embedding
         if last is None or last[0] is not cond or last[1] != cond._version:
-            last = lane.last = (cond, cond._version, forward(cond))
+            last = lane.last = (cond, cond._version, embed(cond))
         return last[2]
 
     embedding.forward = once

@@ -181,18 +181,27 @@ class SkipWritten:
 
 
 class FirstCopy:
-    """The one actor that sees every decoded input: the first input with some content keeps it, later
-    inputs with the same bytes become error rows naming the first, so sample ids stay unique and every
-    copy is accounted for."""
+    """The dedupe stage: the first input with some content keeps it, later inputs with the same bytes become
+    error rows naming the first, so sample ids stay unique and every copy is accounted for. Which input was
+    first is decided by `registry`, the one actor of the run that every input's content hash passes through
+    (`console.Progress.first_copies`), so the stage itself runs as a task, fused into decoding."""
 
-    def __init__(self):
-        self.first: dict[bytes, str] = {}  # 16 bytes of the content hash -> the uri that has it
+    def __init__(self, registry):
+        self.registry = registry
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows("dedupe", batch, self.check)
+        import ray
 
-    def check(self, row: dict) -> list[dict]:
-        first = self.first.setdefault(bytes.fromhex(row["source_sha256"])[:16], row["source_uri"])
-        if first != row["source_uri"]:
-            raise DuplicateContent(f"same content as {first}")
+        failed = batch.column("error_stage").is_valid().to_pylist() if "error_stage" in batch.column_names else None
+        inputs = [(sha, uri) for i, (sha, uri) in enumerate(zip(batch.column("source_sha256").to_pylist(),
+                                                                batch.column("source_uri").to_pylist()))
+                  if not (failed and failed[i])]
+        first = dict(zip(inputs, ray.get(self.registry.first_copies.remote(inputs)))) if inputs else {}
+        return map_rows("dedupe", batch, lambda row: self.check(row, first))
+
+    @staticmethod
+    def check(row: dict, first: dict[tuple[str, str], str]) -> list[dict]:
+        holder = first[(row["source_sha256"], row["source_uri"])]
+        if holder != row["source_uri"]:
+            raise DuplicateContent(f"same content as {holder}")
         return [row]
