@@ -93,6 +93,16 @@ def test_config_errors_come_before_ray_and_torch_are_imported():
     assert proc.stderr.strip() == "error: invalid config: generation.stepz: unknown key"
 
 
+def test_stage_shares_count_compile_time_once():
+    from pipeline.docs.stats import stage_rows
+
+    stages = {"decode": {"rows_out": 8, "seconds": 1.0}, "generate": {"rows_out": 16, "seconds": 3.0},
+              "generate:compile": {"rows_out": 0, "seconds": 2.0}}  # within generate's 3 s
+    rows = {r["name"]: r for r in stage_rows({"stages": stages})}
+    assert [rows[n]["share"] for n in stages] == ["25%", "75%", "50%"]
+    assert rows["generate"]["rows_per_s"] == 16 / 3.0
+
+
 def test_a_command_stops_the_ray_it_started_however_it_ends():
     # stopped by the command, not by Ray's exit hook (which first sleeps half a second)
     code = ("import ray; from pipeline.cli import _init_ray, stops_ray\n"

@@ -31,10 +31,10 @@ def make_rows(size=(96, 64)) -> list[dict]:
     return rows
 
 
-def generator(tiny, **gen) -> StableDiffusionControlNet:
+def generator(tiny, progress=None, **gen) -> StableDiffusionControlNet:
     cfg = load_config(data=job_dict("/unused", "/unused", tiny, **gen))
     models = resolve_models(cfg)
-    return StableDiffusionControlNet(cfg.generation, models.generation)
+    return StableDiffusionControlNet(cfg.generation, models.generation, progress)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,24 @@ def test_device_and_auto_batch(monkeypatch):
     gen = GenerationConfig(base_model="m", controlnets=[{"condition": "canny", "model": "c"}], batch_size="auto")
     assert (gen.calls_of("cuda"), gen.calls_of("mps"), gen.calls_of("cpu")) == (16, 4, 4)  # then halved on OOM
     assert gen.model_copy(update={"batch_size": 6}).calls_of("cuda") == 6
+
+
+def test_compile_stays_within_one_level_and_reports_the_seconds_it_took(tiny_models, multi):
+    """generation.compile: the UNet torch.compiled in place (the lanes' copies share it); images within one
+    level of eager ones; the seconds spent compiling reported to the run's Progress actor once per new
+    image size (here, a stand-in with the same `stage.remote` call)."""
+    from types import SimpleNamespace
+
+    reports = []
+    progress = SimpleNamespace(stage=SimpleNamespace(remote=lambda *args: reports.append(args)))
+    fast = generator(tiny_models, progress, batch_size=4, num_cpus=1, channels_last=False, compile=True)
+    assert fast.pipe.unet._compiled_call_impl is not None and multi.pipe.unet._compiled_call_impl is None
+    rows = make_rows()
+    for got, want in zip(fast.generate(rows), multi.generate(rows)):
+        assert np.abs(png_to_array(got["generated"]).astype(int) - png_to_array(want["generated"]).astype(int)).max() <= 1
+    assert len(reports) == 1 and reports[0][:3] == ("generate:compile", 0, 0) and reports[0][3] > 0
+    fast.generate(rows)  # the same size: nothing compiles, nothing to report
+    assert len(reports) == 1
 
 
 def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi):

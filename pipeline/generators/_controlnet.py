@@ -326,6 +326,10 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
         for name in ("unet", "transformer", "controlnet", "vae"):  # 4-D weights only: convolutions
             if (module := getattr(pipe, name, None)) is not None:
                 module.to(memory_format=torch.channels_last)
+    if gen.compile:  # in place, so the lanes' pipeline copies share the compiled denoiser
+        for name in ("unet", "transformer"):
+            if (module := getattr(pipe, name, None)) is not None:
+                module.compile()
     return pipe
 
 

@@ -69,8 +69,11 @@ class Generator:
                              f"{list(cls.schedulers)}")
         return cfg.generation
 
-    def __init__(self, gen: GenerationConfig, models: Models):
+    def __init__(self, gen: GenerationConfig, models: Models, progress=None):
+        """`progress`: the run's console.Progress actor, told the seconds `generation.compile` spends compiling
+        (stage `generate:compile`, part of the stage `generate`)."""
         self.device = torch_device()
+        self.progress, self.compiled = progress, 0.0
         # on CPU: up to two pipeline calls at once on half the threads each (see pipeline.cpus.lanes), unless
         # the family's calls draw from torch's global random state (then one call at a time, on every thread)
         self.lanes = lanes(gen.num_cpus, most=1 if self.global_random_state else 2) if self.device == "cpu" else 1
@@ -135,7 +138,20 @@ class Generator:
         for (_, idx), images in zip(calls, self.pool.map(run, calls) if self.pool else map(run, calls)):
             for i, image in zip(idx, images):
                 out[i] = {**rows[i], **self.provenance, **self.row_fields(rows[i]), "generated": array_to_png(image)}
+        if self.gen.compile:
+            self.report_compile()
         return out
+
+    def report_compile(self) -> None:
+        """Tell the run how long torch.compile took since the last report (a new image size compiles anew)."""
+        from torch._dynamo.utils import compilation_time_metrics  # dynamo's own timer of each compilation
+
+        seconds = sum(compilation_time_metrics.get("_compile.compile_inner", ()))
+        if seconds > self.compiled:
+            log.info("torch.compile: %.1f s compiling", seconds - self.compiled)
+            if self.progress is not None:
+                self.progress.stage.remote("generate:compile", 0, 0, seconds - self.compiled)  # within generate's time
+            self.compiled = seconds
 
     def run_fitting(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
         """Run in chunks of at most `max_batch`; on out-of-memory halve it and retry the chunk."""

@@ -30,7 +30,7 @@ ANNOTATOR_FIELDS = [f.name for f in ANNOTATOR]
 class SplitParquetSink(Datasink[dict]):
     def __init__(self, path: str, storage_options: dict[str, Any], run_id: str, code_version: str,
                  control_ids: list[str], rows_per_file: int, schema: pa.Schema, progress=None, reject: bool = False,
-                 layout: str = "flat"):
+                 layout: str = "flat", rows_per_write: int | None = None):
         self.path = path
         self.storage_options = storage_options
         self.run_id = run_id
@@ -47,6 +47,13 @@ class SplitParquetSink(Datasink[dict]):
         if layout == "normalized":
             self.schema, self.sources_schema = normalized(schema)
         self.row_schema = schema  # every column a row is built with (image columns as structs)
+        # rows gathered for one write task (Ray Data bundles the blocks): the stages pass on small blocks, so
+        # that each hands its first rows on soon; files are written from several of them
+        self.rows_per_write = min(rows_per_write, rows_per_file) if rows_per_write else None
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_write
 
     def on_write_start(self, schema=None) -> None:
         fs, root = filesystem(self.path, self.storage_options)
