@@ -1,0 +1,149 @@
+"""Generation throughput through Ray on one GPU: SD 1.5 + one ControlNet, end to end, against the FLOP floor.
+
+    python benchmarks/gpu.py                                  # full-size SD 1.5 + ControlNet, random weights
+    python benchmarks/gpu.py --base DIR --controlnet DIR      # real weights (local directories or hub ids)
+    python benchmarks/gpu.py --batches 8,16 --inputs 64 --size 512 --steps 20 [--window 0.6] [--compile]
+    python benchmarks/gpu.py --tiny --device cpu --inputs 4 --size 128 --steps 2 --batches 2   # a smoke run
+
+Each batch size is one `python -m pipeline run` (a fresh local Ray instance, canny control maps, one
+variant per photo, the run's own stage figures from its manifest). Printed per run: images/s of the
+generate stage (its own seconds of work, compilation excluded: what the GPU sustains) and end to end
+(the run on Ray: actors starting and loading their models included, Ray's own start-up not), and the
+fraction of the FLOP floor: 46 TFLOP per image at 512 px and 20 steps with classifier-free guidance
+(scaled by steps and pixels; a ControlNet window shorter than the steps does less work than that)
+over the card's dense fp16 peak. Random full-size weights cost the same FLOPs as real ones (their images are
+noise); they are written once under /tmp/gpu-bench-models from diffusers' and transformers' configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from vs_script import photos  # noqa: E402
+
+FLOP_FLOOR_512_20 = 46e12  # per image: SD 1.5 UNet + one ControlNet, 20 steps, both guidance halves
+PEAK_FP16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+             "4090": 165e12}  # dense tensor-core fp16, by a substring of torch.cuda.get_device_name()
+
+
+def write_sd15(directory: Path) -> dict[str, str]:
+    """Full-size SD 1.5 and a ControlNet of the same structure, random weights, saved as safetensors."""
+    done = directory / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from pipeline.testing import make_tiny
+
+    torch.manual_seed(0)
+    tiny = make_tiny(directory / "tiny", conditions=("canny",), annotators=(), captioners=())  # tokenizer, scheduler
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny["base_model"], subfolder="tokenizer")
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, max_position_embeddings=77,
+                                                vocab_size=max(49408, len(tokenizer))))
+    scheduler = DDIMScheduler.from_pretrained(tiny["base_model"], subfolder="scheduler")
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                            ).save_pretrained(directory / "stable-diffusion", safe_serialization=True)
+    ControlNetModel.from_unet(unet).save_pretrained(directory / "controlnet-canny", safe_serialization=True)
+    models = {"base_model": str(directory / "stable-diffusion"), "controlnet": str(directory / "controlnet-canny")}
+    done.write_text(json.dumps(models))
+    return models
+
+
+def job(base: str, controlnet: str, photos_dir: Path, out: Path, args, batch: int) -> dict:
+    gen = {"base_model": base, "controlnets": [{"condition": "canny", "model": controlnet,
+                                                "guidance_end": args.window}],
+           "scheduler": "unipc", "steps": args.steps, "guidance_scale": 7.5, "variants_per_image": 1,
+           "prompt": {"prompts": ["a photo"], "negative": "lowres"}, "batch_size": batch, "compile": args.compile,
+           "num_gpus": 0 if args.device == "cpu" else 1}
+    return {"seed": 0, "source": {"type": "images", "path": str(photos_dir)}, "image": {"resolution": args.size},
+            "annotators": [{"name": "canny"}], "generation": gen, "output": {"path": str(out), "overwrite": True}}
+
+
+def peak_flops(device: str, override: float | None) -> tuple[str, float | None]:
+    if device == "cpu":
+        return "cpu", override
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return name, override or next((v for k, v in PEAK_FP16.items() if k in name), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="base model (directory or hub id); default: full-size random SD 1.5")
+    p.add_argument("--controlnet", help="ControlNet (directory or hub id); default: random, SD 1.5's structure")
+    p.add_argument("--tiny", action="store_true", help="the test models instead (a smoke run on CPU)")
+    p.add_argument("--inputs", type=int, default=64)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batches", default="8,16")
+    p.add_argument("--window", type=float, default=1.0, help="the ControlNet's guidance_end (0.6: skipped after)")
+    p.add_argument("--compile", action="store_true", help="generation.compile (its seconds are reported)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--peak-tflops", type=float, help="the card's dense fp16 peak, if not in the table")
+    args = p.parse_args()
+
+    cache = Path(tempfile.gettempdir()) / "gpu-bench-models"
+    if args.tiny:
+        from pipeline.testing import make_tiny
+
+        tiny = make_tiny(cache / "tiny", conditions=("canny",), annotators=(), captioners=())
+        base, controlnet = tiny["base_model"], tiny["controlnet/canny"]
+    elif args.base or args.controlnet:
+        if not (args.base and args.controlnet):
+            p.error("--base and --controlnet go together")
+        base, controlnet = args.base, args.controlnet
+    else:
+        models = write_sd15(cache / "sd15")
+        base, controlnet = models["base_model"], models["controlnet"]
+    device, peak = peak_flops(args.device, args.peak_tflops * 1e12 if args.peak_tflops else None)
+    floor = FLOP_FLOOR_512_20 * (args.steps / 20) * (args.size / 512) ** 2  # the whole window's work
+    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    photos_dir = photos(work / "photos", args.inputs)
+    print(f"# {device}; {args.inputs} inputs, {args.size} px, {args.steps} steps, ControlNet window 0-{args.window}; "
+          f"floor {floor / 1e12:.1f} TFLOP per image", flush=True)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        out = work / f"out-{batch}"
+        (work / f"job-{batch}.yaml").write_text(yaml.safe_dump(job(base, controlnet, photos_dir, out, args, batch)))
+        env = dict(os.environ, RAY_ADDRESS="", PYTHONWARNINGS="ignore")
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(work / f"job-{batch}.yaml"), "-q"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"batch {batch}: the run failed:\n{proc.stderr[-3000:]}")
+        manifest = json.loads((out / "manifest.json").read_text())
+        gen, samples = manifest["stages"]["generate"], manifest["counts"]["samples"]
+        compile_s = manifest["stages"].get("generate:compile", {}).get("seconds", 0.0)
+        stage_rate = gen["rows_out"] / max(gen["seconds"] - compile_s, 1e-9)
+        row = {"batch": batch, "samples": samples, "generate_img_s": round(stage_rate, 3),
+               "end_to_end_img_s": manifest["timings"]["samples_per_s"], "compile_s": round(compile_s, 1),
+               "floor_fraction": round(stage_rate * floor / peak, 3) if peak else None}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(f"\n{'batch':>5}  {'generate img/s':>14}  {'end to end img/s':>16}  {'of FLOP floor':>13}")
+    for r in rows:
+        fraction = f"{100 * r['floor_fraction']:.1f}%" if r["floor_fraction"] is not None else "n/a"
+        print(f"{r['batch']:>5}  {r['generate_img_s']:>14.3f}  {r['end_to_end_img_s']:>16.3f}  {fraction:>13}")
+
+
+if __name__ == "__main__":
+    main()
