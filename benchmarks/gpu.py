@@ -127,7 +127,7 @@ def main() -> None:
         (work / f"job-{batch}.yaml").write_text(yaml.safe_dump(job(base, controlnet, photos_dir, out, args, batch)))
         env = dict(os.environ, RAY_ADDRESS="", PYTHONWARNINGS="ignore")
         proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(work / f"job-{batch}.yaml"), "-q"],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
+                              cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode:
             sys.exit(f"batch {batch}: the run failed:\n{proc.stderr[-3000:]}")
         manifest = json.loads((out / "manifest.json").read_text())
