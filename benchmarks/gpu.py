@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from vs_script import photos  # noqa: E402
 
 FLOP_FLOOR_512_20 = 46e12  # per image: SD 1.5 UNet + one ControlNet, 20 steps, both guidance halves
-PEAK_FP16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-             "4090": 165e12}  # dense tensor-core fp16, by a substring of torch.cuda.get_device_name()
+# dense tensor-core fp16 by a part of torch.cuda.get_device_name(), the first that matches (longer names first)
+PEAK_FP16 = [("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("L40", 181e12), ("L4", 121e12), ("4090", 165e12)]
 
 
 def write_sd15(directory: Path) -> dict[str, str]:
@@ -84,7 +85,7 @@ def peak_flops(device: str, override: float | None) -> tuple[str, float | None]:
     import torch
 
     name = torch.cuda.get_device_name()
-    return name, override or next((v for k, v in PEAK_FP16.items() if k in name), None)
+    return name, override or next((v for k, v in PEAK_FP16 if k in name), None)
 
 
 def main() -> None:

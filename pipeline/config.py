@@ -203,7 +203,8 @@ class GenerationConfig(Strict):
                             "outputs within one level of the default layout). auto: on a GPU and on CPU (not on mps).")
     compile: bool = Field(
         False, description="torch.compile the denoiser (UNet or transformer): faster steps once compiled, at the cost "
-                           "of a compilation at the first call of each image size; the seconds it takes are "
+                           "of compiling at the first call of each new image or batch size (then with dynamic "
+                           "shapes); the seconds it takes are "
                            "reported as the stage `generate:compile` (part of `generate`'s time).")
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
     num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(

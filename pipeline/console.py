@@ -49,6 +49,15 @@ class Progress:
                            for k, (b, i, o, s) in self.stages.items()}}
 
 
+def start_progress():
+    """The run's Progress actor, on the driver's node: a run's counts and dedupe registry live and end with
+    its driver, not on a worker node that may be lost."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return Progress.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+
+
 def good_rows(table) -> int:
     """Rows of a batch that are not error rows (error rows pass through every later stage untouched)."""
     return table.column("error_stage").null_count if "error_stage" in table.column_names else table.num_rows

@@ -22,7 +22,7 @@ from pipeline.captioners import CAPTIONERS
 from pipeline.captioners.stage import Caption
 from pipeline.cpus import cpus_of
 from pipeline.config import JobConfig, QualityConfig
-from pipeline.console import Bar, Progress, timed
+from pipeline.console import Bar, start_progress, timed
 from pipeline.generators import flat, generator_class
 from pipeline.io.images import Decode
 from pipeline.io.output import RunOutput, Written
@@ -151,7 +151,7 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     """The job's Dataset; with `written` (an earlier run's output) the work it holds is skipped. Every
     stage is timed per batch and reports to `progress` (a console.Progress actor; one is started when not
     given), which also keeps the first input of each content for the dedupe stage."""
-    progress = progress or Progress.remote()
+    progress = progress or start_progress()
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=cpus)
@@ -342,7 +342,7 @@ def execute(plan: Plan, echo: Callable[[str], None] = print, bar: bool = False) 
     keypoint_ids = [a.key for a in cfg.annotators if ANNOTATORS[a.name].keypoints]
     schema = samples_schema(control_ids, keypoint_ids, cfg.generation.family if cfg.generation else None,
                             score_columns(cfg), captioner=cfg.captioner is not None)
-    progress = Progress.remote()
+    progress = start_progress()
     variants = cfg.generation.variants_per_image if cfg.generation else 1
     sink = SplitParquetSink(cfg.output.path, cfg.output.storage_options, run_id, version, control_ids,
                             cfg.output.rows_per_file, schema, progress,

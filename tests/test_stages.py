@@ -37,3 +37,25 @@ def test_one_failing_row_in_an_annotator_batch_becomes_an_error_row(tiny_models)
     assert errors["lies-about-its-size"]["error_stage"] == "annotate:hed"
     assert "returned (64, 64, 3) for a 7x64 image" in errors["lies-about-its-size"]["error_message"]
     assert errors["not-a-png"]["error_stage"] == "annotate:hed"
+
+
+def test_dedupe_names_the_first_copy_across_blocks_and_passes_blocks_of_failed_inputs_on(ray_session):
+    from pipeline.console import start_progress
+    from pipeline.io.resume import FirstCopy
+
+    dedupe = FirstCopy(start_progress())  # the run's registry: every decode task asks it
+    never_read = pa.Table.from_pylist([{"source_uri": "gone.jpg", "error_stage": "decode",
+                                        "error_type": "FileNotFoundError", "error_message": "no such file"}])
+    assert dedupe(never_read).equals(never_read)  # failed before hashing: no source_sha256 column at all
+    sha = "ab" * 32
+    first = pa.Table.from_pylist([
+        {"source_uri": "a.jpg", "source_sha256": sha, "error_stage": None, "error_type": None},
+        {"source_uri": "b.jpg", "source_sha256": sha, "error_stage": None, "error_type": None},
+        {"source_uri": "c.jpg", "source_sha256": "cd" * 32, "error_stage": "decode", "error_type": "OSError"}])
+    later = pa.Table.from_pylist([{"source_uri": "d.jpg", "source_sha256": sha}, {"source_uri": "e.jpg",
+                                                                                 "source_sha256": "cd" * 32}])
+    out = dedupe(first).to_pylist() + dedupe(later).to_pylist()
+    assert [(r["source_uri"], r["error_type"]) for r in out] == [
+        ("a.jpg", None), ("b.jpg", "DuplicateContent"), ("c.jpg", "OSError"), ("d.jpg", "DuplicateContent"),
+        ("e.jpg", None)]  # a failed input does not claim its content: a good copy of it is the first
+    assert all("same content as a.jpg" in r["error_message"] for r in out if r["error_type"] == "DuplicateContent")

@@ -73,7 +73,8 @@ class Generator:
         """`progress`: the run's console.Progress actor, told the seconds `generation.compile` spends compiling
         (stage `generate:compile`, part of the stage `generate`)."""
         self.device = torch_device()
-        self.progress, self.compiled = progress, 0.0
+        self.progress = progress
+        self.compiled = compile_seconds() if gen.compile else 0.0  # what this process compiled before
         # on CPU: up to two pipeline calls at once on half the threads each (see pipeline.cpus.lanes), unless
         # the family's calls draw from torch's global random state (then one call at a time, on every thread)
         self.lanes = lanes(gen.num_cpus, most=1 if self.global_random_state else 2) if self.device == "cpu" else 1
@@ -143,10 +144,9 @@ class Generator:
         return out
 
     def report_compile(self) -> None:
-        """Tell the run how long torch.compile took since the last report (a new image size compiles anew)."""
-        from torch._dynamo.utils import compilation_time_metrics  # dynamo's own timer of each compilation
-
-        seconds = sum(compilation_time_metrics.get("_compile.compile_inner", ()))
+        """Tell the run how long torch.compile took since the last report (a new image or batch size compiles
+        anew)."""
+        seconds = compile_seconds()
         if seconds > self.compiled:
             log.info("torch.compile: %.1f s compiling", seconds - self.compiled)
             if self.progress is not None:
@@ -173,6 +173,13 @@ class Generator:
                 continue
             start += len(chunk)
         return images
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process (dynamo's own timer of each compilation)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(compilation_time_metrics.get("_compile.compile_inner", ()))
 
 
 # Columns every family adds last: the worker that made the row.

@@ -192,6 +192,8 @@ class FirstCopy:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
 
+        if "source_sha256" not in batch.column_names:  # every row failed before its bytes were hashed
+            return batch
         failed = batch.column("error_stage").is_valid().to_pylist() if "error_stage" in batch.column_names else None
         inputs = [(sha, uri) for i, (sha, uri) in enumerate(zip(batch.column("source_sha256").to_pylist(),
                                                                 batch.column("source_uri").to_pylist()))
