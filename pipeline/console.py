@@ -54,7 +54,10 @@ def start_progress():
     its driver, not on a worker node that may be lost."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
+    try:
+        here = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - a Ray Client driver has no node of its own: anywhere will do
+        return Progress.remote()
     return Progress.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
