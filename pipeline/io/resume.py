@@ -194,10 +194,8 @@ class FirstCopy:
 
         if "source_sha256" not in batch.column_names:  # every row failed before its bytes were hashed
             return batch
-        failed = batch.column("error_stage").is_valid().to_pylist() if "error_stage" in batch.column_names else None
-        inputs = [(sha, uri) for i, (sha, uri) in enumerate(zip(batch.column("source_sha256").to_pylist(),
-                                                                batch.column("source_uri").to_pylist()))
-                  if not (failed and failed[i])]
+        good = batch.filter(pc.is_null(batch["error_stage"])) if "error_stage" in batch.column_names else batch
+        inputs = list(zip(good["source_sha256"].to_pylist(), good["source_uri"].to_pylist()))
         first = dict(zip(inputs, ray.get(self.registry.first_copies.remote(inputs)))) if inputs else {}
         return map_rows("dedupe", batch, lambda row: self.check(row, first))
 

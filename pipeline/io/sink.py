@@ -66,14 +66,16 @@ class SplitParquetSink(Datasink[dict]):
         samples, errors, rejected, sources = [], [], [], []
         for block in blocks:
             for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                failed = row.get("error_stage") is not None
+                sample = None if failed else self.sample_row(row, now)  # one dict for its samples/ and sources/ rows
                 if self.sources_schema is not None and row.get("writes_source"):
-                    sources.append(self.sample_row(row, now))
-                if row.get("error_stage") is not None:
+                    sources.append(sample or self.sample_row(row, now))
+                if failed:
                     errors.append(self.error_row(row, now))
                 elif self.reject and row.get("passed") is False:
-                    rejected.append(self.sample_row(row, now))
+                    rejected.append(sample)
                 else:
-                    samples.append(self.sample_row(row, now))
+                    samples.append(sample)
         if sources:  # before the samples that refer to them: a crash never leaves a marked sample without its source
             self._write(fs, root, "sources", sources, self.sources_schema)
         self._write(fs, root, "samples", samples, self.schema)
