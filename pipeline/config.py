@@ -202,10 +202,11 @@ class GenerationConfig(Strict):
         "auto", description="Run the UNet, ControlNets and VAE in channels_last memory format (faster convolutions, "
                             "outputs within one level of the default layout). auto: on a GPU and on CPU (not on mps).")
     compile: bool = Field(
-        False, description="torch.compile the denoiser (UNet or transformer): faster steps once compiled, at the cost "
-                           "of compiling at the first call of each new image or batch size (then with dynamic "
-                           "shapes); the seconds it takes are "
-                           "reported as the stage `generate:compile` (part of `generate`'s time).")
+        False, description="torch.compile the denoiser (UNet or transformer) on a GPU worker: faster steps once "
+                           "compiled, at the cost of compiling at the first call of each new image or batch size "
+                           "(then with dynamic shapes); the seconds it takes are reported as the stage "
+                           "`generate:compile` (part of `generate`'s time). CPU and mps workers run eagerly (with a "
+                           "warning): inductor's CPU code gave NaN images on AVX2 CPUs.")
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
     num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="CPUs per actor when it runs on CPU: two pipeline calls run at once on half of them each "

@@ -129,12 +129,20 @@ def test_device_and_auto_batch(monkeypatch):
     assert gen.model_copy(update={"batch_size": 6}).calls_of("cuda") == 6
 
 
-def test_compile_stays_within_one_level_and_reports_the_seconds_it_took(tiny_models, multi):
-    """generation.compile: the UNet torch.compiled in place (the lanes' copies share it); images within one
-    level of eager ones; the seconds spent compiling reported to the run's Progress actor once per new
-    image size (here, a stand-in with the same `stage.remote` call)."""
+def test_compile_runs_on_a_gpu_only_and_reports_the_seconds_it_took(tiny_models, multi, monkeypatch, caplog):
+    """generation.compile: on a CPU worker the denoiser stays eager, with a warning (inductor's CPU code gave
+    NaN images of the test UNet on AVX2 CPUs). Where it compiles (a GPU; here the CPU with a backend that runs
+    torch's own kernels), the UNet is compiled in place (the lanes' copies share it), images stay within one
+    level of eager ones, and the seconds spent compiling go to the run's Progress actor once per new image
+    size (here, a stand-in with the same `stage.remote` call)."""
     from types import SimpleNamespace
 
+    from pipeline.generators import _controlnet
+
+    eager = generator(tiny_models, batch_size=4, num_cpus=1, channels_last=False, compile=True)
+    assert eager.pipe.unet._compiled_call_impl is None and "generation.compile applies on a GPU" in caplog.text
+    monkeypatch.setattr(_controlnet, "COMPILES_ON", ("cpu",))
+    monkeypatch.setattr(_controlnet, "COMPILE_BACKEND", "aot_eager")
     reports = []
     progress = SimpleNamespace(stage=SimpleNamespace(remote=lambda *args: reports.append(args)))
     fast = generator(tiny_models, progress, batch_size=4, num_cpus=1, channels_last=False, compile=True)
@@ -238,3 +246,20 @@ def test_one_failing_row_does_not_take_its_batch_down(multi):
     assert [r.get("error_stage") for r in out] == [None, None, "generate", None]
     assert "UnidentifiedImageError" == out[2]["error_type"]
     assert all(r["generated"] for i, r in enumerate(out) if i != 2)
+
+
+def test_an_image_with_nan_values_is_an_error_row_not_a_black_picture(multi, monkeypatch):
+    """NaN or infinite pixels (an overflow, a miscompiled kernel) would cast to a black or noisy uint8 image:
+    that sample becomes an error row saying so; the others of its batch are kept."""
+    from types import SimpleNamespace
+
+    def pipe(**kwargs):
+        images = np.full((len(kwargs["prompt"]), 64, 96, 3), 0.5, dtype=np.float32)
+        images[["coffee" in p for p in kwargs["prompt"]], 3, 5, 1] = np.nan
+        return SimpleNamespace(images=images)
+
+    monkeypatch.setattr(multi, "pipe", pipe)  # put back (the property's setter) when the test ends
+    out = multi(table_of(make_rows())).to_pylist()
+    assert [r.get("error_type") for r in out] == [None, "NonFiniteImage", None, None]
+    assert out[1]["error_message"].startswith("the generated image has 1 NaN or infinite values of 18432")
+    assert all(png_to_array(r["generated"]).max() == 128 for i, r in enumerate(out) if i != 1)

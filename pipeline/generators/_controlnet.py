@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +27,11 @@ from pipeline.generators.base import (
     torch_dtype,
 )
 from pipeline.rows import Row
+
+log = logging.getLogger(__name__)
+# generation.compile: where it compiles, and with what (inductor's CPU code is not trusted: see load_pipeline)
+COMPILES_ON = ("cuda",)
+COMPILE_BACKEND = "inductor"
 
 # Union ControlNets' condition types, by annotator name. xinsir's controlnet-union-sdxl-1.0 (and ProMax):
 XINSIR_UNION_MODES = {
@@ -326,10 +332,13 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
         for name in ("unet", "transformer", "controlnet", "vae"):  # 4-D weights only: convolutions
             if (module := getattr(pipe, name, None)) is not None:
                 module.to(memory_format=torch.channels_last)
-    if gen.compile:  # in place, so the lanes' pipeline copies share the compiled denoiser
+    if gen.compile and device in COMPILES_ON:  # in place, so the lanes' pipeline copies share the compiled denoiser
         for name in ("unet", "transformer"):
             if (module := getattr(pipe, name, None)) is not None:
-                module.compile()
+                module.compile(backend=COMPILE_BACKEND)
+    elif gen.compile:
+        log.warning("generation.compile applies on a GPU: this %s worker runs the denoiser eagerly (torch "
+                    "inductor's CPU code turned the test UNet's images into NaN on AVX2 CPUs)", device)
     return pipe
 
 

@@ -219,8 +219,17 @@ def cpu_generators(rows: list[Row]) -> list:
     return [torch.Generator("cpu").manual_seed(r["seed"]) for r in rows]
 
 
+class NonFiniteImage(ValueError):
+    """A generated image with NaN or infinite values: its numbers overflowed (e.g. float16 somewhere it does not
+    fit) or a compiled kernel went wrong. Cast to uint8 it would be a silent black or noisy image."""
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """diffusers' own float [0, 1] to uint8 conversion (as in `numpy_to_pil`)."""
+    """diffusers' own float [0, 1] to uint8 conversion (as in `numpy_to_pil`); NaN or infinite values raise
+    `NonFiniteImage` (the sample becomes an error row) instead of casting to garbage."""
+    if not np.isfinite(image).all():
+        raise NonFiniteImage(f"the generated image has {int((~np.isfinite(image)).sum())} NaN or infinite values "
+                             f"of {image.size} (numeric overflow, e.g. float16 without a safe VAE dtype)")
     return (image * 255).round().astype(np.uint8)
 
 
