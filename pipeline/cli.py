@@ -40,7 +40,21 @@ def _stop_ray() -> None:
         import ray
 
         if ray.is_initialized():
+            _kill_autoscaler_monitor()
             ray.shutdown()
+
+
+def _kill_autoscaler_monitor() -> None:
+    """A local instance's autoscaler monitor (it has nothing to scale) is killed first: Ray's shutdown stops
+    GCS before it, and its SIGTERM handler then waits on GCS until Ray kills it a second later (1.35 s
+    -> ~0.2 s for the whole shutdown). Ray's node object is private: if it changes, shutdown is as before."""
+    from ray._private import worker
+
+    try:
+        for info in worker._global_node.all_processes.get("monitor", ()):  # empty when joining a cluster
+            info.process.kill()
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
 
 
 def stops_ray(command):

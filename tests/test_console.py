@@ -104,16 +104,26 @@ def test_stage_shares_count_compile_time_once():
 
 
 def test_a_command_stops_the_ray_it_started_however_it_ends():
-    # stopped by the command, not by Ray's exit hook (which first sleeps half a second)
-    code = ("import ray; from pipeline.cli import _init_ray, stops_ray\n"
-            "def ok(args): _init_ray(None); return 0\n"
+    # stopped by the command, not by Ray's exit hook (which first sleeps half a second); every process of the
+    # local instance has ended, and the autoscaler monitor before GCS was stopped (after, its SIGTERM handler
+    # waits on GCS until Ray kills it a second later)
+    code = ("import ray; from ray._private.node import Node; from pipeline.cli import _init_ray, stops_ray\n"
+            "real, monitor_gone = Node._kill_process_impl, {}\n"
+            "def kill(node, kind, **kw):\n"
+            "    monitor_gone.setdefault(kind, procs['monitor'].poll() is not None); real(node, kind, **kw)\n"
+            "Node._kill_process_impl = kill\n"
+            "def ok(args):\n"
+            "    global procs; _init_ray(None)\n"
+            "    procs = {t: i[0].process for t, i in ray._private.worker._global_node.all_processes.items()}\n"
+            "    return 0\n"
             "def fails(args): _init_ray(None); raise RuntimeError('boom')\n"
             "print(stops_ray(ok)(None), ray.is_initialized())\n"
+            "print(all(p.poll() is not None for p in procs.values()), monitor_gone['gcs_server'])\n"
             "try: stops_ray(fails)(None)\n"
             "except RuntimeError as e: print(e, ray.is_initialized())\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "RAY_ADDRESS": ""})
-    assert proc.stdout.split() == ["0", "False", "boom", "False"], proc.stderr
+    assert proc.stdout.split() == ["0", "False", "True", "True", "boom", "False"], proc.stderr
 
 
 def test_a_ray_that_cannot_start_says_so_without_the_resume_advice(job, tmp_path):
