@@ -348,6 +348,8 @@ def execute(plan: Plan, echo: Callable[[str], None] = print, bar: bool = False) 
                             cfg.output.rows_per_file, schema, progress,
                             reject=bool(cfg.quality and cfg.quality.action == "drop"), layout=cfg.output.layout,
                             rows_per_write=WRITE_INPUTS * variants)
+    if cfg.generation and cfg.generation.compile and not (ray.cluster_resources().get("GPU") and cfg.generation.num_gpus):
+        echo("note: generation.compile applies on GPU workers; this run generates on CPU, eagerly")
     t0 = time.perf_counter()
     ds = build_dataset(cfg, models, target.written if target.resuming else None, plan.listing, progress)
     with Bar(progress, plan.expected_inputs, variants) if bar else contextlib.nullcontext():

@@ -19,7 +19,9 @@ def job(tiny_models, photos_dir, tmp_path_factory):
     """A two-annotator generation job config file, written once."""
     tmp = tmp_path_factory.mktemp("console")
     path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump(job_dict(str(photos_dir), str(tmp / "out"), tiny_models, variants_per_image=1)))
+    # compile asked for: on a CPU-only instance the run says it generates eagerly
+    path.write_text(yaml.safe_dump(job_dict(str(photos_dir), str(tmp / "out"), tiny_models, variants_per_image=1,
+                                            compile=True)))
     return path, tmp / "out"
 
 
@@ -33,6 +35,7 @@ def test_a_run_prints_a_summary_line_and_a_table_of_stages_not_rays_logs(first_r
     assert first_run.returncode == 0, first_run.stderr[-3000:]
     out = first_run.stdout.splitlines()
     assert out[0].startswith("run ") and " -> " in out[0]
+    assert out.pop(1) == "note: generation.compile applies on GPU workers; this run generates on CPU, eagerly"
     inputs = len(list(photos_dir.iterdir()))
     assert f": {inputs} samples, 0 errors from {inputs} inputs in " in out[1]
     assert out[2] == "stages (time measured in each stage; they overlap):"
