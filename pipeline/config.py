@@ -200,7 +200,9 @@ class GenerationConfig(Strict):
                        "out-of-memory until a call fits, the size that fits then kept; 4 elsewhere.")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="Run the UNet, ControlNets and VAE in channels_last memory format (faster convolutions, "
-                            "outputs within one level of the default layout). auto: on a GPU and on CPU (not on mps).")
+                            "outputs within one level of the default layout). auto: on a GPU. true on CPU: one "
+                            "pipeline call at a time (not two side by side: shared channels_last weights gave "
+                            "irreproducible samples).")
     compile: bool = Field(
         False, description="torch.compile the denoiser (UNet or transformer) on a GPU worker: faster steps once "
                            "compiled, at the cost of compiling at the first call of each new image or batch size "

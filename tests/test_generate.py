@@ -100,14 +100,19 @@ def test_a_controlnet_runs_only_in_its_window_and_embeds_its_control_once(tiny_m
     assert calls["canny embedding"] == calls["hed embedding"] == 4 + 2
 
 
-def test_channels_last_stays_within_one_level_of_diffusers(tiny_models, multi):
-    """channels_last (the default on a GPU and on CPU, where oneDNN's convolutions are faster in it) reorders
-    the convolutions' memory, not their maths: within one level of diffusers' own images; `false` keeps
-    the usual layout (and equality to the bit)."""
+def test_channels_last_stays_within_one_level_of_diffusers(tiny_models, multi, monkeypatch):
+    """channels_last (the default on a GPU; asked for here on CPU) reorders the convolutions' memory, not
+    their maths: within one level of diffusers' own images; `false` keeps the usual layout (and equality to
+    the bit). On CPU it runs one pipeline call at a time: two side by side on shared channels_last weights
+    gave a few samples per run other numbers."""
     rows = make_rows()
     conv = lambda g: g.pipe.unet.conv_in.weight  # noqa: E731
     assert not conv(multi).is_contiguous(memory_format=torch.channels_last)
-    fast = generator(tiny_models, batch_size=4, num_cpus=1)
+    assert not conv(generator(tiny_models, batch_size=4, num_cpus=1)).is_contiguous(memory_format=torch.channels_last)
+    asked = []  # the lanes asked for with two CPUs (not set here: torch's thread count stays the test's)
+    monkeypatch.setattr("pipeline.generators.base.lanes", lambda num_cpus, most=2: asked.append(most) or 1)
+    fast = generator(tiny_models, batch_size=4, num_cpus=2, channels_last=True)
+    assert asked == [1]
     for net in (fast.pipe.unet, fast.pipe.vae, *fast.pipe.controlnet.nets):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
     ours = [png_to_array(r["generated"]) for r in fast.generate(rows)]
@@ -173,6 +178,11 @@ def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi
     rows = make_rows()
     got = two.generate(rows)  # four rows: two calls of two
     assert len(seen) == 2 and len({pipe for _, pipe in seen}) == 2 and two._pipe.unet is two.lane_copy().unet
+    # each lane has text encoder modules (and config) of its own on the same weights: transformers' forward
+    # changes its config for the length of a call, and a shared one gave some samples another prompt embedding
+    lane = two.lane_copy().text_encoder
+    assert lane is not two._pipe.text_encoder and lane.config is not two._pipe.text_encoder.config
+    assert all(a is b for a, b in zip(lane.parameters(), two._pipe.text_encoder.parameters()))
     assert [r["generated"] for r in got] == [r["generated"] for r in multi.generate(rows)]
 
 

@@ -326,7 +326,7 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
         pipe.scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    if gen.channels_last is True or (gen.channels_last == "auto" and device in ("cuda", "cpu")):
+    if gen.channels_last is True or (gen.channels_last == "auto" and device == "cuda"):
         import torch
 
         for name in ("unet", "transformer", "controlnet", "vae"):  # 4-D weights only: convolutions

@@ -76,8 +76,11 @@ class Generator:
         self.progress = progress
         self.compiled = compile_seconds() if gen.compile else 0.0  # what this process compiled before
         # on CPU: up to two pipeline calls at once on half the threads each (see pipeline.cpus.lanes), unless
-        # the family's calls draw from torch's global random state (then one call at a time, on every thread)
-        self.lanes = lanes(gen.num_cpus, most=1 if self.global_random_state else 2) if self.device == "cpu" else 1
+        # the family's calls draw from torch's global random state, or channels_last is asked for (oneDNN's
+        # channels_last convolutions on weights shared by two calls at once gave a few samples in a run other
+        # numbers): then one call at a time, on every thread
+        one = self.global_random_state or gen.channels_last is True
+        self.lanes = lanes(gen.num_cpus, most=1 if one else 2) if self.device == "cpu" else 1
         self.gen = gen
         self.max_batch = gen.calls_of(self.device)  # lowered for good after an out-of-memory error
         self._lane = threading.local()
@@ -99,9 +102,17 @@ class Generator:
         self._pipe = pipe
 
     def lane_copy(self):
-        """A pipeline for one more lane: the same models, its own scheduler (a call changes its state)."""
+        """A pipeline for one more lane: the same weights; its own scheduler (a call changes its state) and its
+        own text encoder modules. transformers' text encoders are not safe to call from two threads at once
+        (their forward changes the model's shared config for the length of a call): a shared CLIP text encoder
+        gave one or two samples in 80 another prompt embedding, images off by up to 118 levels in a run."""
+        from transformers import PreTrainedModel
+
         lane = copy.copy(self._pipe)
         lane.scheduler = copy.deepcopy(self._pipe.scheduler)
+        for name, component in self._pipe.components.items():
+            if isinstance(component, PreTrainedModel):
+                setattr(lane, name, same_weights(component))
         return lane
 
     @classmethod
@@ -209,6 +220,12 @@ def torch_device() -> str:
         return "cuda"
     mps = getattr(torch.backends, "mps", None)
     return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def same_weights(module):
+    """A copy of a torch module with module objects and config of its own and the very same parameter tensors
+    (no memory for weights)."""
+    return copy.deepcopy(module, {id(p): p for p in module.parameters()})
 
 
 def cpu_generators(rows: list[Row]) -> list:
