@@ -124,15 +124,21 @@ def captioner_model(cfg: JobConfig) -> ResolvedModel | None:
     return resolve_model(c.model, c.revision, cls.probe, c.local_files_only, cls.files)
 
 
+def on_gpu(section, gpus: float) -> bool:
+    """Whether a stage's actors (annotator, captioner, generation or quality section) claim GPUs: the cluster
+    has some and the section asks for them (`num_gpus`); otherwise they run on CPUs."""
+    return bool(gpus and section.num_gpus)
+
+
 def actor_cpus(cfg: JobConfig, models: Models, gpus: float, cpus: float, node: float | None = None) -> dict[str, float]:
     """CPUs each actor claims, scaled down if the actors would leave no CPU for read and decode tasks.
     `node`: the CPUs of the largest node (what generation's `num_cpus: auto` means)."""
-    wanted = {a.key: a.num_cpus for a in cfg.annotators if models.annotators[a.key] and not (gpus and a.num_gpus)}
-    if cfg.captioner and not (gpus and cfg.captioner.num_gpus):
+    wanted = {a.key: a.num_cpus for a in cfg.annotators if models.annotators[a.key] and not on_gpu(a, gpus)}
+    if cfg.captioner and not on_gpu(cfg.captioner, gpus):
         wanted["caption"] = cfg.captioner.num_cpus
-    if cfg.generation and not (gpus and cfg.generation.num_gpus):
+    if cfg.generation and not on_gpu(cfg.generation, gpus):
         wanted["generate"] = cpus_of(cfg.generation.num_cpus, node or cpus)
-    if cfg.quality and needs_actor(cfg, models.annotators) and not (gpus and cfg.quality.num_gpus):
+    if cfg.quality and needs_actor(cfg, models.annotators) and not on_gpu(cfg.quality, gpus):
         wanted["score"] = cfg.quality.num_cpus
     total = sum(wanted.values())
     budget = max(cpus - 1, 0.5)
@@ -179,7 +185,7 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
         return stage(ds, name, cls, fn_constructor_kwargs=kwargs, compute=pool, batch_size=batch_size, **resources)
 
     def claim(section, key: str) -> dict:
-        return {"num_gpus": section.num_gpus} if gpus and section.num_gpus else {"num_cpus": cpu_share[key]}
+        return {"num_gpus": section.num_gpus} if on_gpu(section, gpus) else {"num_cpus": cpu_share[key]}
 
     ds = read_source(cfg.source, listing)
     if skip is not None:
@@ -210,10 +216,10 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
         for cheap_name, fn, kw in cheap:
             ds = stage(ds, cheap_name, fn, **kw)
         return ds
-    on_gpu = bool(gpus and gen.num_gpus)
-    ds = actor(ds, "generate", generator_class(gen.family), {"gen": gen, "models": models.generation, "progress": progress},
-               ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors), gen.calls_of("cuda" if on_gpu else "cpu"),
-               claim(gen, "generate"))
+    ds = actor(ds, "generate", generator_class(gen.family),
+               {"gen": gen, "models": models.generation, "progress": progress},
+               ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors),
+               gen.calls_of("cuda" if on_gpu(gen, gpus) else "cpu"), claim(gen, "generate"))
     q = cfg.quality
     if q is None:
         return ds
@@ -348,7 +354,8 @@ def execute(plan: Plan, echo: Callable[[str], None] = print, bar: bool = False) 
                             cfg.output.rows_per_file, schema, progress,
                             reject=bool(cfg.quality and cfg.quality.action == "drop"), layout=cfg.output.layout,
                             rows_per_write=WRITE_INPUTS * variants)
-    if cfg.generation and cfg.generation.compile and not (ray.cluster_resources().get("GPU") and cfg.generation.num_gpus):
+    gen = cfg.generation
+    if gen and gen.compile and not on_gpu(gen, ray.cluster_resources().get("GPU", 0.0)):
         echo("note: generation.compile applies on GPU workers; this run generates on CPU, eagerly")
     t0 = time.perf_counter()
     ds = build_dataset(cfg, models, target.written if target.resuming else None, plan.listing, progress)
