@@ -178,11 +178,13 @@ def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi
     rows = make_rows()
     got = two.generate(rows)  # four rows: two calls of two
     assert len(seen) == 2 and len({pipe for _, pipe in seen}) == 2 and two._pipe.unet is two.lane_copy().unet
-    # each lane has text encoder modules (and config) of its own on the same weights: transformers' forward
-    # changes its config for the length of a call, and a shared one gave some samples another prompt embedding
-    lane = two.lane_copy().text_encoder
-    assert lane is not two._pipe.text_encoder and lane.config is not two._pipe.text_encoder.config
-    assert all(a is b for a, b in zip(lane.parameters(), two._pipe.text_encoder.parameters()))
+    # each lane has text encoder modules (and config) of its own on the same weights, and its own tokenizer:
+    # transformers' forward changes the config for the length of a call, and a shared encoder gave some samples
+    # another prompt embedding
+    lane, own = two.lane_copy(), two._pipe
+    assert lane.text_encoder is not own.text_encoder and lane.text_encoder.config is not own.text_encoder.config
+    assert all(a is b for a, b in zip(lane.text_encoder.parameters(), own.text_encoder.parameters()))
+    assert lane.tokenizer is not own.tokenizer  # a call sets its padding and truncation
     assert [r["generated"] for r in got] == [r["generated"] for r in multi.generate(rows)]
 
 

@@ -102,17 +102,21 @@ class Generator:
         self._pipe = pipe
 
     def lane_copy(self):
-        """A pipeline for one more lane: the same weights; its own scheduler (a call changes its state) and its
-        own text encoder modules. transformers' text encoders are not safe to call from two threads at once
-        (their forward changes the model's shared config for the length of a call): a shared CLIP text encoder
-        gave one or two samples in 80 another prompt embedding, images off by up to 118 levels in a run."""
-        from transformers import PreTrainedModel
+        """A pipeline for one more lane: the same weights; its own scheduler (a call changes its state), text
+        encoder modules and tokenizers. transformers' text encoders and tokenizers are not safe to call from two
+        threads at once (a text encoder's forward changes its config for the length of a call; a fast
+        tokenizer's call sets its padding and truncation): a shared CLIP text encoder gave one or two samples in
+        80 another prompt embedding, images off by up to 118 levels in a run, and shared SDXL tokenizers a
+        call 18 tokens long beside one of 77."""
+        from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
         lane = copy.copy(self._pipe)
         lane.scheduler = copy.deepcopy(self._pipe.scheduler)
         for name, component in self._pipe.components.items():
             if isinstance(component, PreTrainedModel):
                 setattr(lane, name, same_weights(component))
+            elif isinstance(component, PreTrainedTokenizerBase):
+                setattr(lane, name, copy.deepcopy(component))
         return lane
 
     @classmethod
