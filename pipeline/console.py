@@ -66,11 +66,46 @@ def good_rows(table) -> int:
     return table.column("error_stage").null_count if "error_stage" in table.column_names else table.num_rows
 
 
+class BusyClock:
+    """The seconds a stage is busy in this process, shared out among its batches: batches that overlap (an actor
+    taking two at once) split the time they overlap, so that a stage's seconds add up to the time it was busy."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active: dict[object, float] = {}  # batch -> seconds so far
+        self._last = 0.0
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        for batch in self._active:
+            self._active[batch] += (now - self._last) / len(self._active)
+        self._last = now
+
+    def start(self) -> object:
+        with self._lock:
+            self._advance()
+            batch = object()
+            self._active[batch] = 0.0
+            return batch
+
+    def stop(self, batch: object) -> float:
+        with self._lock:
+            self._advance()
+            return self._active.pop(batch)
+
+
+_clocks: dict[str, BusyClock] = {}
+
+
 def _report(progress, name: str, fn: Callable, batch):
-    start = time.perf_counter()
-    out = fn(batch)
+    clock = _clocks.setdefault(name, BusyClock())
+    started = clock.start()
+    try:
+        out = fn(batch)
+    finally:
+        seconds = clock.stop(started)
     if progress is not None:
-        progress.stage.remote(name, good_rows(batch), good_rows(out), time.perf_counter() - start)
+        progress.stage.remote(name, good_rows(batch), good_rows(out), seconds)
     return out
 
 

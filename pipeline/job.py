@@ -216,9 +216,13 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
         for cheap_name, fn, kw in cheap:
             ds = stage(ds, cheap_name, fn, **kw)
         return ds
+    # two batches in each generator actor at once: its lanes take their pipeline calls in turn (one at a time on
+    # a GPU), so no lane waits for the other at the end of a batch, and a batch's rows are read and its images
+    # encoded while the other generates
     ds = actor(ds, "generate", generator_class(gen.family),
                {"gen": gen, "models": models.generation, "progress": progress},
-               ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors),
+               ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors, max_concurrent_calls_per_actor=2,
+                                          enable_true_multi_threading=True),
                gen.calls_of("cuda" if on_gpu(gen, gpus) else "cpu"), claim(gen, "generate"))
     q = cfg.quality
     if q is None:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -104,6 +105,37 @@ def test_stage_shares_count_compile_time_once():
     rows = {r["name"]: r for r in stage_rows({"stages": stages})}
     assert [rows[n]["share"] for n in stages] == ["25%", "75%", "50%"]
     assert rows["generate"]["rows_per_s"] == 16 / 3.0
+
+
+def test_batches_that_overlap_in_one_actor_share_their_stage_seconds():
+    """A generator actor takes two batches at once: the stage's seconds are the time it was busy, not twice
+    the time the two batches overlapped."""
+    import threading
+    import time
+
+    from pipeline.console import timed
+
+    reported, inside = [], threading.Barrier(2)
+
+    class Progress:  # stands in for the actor handle: records what the stage reports
+        class stage:  # noqa: N801
+            remote = staticmethod(lambda name, rows_in, rows_out, seconds: reported.append(seconds))
+
+    def work(batch):
+        inside.wait(timeout=60)  # both batches are in the stage at once
+        time.sleep(0.2)
+        return batch
+
+    stage = timed("overlap", work, Progress)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=stage, args=(pa.table({"x": [1]}),)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    busy = time.perf_counter() - started
+    assert len(reported) == 2 and all(s > 0 for s in reported)
+    assert 0.2 <= sum(reported) <= busy  # each batch alone took over 0.2 s: counted in full, the sum would exceed it
 
 
 def test_a_command_stops_the_ray_it_started_however_it_ends():

@@ -54,3 +54,31 @@ def test_cpu_generation_runs_two_calls_at_most_each_on_a_share_of_the_cpus():
         assert (lanes(1), torch.get_num_threads()) == (1, 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_torch_actor_on_cpu_keeps_the_memory_it_frees_for_the_next_forward_pass():
+    """glibc maps a 64 MiB block anew for each allocation by default (its pages then fault in zeroed, one by one);
+    after `use_cpus` such blocks come from the heap and stay there once freed."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, sys
+import numpy as np
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "kept":
+    from pipeline.cpus import use_cpus
+    use_cpus(1)
+mapped = libc.mallinfo2().hblkhd
+block = np.ones(64 << 20, np.uint8)
+print(libc.mallinfo2().hblkhd - mapped)
+"""
+    mapped = {how: int(subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True,
+                                      check=True).stdout) for how in ("default", "kept")}
+    assert mapped["default"] >= 64 << 20 and mapped["kept"] == 0

@@ -188,6 +188,44 @@ def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi
     assert [r["generated"] for r in got] == [r["generated"] for r in multi.generate(rows)]
 
 
+def test_two_batches_at_once_take_turns_on_one_lane(multi):
+    """Ray Data hands a generator actor two batches at once: with one lane (a GPU, or one CPU) their pipeline
+    calls run one at a time, and each batch gets the images it would get alone."""
+    import threading
+
+    assert multi.lanes == 1
+    rows = make_rows()
+    alone = [[r["generated"] for r in multi.generate(half)] for half in (rows[:2], rows[2:])]
+    lock, running, most, real = threading.Lock(), [0], [0], multi.run
+
+    def run(rows, width, height):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return real(rows, width, height)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    multi.run, got = run, [None, None]
+    try:
+        both = threading.Barrier(2)
+
+        def batch(i):
+            both.wait(timeout=60)
+            got[i] = [r["generated"] for r in multi.generate((rows[:2], rows[2:])[i])]
+
+        threads = [threading.Thread(target=batch, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del multi.run
+    assert most[0] == 1 and got == alone
+
+
 def test_batch_invariance(multi):
     """A sample's noise comes from its own generator, so it does not depend on its batch. The pixels
     agree up to float reduction order inside batched matmuls (at most one level, rarely)."""

@@ -86,10 +86,12 @@ class Generator:
         self._lane = threading.local()
         self.load(models)
         self.provenance: Row = self.provenance_fields(models) | worker_fields(self.device)
-        self.pool = None
-        if self.lanes > 1:  # one thread per lane, each with a pipeline of its own (sharing the models)
-            copies = [self._pipe, *(self.lane_copy() for _ in range(self.lanes - 1))]
-            self.pool = ThreadPoolExecutor(self.lanes, initializer=lambda: setattr(self._lane, "pipe", copies.pop()))
+        # pipeline calls run on one thread per lane, each with a pipeline of its own (sharing the models). Ray
+        # Data hands the actor two batches at once (see job.build_dataset): their calls queue here, so a lane that
+        # is done with one batch takes the next batch's first call instead of waiting for the other lane
+        copies = [self.lane_copy() for _ in range(self.lanes - 1)]  # one lane calls `self._pipe` itself
+        self.pool = ThreadPoolExecutor(self.lanes, initializer=lambda: setattr(self._lane, "pipe",
+                                                                             copies.pop() if copies else None))
 
     @property
     def pipe(self):
@@ -151,7 +153,7 @@ class Generator:
         calls = [(size, idx[k : k + per_call]) for size, idx in by_size.items() for k in range(0, len(idx), per_call)]
         run = lambda call: self.run_fitting([rows[i] for i in call[1]], *call[0])  # noqa: E731
         out: list[Row | None] = [None] * len(rows)
-        for (_, idx), images in zip(calls, self.pool.map(run, calls) if self.pool else map(run, calls)):
+        for (_, idx), images in zip(calls, self.pool.map(run, calls)):
             for i, image in zip(idx, images):
                 out[i] = {**rows[i], **self.provenance, **self.row_fields(rows[i]), "generated": array_to_png(image)}
         if self.gen.compile:
