@@ -84,6 +84,7 @@ class Generator:
         self.gen = gen
         self.max_batch = gen.calls_of(self.device)  # lowered for good after an out-of-memory error
         self._lane = threading.local()
+        self._compile_lock = threading.Lock()
         self.load(models)
         self.provenance: Row = self.provenance_fields(models) | worker_fields(self.device)
         # pipeline calls run on one thread per lane, each with a pipeline of its own (sharing the models). Ray
@@ -162,13 +163,14 @@ class Generator:
 
     def report_compile(self) -> None:
         """Tell the run how long torch.compile took since the last report (a new image or batch size compiles
-        anew)."""
-        seconds = compile_seconds()
-        if seconds > self.compiled:
-            log.info("torch.compile: %.1f s compiling", seconds - self.compiled)
+        anew). Two batches may end at once: each second is reported once."""
+        with self._compile_lock:
+            seconds, before = compile_seconds(), self.compiled
+            self.compiled = max(seconds, before)
+        if seconds > before:
+            log.info("torch.compile: %.1f s compiling", seconds - before)
             if self.progress is not None:
-                self.progress.stage.remote("generate:compile", 0, 0, seconds - self.compiled)  # within generate's time
-            self.compiled = seconds
+                self.progress.stage.remote("generate:compile", 0, 0, seconds - before)  # within generate's time
 
     def run_fitting(self, rows: list[Row], width: int, height: int) -> list[np.ndarray]:
         """Run in chunks of at most `max_batch`; on out-of-memory halve it and retry the chunk."""
