@@ -230,7 +230,8 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     score_args = {"cfg": cfg, "annotator_models": models.annotators, "clip_model": models.scorers.get("clip")}
     if not needs_actor(cfg, models.annotators):  # weight-free annotators and sharpness only: Ray tasks
         return stage(ds, "score", Score(**score_args), batch_size=q.batch_size)
-    return actor(ds, "score", Score, score_args, ray.data.ActorPoolStrategy(min_size=1, max_size=q.actors),
+    return actor(ds, "score", Score, score_args | {"num_cpus": q.num_cpus},
+                 ray.data.ActorPoolStrategy(min_size=1, max_size=q.actors),
                  q.batch_size, claim(q, "score"))
 
 

@@ -243,6 +243,25 @@ def test_a_row_that_cannot_be_scored_becomes_an_error_row_and_the_batch_goes_on(
     assert out["bad"]["error_stage"] == "score" and out["bad"]["score_canny"] is None
 
 
+def test_a_scoring_actor_on_cpu_runs_torch_on_the_threads_of_its_config(tmp_path):
+    """`quality.num_cpus` sets a scoring actor's torch threads (Ray's claim may have been scaled down); a Ray task
+    (no actor: weight-free scoring) leaves the process's threads alone."""
+    import torch
+
+    from pipeline.scorers.stage import Score
+
+    cfg = quality_cfg(tmp_path, [{"name": "canny"}], min={"canny": 0.1})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Score(cfg, {}, None)
+        assert torch.get_num_threads() == 1
+        Score(cfg, {}, None, num_cpus=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- config
 
 
