@@ -36,6 +36,17 @@ def use_cpus(num_cpus: float | str) -> int:
     return threads
 
 
+def actor_device(num_cpus: float | str) -> str:
+    """The device of a torch actor (annotator, captioner, scorer): cuda where this process sees a GPU, else cpu,
+    where torch then runs on the configured CPUs (`use_cpus`)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        use_cpus(num_cpus)
+    return device
+
+
 def lanes(num_cpus: float | str, most: int = 2) -> int:
     """In a generator actor on CPU: how many pipeline calls run at once for the configured CPUs (up to
     `most`), each on an equal share of them as torch threads; returns the number of lanes. Two calls side

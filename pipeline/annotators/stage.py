@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from pipeline.cpus import use_cpus
+from pipeline.cpus import actor_device
 from pipeline.annotators import ANNOTATORS, Annotator
 from pipeline.config import AnnotatorConfig
 from pipeline.io.images import array_to_png, png_to_array
@@ -22,13 +22,8 @@ class Annotate:
     once per actor)."""
 
     def __init__(self, cfg: AnnotatorConfig, model: ResolvedModel | None):
-        device = "cpu"
-        if model is not None:  # an actor; weight-free annotators are built by the driver and run as tasks (no torch)
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            if device == "cpu":
-                use_cpus(cfg.num_cpus)
+        # an actor with a model; weight-free annotators are built by the driver and run as tasks (no torch)
+        device = actor_device(cfg.num_cpus) if model is not None else "cpu"
         self.key = cfg.key
         self.annotator: Annotator = ANNOTATORS[cfg.name](cfg.params, model=model, device=device)
         self.provenance = json.dumps({"id": cfg.key, **self.annotator.provenance()}, sort_keys=True)

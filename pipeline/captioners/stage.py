@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from pipeline.cpus import use_cpus
+from pipeline.cpus import actor_device
 from pipeline.captioners import CAPTIONERS
 from pipeline.config import CaptionerConfig
 from pipeline.io.images import png_to_array
@@ -27,11 +27,7 @@ class Caption:
     `overwrite`) get `caption` and `captioner` (JSON provenance); the other rows pass unchanged."""
 
     def __init__(self, cfg: CaptionerConfig, model: ResolvedModel):
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            use_cpus(cfg.num_cpus)
+        device = actor_device(cfg.num_cpus)
         self.overwrite = cfg.overwrite
         self.captioner = CAPTIONERS[cfg.kind](model, cfg.effective_task, cfg.max_new_tokens, device)
         self.provenance = json.dumps(self.captioner.provenance(), sort_keys=True)

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import AnnotatorConfig, JobConfig, QualityConfig
-from pipeline.cpus import use_cpus
+from pipeline.cpus import actor_device
 from pipeline.io.images import png_to_array
 from pipeline.models import ResolvedModel
 from pipeline.rows import Row, map_batch_isolated
@@ -121,7 +121,6 @@ class Scorer:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
         self.quality = cfg.quality
         self.conditions = scored_conditions(cfg)
         self.annotators = {c.key: ANNOTATORS[c.cfg.name](c.cfg.params, model=annotator_models.get(c.key), device=device)
@@ -189,10 +188,9 @@ class Score:
     def __init__(self, cfg: JobConfig | Gate, annotator_models: dict[str, ResolvedModel | None],
                  clip_model: ResolvedModel | None, num_cpus: float | None = None):
         """`num_cpus`: given to an actor (`quality.num_cpus`): on CPU its torch runs on that many threads, not on
-        what Ray's claim gives, and keeps the memory it frees (pipeline.cpus.use_cpus). None: a Ray task."""
-        self.scorer = Scorer(cfg, annotator_models, clip_model)
-        if num_cpus is not None and self.scorer.device == "cpu":
-            use_cpus(num_cpus)
+        what Ray's claim gives, and keeps the memory it frees (pipeline.cpus.actor_device). None: a Ray task."""
+        device = actor_device(num_cpus) if num_cpus is not None else None
+        self.scorer = Scorer(cfg, annotator_models, clip_model, device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return map_batch_isolated("score", batch, self.scorer.score)
