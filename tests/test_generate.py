@@ -98,6 +98,40 @@ def test_a_controlnet_runs_only_in_its_window_and_embeds_its_control_once(tiny_m
         np.testing.assert_array_equal(got, np.asarray(want))
     gen.generate(rows[:2])  # a new call, new control images: embedded anew
     assert calls["canny embedding"] == calls["hed embedding"] == 4 + 2
+    # two variants of one photo in a call (another seed and prompt): their control images are embedded once
+    twins = [rows[0], {**rows[0], "seed": rows[0]["seed"] + 1, "prompt": "a drawing"}]
+    ours = [png_to_array(r["generated"]) for r in gen.generate(twins)]
+    assert calls["canny embedding"] == calls["hed embedding"] == 4 + 2 + 1
+    for got, want in zip(ours, diffusers_images(tiny_models, twins, steps=5, hed_end=0.6)):
+        assert np.abs(got.astype(int) - np.asarray(want).astype(int)).max() <= 1  # a batch of one: its rounding
+
+
+def test_guidance_halves_are_computed_once_up_to_the_first_cross_attention(tiny_models, monkeypatch):
+    """With classifier-free guidance the UNet and each ControlNet get every latent twice, and the two halves
+    are the same numbers up to the first cross-attention: on CPU the convolutions and the self-attention
+    before it compute one half. The images are diffusers' to the bit."""
+    monkeypatch.setattr("pipeline.generators._controlnet.HALVES_MIN_VALUES", 0)  # the test models' tensors are small
+    gen = generator(tiny_models, batch_size=4, num_cpus=1, channels_last=False)
+    rows = make_rows()
+    convs: dict[int, list[int]] = {}  # rows each convolution computed, by module
+    conv_forward = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda self, x, w, b: (
+        convs.setdefault(id(self), []).append(x.shape[0]), conv_forward(self, x, w, b))[1])
+    attention: dict[str, list[int]] = {}
+    count = lambda key: lambda _, args, __: attention.setdefault(key, []).append(args[0].shape[0])  # noqa: E731
+    models = {"unet": gen.pipe.unet, "canny": gen.pipe.controlnet.nets[0]}
+    for key, model in models.items():
+        first = model.down_blocks[1].attentions[0].transformer_blocks[0]  # the test models' first transformer
+        first.attn1.to_q.register_forward_hook(count(f"{key} self"))
+        first.attn2.to_q.register_forward_hook(count(f"{key} cross"))
+    ours = [png_to_array(r["generated"]) for r in gen.generate(rows)]  # 4 rows: 8 with guidance, 3 steps
+    for key, model in models.items():
+        assert attention[f"{key} self"] == [4] * 3 and attention[f"{key} cross"] == [8] * 3
+        before = [model.conv_in, model.down_blocks[0].resnets[0].conv1, model.down_blocks[1].resnets[0].conv2]
+        assert all(convs[id(conv)] == [4] * 3 for conv in before)
+        assert convs[id(model.down_blocks[1].attentions[0].proj_out)] == [8] * 3  # after the prompt came in
+    for got, want in zip(ours, diffusers_images(tiny_models, rows, steps=3, hed_end=0.8)):
+        np.testing.assert_array_equal(got, np.asarray(want))
 
 
 def test_channels_last_stays_within_one_level_of_diffusers(tiny_models, multi, monkeypatch):
