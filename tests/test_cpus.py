@@ -82,3 +82,24 @@ print(libc.mallinfo2().hblkhd - mapped)
     mapped = {how: int(subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True,
                                       check=True).stdout) for how in ("default", "kept")}
     assert mapped["default"] >= 64 << 20 and mapped["kept"] == 0
+
+
+def test_an_actor_loads_with_the_garbage_collector_paused_and_what_it_loaded_frozen():
+    """What an actor's start creates (modules, models) lives as long as the process: no full collection walks
+    it while it is created, nor later."""
+    import subprocess
+    import sys
+
+    code = """
+import gc
+from pipeline.cpus import loading
+
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(info["generation"]))
+frozen = gc.get_freeze_count()
+with loading():
+    loaded = [[i, [i]] for i in range(300_000)]  # a model's worth of tracked objects
+print(len(collections), gc.isenabled(), gc.get_freeze_count() - frozen >= 600_000)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "True", "True"]  # no collection while loading; the collector is back on; all frozen

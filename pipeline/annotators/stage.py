@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pyarrow as pa
 
-from pipeline.cpus import actor_device
+from pipeline.cpus import actor_device, loading
 from pipeline.annotators import ANNOTATORS, Annotator
 from pipeline.config import AnnotatorConfig
 from pipeline.io.images import array_to_png, png_to_array
@@ -23,9 +24,10 @@ class Annotate:
 
     def __init__(self, cfg: AnnotatorConfig, model: ResolvedModel | None):
         # an actor with a model; weight-free annotators are built by the driver and run as tasks (no torch)
-        device = actor_device(cfg.num_cpus) if model is not None else "cpu"
+        with loading() if model is not None else contextlib.nullcontext():
+            device = actor_device(cfg.num_cpus) if model is not None else "cpu"
+            self.annotator: Annotator = ANNOTATORS[cfg.name](cfg.params, model=model, device=device)
         self.key = cfg.key
-        self.annotator: Annotator = ANNOTATORS[cfg.name](cfg.params, model=model, device=device)
         self.provenance = json.dumps({"id": cfg.key, **self.annotator.provenance()}, sort_keys=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

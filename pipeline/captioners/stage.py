@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from pipeline.cpus import actor_device
+from pipeline.cpus import actor_device, loading
 from pipeline.captioners import CAPTIONERS
 from pipeline.config import CaptionerConfig
 from pipeline.io.images import png_to_array
@@ -27,9 +27,10 @@ class Caption:
     `overwrite`) get `caption` and `captioner` (JSON provenance); the other rows pass unchanged."""
 
     def __init__(self, cfg: CaptionerConfig, model: ResolvedModel):
-        device = actor_device(cfg.num_cpus)
+        with loading():
+            device = actor_device(cfg.num_cpus)
+            self.captioner = CAPTIONERS[cfg.kind](model, cfg.effective_task, cfg.max_new_tokens, device)
         self.overwrite = cfg.overwrite
-        self.captioner = CAPTIONERS[cfg.kind](model, cfg.effective_task, cfg.max_new_tokens, device)
         self.provenance = json.dumps(self.captioner.provenance(), sort_keys=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

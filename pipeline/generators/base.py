@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cpus import lanes
+from pipeline.cpus import lanes, loading
 from pipeline.config import GenerationConfig
 from pipeline.io.images import array_to_png
 from pipeline.rows import Row, map_batch_isolated
@@ -72,27 +72,28 @@ class Generator:
     def __init__(self, gen: GenerationConfig, models: Models, progress=None):
         """`progress`: the run's console.Progress actor, told the seconds `generation.compile` spends compiling
         (stage `generate:compile`, part of the stage `generate`)."""
-        self.device = torch_device()
-        self.progress = progress
-        self.compiled = compile_seconds() if gen.compile else 0.0  # what this process compiled before
-        # on CPU: up to two pipeline calls at once on half the threads each (see pipeline.cpus.lanes), unless
-        # the family's calls draw from torch's global random state, or channels_last is asked for (oneDNN's
-        # channels_last convolutions on weights shared by two calls at once gave a few samples in a run other
-        # numbers): then one call at a time, on every thread
-        one = self.global_random_state or gen.channels_last is True
-        self.lanes = lanes(gen.num_cpus, most=1 if one else 2) if self.device == "cpu" else 1
-        self.gen = gen
-        self.max_batch = gen.calls_of(self.device)  # lowered for good after an out-of-memory error
-        self._lane = threading.local()
-        self._compile_lock = threading.Lock()
-        self.load(models)
-        self.provenance: Row = self.provenance_fields(models) | worker_fields(self.device)
-        # pipeline calls run on one thread per lane, each with a pipeline of its own (sharing the models). Ray
-        # Data hands the actor two batches at once (see job.build_dataset): their calls queue here, so a lane that
-        # is done with one batch takes the next batch's first call instead of waiting for the other lane
-        copies = [self.lane_copy() for _ in range(self.lanes - 1)]  # one lane calls `self._pipe` itself
-        self.pool = ThreadPoolExecutor(self.lanes, initializer=lambda: setattr(self._lane, "pipe",
-                                                                             copies.pop() if copies else None))
+        with loading():  # imports and model loads with the garbage collector paused (pipeline.cpus.loading)
+            self.device = torch_device()
+            self.progress = progress
+            self.compiled = compile_seconds() if gen.compile else 0.0  # what this process compiled before
+            # on CPU: up to two pipeline calls at once on half the threads each (see pipeline.cpus.lanes), unless
+            # the family's calls draw from torch's global random state, or channels_last is asked for (oneDNN's
+            # channels_last convolutions on weights shared by two calls at once gave a few samples in a run other
+            # numbers): then one call at a time, on every thread
+            one = self.global_random_state or gen.channels_last is True
+            self.lanes = lanes(gen.num_cpus, most=1 if one else 2) if self.device == "cpu" else 1
+            self.gen = gen
+            self.max_batch = gen.calls_of(self.device)  # lowered for good after an out-of-memory error
+            self._lane = threading.local()
+            self._compile_lock = threading.Lock()
+            self.load(models)
+            self.provenance: Row = self.provenance_fields(models) | worker_fields(self.device)
+            # pipeline calls run on one thread per lane, each with a pipeline of its own (sharing the models). Ray
+            # Data hands the actor two batches at once (see job.build_dataset): their calls queue here, so a lane that
+            # is done with one batch takes the next batch's first call instead of waiting for the other lane
+            copies = [self.lane_copy() for _ in range(self.lanes - 1)]  # one lane calls `self._pipe` itself
+            self.pool = ThreadPoolExecutor(self.lanes, initializer=lambda: setattr(self._lane, "pipe",
+                                                                                 copies.pop() if copies else None))
 
     @property
     def pipe(self):
@@ -152,6 +153,7 @@ class Generator:
         # a call per size; with lanes, calls small enough that every lane has one
         per_call = max(1, min(self.max_batch, -(-len(rows) // self.lanes)))
         calls = [(size, idx[k : k + per_call]) for size, idx in by_size.items() for k in range(0, len(idx), per_call)]
+        calls.sort(key=lambda call: -call[0][0] * call[0][1] * len(call[1]))  # the longest first: a short tail
         run = lambda call: self.run_fitting([rows[i] for i in call[1]], *call[0])  # noqa: E731
         out: list[Row | None] = [None] * len(rows)
         for (_, idx), images in zip(calls, self.pool.map(run, calls)):

@@ -14,6 +14,7 @@ Ray Data stage around it (an actor when a model loads, so it loads once per acto
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import AnnotatorConfig, JobConfig, QualityConfig
-from pipeline.cpus import actor_device
+from pipeline.cpus import actor_device, loading
 from pipeline.io.images import png_to_array
 from pipeline.models import ResolvedModel
 from pipeline.rows import Row, map_batch_isolated
@@ -189,8 +190,9 @@ class Score:
                  clip_model: ResolvedModel | None, num_cpus: float | None = None):
         """`num_cpus`: given to an actor (`quality.num_cpus`): on CPU its torch runs on that many threads, not on
         what Ray's claim gives, and keeps the memory it frees (pipeline.cpus.actor_device). None: a Ray task."""
-        device = actor_device(num_cpus) if num_cpus is not None else None
-        self.scorer = Scorer(cfg, annotator_models, clip_model, device)
+        with loading() if num_cpus is not None else contextlib.nullcontext():
+            device = actor_device(num_cpus) if num_cpus is not None else None
+            self.scorer = Scorer(cfg, annotator_models, clip_model, device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return map_batch_isolated("score", batch, self.scorer.score)
