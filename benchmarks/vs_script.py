@@ -8,9 +8,12 @@ guiding the first 60% of the steps (`guidance_end: 0.6`). `hand_written` below i
 obvious sequential script: PIL, cv2, controlnet-aux's HEDdetector, diffusers'
 StableDiffusionControlNetPipeline, one Parquet file with the same columns of images. Both run as
 fresh processes (`python -m pipeline run` on a local Ray instance it starts itself), interleaved,
-`--pairs` times per size; wall time, CPU time (every process of the tree, sampled) and peak memory
-(the sum of the tree's proportional set sizes) are measured from outside, and the ratios printed
-are pipeline / script (below 1: the pipeline is faster or lighter).
+`--pairs` times per size; wall time and CPU time (every process of the tree, sampled) are measured
+from outside, and the ratios printed are pipeline / script (below 1: the pipeline is faster or
+lighter). Peak memory (the sum of the tree's proportional set sizes) is measured in one more pair of
+its own: reading a process's PSS makes the kernel walk its page tables (about 5 ms for a torch
+process), and doing that every second for each of the pipeline's ~15 processes took ~1 s of CPU from a
+17-s run on two cores, against one process of the script's: it slowed the side it measured most.
 
 With `--layout N` (default 8) it also runs the tiny job on N photos at 128 and at 512 px in both
 `output.layout`s (flat, normalized) and prints the Parquet bytes of each.
@@ -170,8 +173,9 @@ def write_mid(directory: Path, tiny: dict) -> dict:
 
 # -- measuring -----------------------------------------------------------------------------------
 
-def measure(command: list[str], env: dict) -> dict:
-    """Wall time, CPU time and peak proportional memory of a command and every process it starts."""
+def measure(command: list[str], env: dict, memory: bool = False) -> dict:
+    """Wall time and CPU time of a command and every process it starts; with `memory`, their peak
+    proportional memory too (costly to read: see the module's docstring)."""
     import psutil
 
     start = time.perf_counter()
@@ -179,7 +183,8 @@ def measure(command: list[str], env: dict) -> dict:
     cpu: dict[tuple, float] = {}
     peak, tick = 0, 0
     while proc.poll() is None:  # CPU times 4 times a second; memory (reading smaps is costly) once a second
-        memory, tick = 0, tick + 1
+        tick += 1
+        pss, read_memory = 0, memory and tick % 4 == 1
         try:
             tree = [proc, *proc.children(recursive=True)]
         except psutil.NoSuchProcess:
@@ -188,17 +193,19 @@ def measure(command: list[str], env: dict) -> dict:
             try:
                 t = p.cpu_times()
                 cpu[(p.pid, p.create_time())] = t.user + t.system
-                if tick % 4 == 1:
-                    memory += p.memory_full_info().pss
+                if read_memory:
+                    pss += p.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        peak = max(peak, memory)
+        peak = max(peak, pss)
         time.sleep(0.25)
     wall = time.perf_counter() - start
     stderr = proc.stderr.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(sum(cpu.values()), 2), "peak_mib": round(peak / 2**20)}
+    if memory:
+        return {"peak_mib": round(peak / 2**20)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(sum(cpu.values()), 2)}
 
 
 def parquet_bytes(directory: Path) -> int:
@@ -223,7 +230,7 @@ def run_env() -> dict:  # noqa: N802
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
 
 
-def run_pair(job: dict, order: tuple[str, str], work: Path) -> dict:
+def run_pair(job: dict, order: tuple[str, str], work: Path, memory: bool = False) -> dict:
     env = run_env()
     results = {}
     for kind in order:
@@ -238,7 +245,7 @@ def run_pair(job: dict, order: tuple[str, str], work: Path) -> dict:
 
             (work / "job.yaml").write_text(yaml.safe_dump(pipeline_config(spec)))
             command = [sys.executable, "-m", "pipeline", "run", str(work / "job.yaml"), "-q"]
-        results[kind] = measure(command, env)
+        results[kind] = measure(command, env, memory)
     return results
 
 
@@ -277,9 +284,12 @@ def main() -> None:
                 order = ("script", "pipeline") if i % 2 == 0 else ("pipeline", "script")
                 runs.append(run_pair(job, order, Path(tmp)))
                 print(json.dumps({"models": name, "inputs": n, **runs[-1]}), flush=True)
+            memory = run_pair(job, ("script", "pipeline"), Path(tmp), memory=True)
+            print(json.dumps({"models": name, "inputs": n, **memory}), flush=True)
 
         ratio = {k: round(statistics.median(r["pipeline"][k] / r["script"][k] for r in runs), 2)
-                 for k in ("wall_s", "cpu_s", "peak_mib")}
+                 for k in ("wall_s", "cpu_s")}
+        ratio["peak_mib"] = round(memory["pipeline"]["peak_mib"] / memory["script"]["peak_mib"], 2)
         median = lambda kind, k: statistics.median(r[kind][k] for r in runs)  # noqa: E731
         summary.append((name, n, median("script", "wall_s"), median("pipeline", "wall_s"), ratio))
     for resolution in (128, 512) if args.layout else ():  # the tiny models' job, its photos at two sizes

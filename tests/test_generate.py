@@ -260,6 +260,20 @@ def test_two_batches_at_once_take_turns_on_one_lane(multi):
     assert most[0] == 1 and got == alone
 
 
+def test_a_batch_runs_its_longest_call_first_and_keeps_its_row_order(multi):
+    """A batch's calls (one per image size) queue for the lanes longest first, so the run does not end on one
+    lane finishing a long call while the other waits; the rows come back in the batch's order."""
+    rows = make_rows()[:2] + make_rows(size=(128, 96))[2:]  # two small rows first, then two larger ones
+    sizes, real = [], multi.run
+    multi.run = lambda rows, width, height: sizes.append((width, height)) or real(rows, width, height)
+    try:
+        out = multi.generate(rows)
+    finally:
+        del multi.run
+    assert sizes == [(128, 96), (96, 64)]
+    assert [(r["width"], r["seed"]) for r in out] == [(r["width"], r["seed"]) for r in rows]
+
+
 def test_batch_invariance(multi):
     """A sample's noise comes from its own generator, so it does not depend on its batch. The pixels
     agree up to float reduction order inside batched matmuls (at most one level, rarely)."""
