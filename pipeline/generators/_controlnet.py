@@ -429,7 +429,7 @@ def guidance_halves_once(model) -> None:
         def once(*args, **kwargs):
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             n, half = tensors[0].shape[0], tensors[0].shape[0] // 2
-            if (n % 2 or tensors[0][0].numel() < HALVES_MIN_VALUES
+            if (n < 2 or n % 2 or tensors[0][0].numel() < HALVES_MIN_VALUES
                     or not all(t.shape[0] == n and torch.equal(t[:half], t[half:]) for t in tensors)):
                 return forward(*args, **kwargs)
             cut = lambda a: a[:half] if isinstance(a, torch.Tensor) else a  # noqa: E731
