@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pyarrow as pa
@@ -23,10 +22,12 @@ class Annotate:
     once per actor)."""
 
     def __init__(self, cfg: AnnotatorConfig, model: ResolvedModel | None):
-        # an actor with a model; weight-free annotators are built by the driver and run as tasks (no torch)
-        with loading() if model is not None else contextlib.nullcontext():
-            device = actor_device(cfg.num_cpus) if model is not None else "cpu"
-            self.annotator: Annotator = ANNOTATORS[cfg.name](cfg.params, model=model, device=device)
+        self.annotator: Annotator
+        if model is None:  # weight-free: built by the driver and run as Ray tasks (no torch)
+            self.annotator = ANNOTATORS[cfg.name](cfg.params)
+        else:  # an actor
+            with loading():
+                self.annotator = ANNOTATORS[cfg.name](cfg.params, model=model, device=actor_device(cfg.num_cpus))
         self.key = cfg.key
         self.provenance = json.dumps({"id": cfg.key, **self.annotator.provenance()}, sort_keys=True)
 

@@ -14,7 +14,6 @@ Ray Data stage around it (an actor when a model loads, so it loads once per acto
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -190,9 +189,11 @@ class Score:
                  clip_model: ResolvedModel | None, num_cpus: float | None = None):
         """`num_cpus`: given to an actor (`quality.num_cpus`): on CPU its torch runs on that many threads, not on
         what Ray's claim gives, and keeps the memory it frees (pipeline.cpus.actor_device). None: a Ray task."""
-        with loading() if num_cpus is not None else contextlib.nullcontext():
-            device = actor_device(num_cpus) if num_cpus is not None else None
-            self.scorer = Scorer(cfg, annotator_models, clip_model, device)
+        if num_cpus is None:  # a Ray task
+            self.scorer = Scorer(cfg, annotator_models, clip_model)
+        else:
+            with loading():
+                self.scorer = Scorer(cfg, annotator_models, clip_model, actor_device(num_cpus))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return map_batch_isolated("score", batch, self.scorer.score)
