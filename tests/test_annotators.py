@@ -11,6 +11,7 @@ import warnings
 import cv2
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 with warnings.catch_warnings():
@@ -202,8 +203,25 @@ def test_canny_equals_controlnet_aux():
 @pytest.mark.parametrize(("name", "kwargs"), [("hed", {}), ("hed_safe", {"safe": True}), ("scribble_hed", {"scribble": True})])
 def test_hed_family_equals_controlnet_aux(annotators, weights, name, kwargs):
     detector = HEDdetector.from_pretrained(weights["hed"])
-    # batched float maths may differ from the single-image forward pass in the last bit
+    # batched float maths, and on CPU weights prepacked for oneDNN, may differ from controlnet-aux's forward in the last bit
     assert_same(annotators(name).annotate(photos()), [detector(i, **RES, **kwargs) for i in photos()], tolerance=1)
+    assert annotators(name).prepacked == torch.backends.mkldnn.is_available()  # weights reordered once, at load
+
+
+def test_prepacked_convolutions_compute_what_torch_does():
+    from pipeline.annotators.onednn import PrepackedConv2d, prepack_convolutions
+
+    torch.manual_seed(0)
+    shapes = [{}, {"groups": 8, "stride": 2}, {"dilation": 2, "padding": 2}, {"kernel_size": 1, "padding": 0, "bias": False}]
+    x = torch.randn(2, 16, 21, 30)
+    for shape in shapes:
+        conv = torch.nn.Conv2d(16, 16, **({"kernel_size": 3, "padding": 1} | shape)).eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(PrepackedConv2d(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding="same"), torch.nn.Conv2d(4, 4, 3, padding=1))
+    assert prepack_convolutions(net) == torch.backends.mkldnn.is_available()
+    assert type(net[0]) is torch.nn.Conv2d  # padding given as a word: left as it is
+    assert type(net[1]) is (PrepackedConv2d if torch.backends.mkldnn.is_available() else torch.nn.Conv2d)
 
 
 @pytest.mark.parametrize(
@@ -224,6 +242,7 @@ def test_teed_equals_controlnet_aux(annotators, weights):
     detector = TEEDdetector.from_pretrained(weights["teed"], filename="5_model.pth")
     theirs = [detector(i, detect_resolution=128, safe_steps=2, output_type="np") for i in photos()]
     assert_same(annotators("teed").annotate(photos()), theirs, tolerance=1)
+    assert annotators("teed").prepacked == torch.backends.mkldnn.is_available()
 
 
 def test_mlsd_equals_controlnet_aux(annotators, weights):

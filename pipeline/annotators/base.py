@@ -139,6 +139,10 @@ class NeuralAnnotator(Annotator):
 
     package: ClassVar[str] = "controlnet-aux"
     pad_multiple: ClassVar[int] = 1  # above 1: input reflect-padded to multiples of it, output cropped back
+    # True: on CPU, `self.network`'s convolutions get their weights in oneDNN's layout once, at load
+    # (pipeline.annotators.onednn). Set where it was measured faster and the maps stay within one level of
+    # controlnet-aux's (LeReS, which stretches its depth to the full range, amplified the rounding to 52 levels)
+    prepack: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], model: ResolvedModel | None = None, device: str = "cpu"):
         super().__init__(params, model, device)
@@ -146,12 +150,15 @@ class NeuralAnnotator(Annotator):
             raise ValueError(f"annotator {self.name} needs weights (default: {self.default_model})")
         import torch
 
+        from pipeline.annotators.onednn import prepack_convolutions
+
         self._torch = torch
         self.weights_dir = model.local_dir or _hub_dir(model, self.files)
         self.weights_sha256 = {f: file_sha256(Path(self.weights_dir) / f) for f in self.files}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.load(self.weights_dir)
+        self.prepacked = self.prepack and self.device == "cpu" and prepack_convolutions(self.network)
 
     def load(self, weights_dir: str) -> None:
         raise NotImplementedError

@@ -39,6 +39,7 @@ class SoftEdges(NeuralAnnotator):
     """HED and PiDiNet: a soft-edge map in [0, 1], optionally quantised (safe) or turned into a scribble."""
 
     SAFE: ClassVar[bool | None] = None  # fixed by the *_safe variants; None: the `safe` parameter
+    prepack = True  # on one CPU thread, 128x192 images: HED 0.164 -> 0.141 s, PiDiNet 0.082 -> 0.079 s
     SCRIBBLE: ClassVar[bool] = False
 
     @property
@@ -146,6 +147,7 @@ class Teed(NeuralAnnotator):
     files = ("5_model.pth",)
     pad_multiple = 4
     size = "network input reflect-padded at bottom/right to multiples of 4, output cropped back"
+    prepack = True  # 0.018 -> 0.015 s per 128x192 image on one CPU thread
 
     class Params(Params):
         safe_steps: int = Field(2, ge=0, le=10, description="Quantisation steps (controlnet-aux safe_steps); 0: none.")
