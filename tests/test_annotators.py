@@ -224,6 +224,16 @@ def test_prepacked_convolutions_compute_what_torch_does():
     assert type(net[1]) is (PrepackedConv2d if torch.backends.mkldnn.is_available() else torch.nn.Conv2d)
 
 
+def test_without_the_prepacking_ops_an_annotator_keeps_torchs_convolutions(weights, monkeypatch):
+    def missing(*args, **kwargs):
+        raise RuntimeError("mkldnn::_convolution_pointwise: not for this CPU")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", missing)
+    hed = make("hed", weights)
+    assert not hed.prepacked and type(hed.network.block1.convs[0]) is torch.nn.Conv2d
+    assert hed.annotate(photos())[0].shape == (128, 192, 3)
+
+
 @pytest.mark.parametrize(
     ("name", "params", "kwargs"),
     [

@@ -36,14 +36,21 @@ def prepackable(module: torch.nn.Module) -> bool:
 def prepack_convolutions(network: torch.nn.Module) -> bool:
     """Replace each prepackable `torch.nn.Conv2d` of a CPU float32 network, in place, by a PrepackedConv2d.
     Returns False, changing nothing, where this torch has no oneDNN or not these ops."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        torch.ops.mkldnn._reorder_convolution_weight, torch.ops.mkldnn._convolution_pointwise  # noqa: B018
-    except (AttributeError, RuntimeError):
+    if not torch.backends.mkldnn.is_available() or not _works():
         return False
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             if prepackable(child):
                 setattr(parent, name, PrepackedConv2d(child))
     return True
+
+
+def _works() -> bool:
+    """Whether this torch build (and CPU) runs the ops at all, and to torch's own numbers: a small probe."""
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.rand(1, 3, 9, 7)
+    try:
+        with torch.no_grad():
+            return torch.allclose(PrepackedConv2d(conv)(x), conv(x), rtol=1e-4, atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):  # an op missing, or not for this CPU
+        return False
