@@ -35,7 +35,7 @@ def prepackable(module: torch.nn.Module) -> bool:
 
 def prepack_convolutions(network: torch.nn.Module) -> bool:
     """Replace each prepackable `torch.nn.Conv2d` of a CPU float32 network, in place, by a PrepackedConv2d.
-    Returns False, changing nothing, where this torch has no oneDNN or not these ops."""
+    Returns False, changing nothing, where this torch has no oneDNN, or these ops fail or differ on a probe."""
     if not torch.backends.mkldnn.is_available() or not _works():
         return False
     for parent in list(network.modules()):
