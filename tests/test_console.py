@@ -161,6 +161,23 @@ def test_a_command_stops_the_ray_it_started_however_it_ends():
     assert proc.stdout.split() == ["0", "False", "True", "True", "boom", "False"], proc.stderr
 
 
+def test_run_imports_ray_data_and_starts_ray_with_the_collector_paused(job, tmp_path):
+    # no full collection over what the driver imports (Ray Data, pyarrow, pandas) and what Ray's start makes;
+    # the collector is on again for the run, with those objects frozen out of it (pipeline.cpus.loading)
+    code = ("import gc, sys; from pipeline import cli\n"
+            "full = []\n"
+            "gc.callbacks.append(lambda phase, info: phase == 'start' and info['generation'] == 2 and full.append(1))\n"
+            "real = cli._init_ray\n"
+            "def init(*args):\n"
+            "    real(*args); print(len(full), gc.isenabled(), 'pandas' in sys.modules); raise RuntimeError('stop')\n"
+            "cli._init_ray = init\n"
+            f"rc = cli.main(['run', {str(job[0])!r}, '--set', 'output.path={tmp_path / 'out'}', '-q'])\n"
+            "print(rc, gc.isenabled(), gc.get_freeze_count() > 200_000)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1"})
+    assert proc.stdout.split() == ["0", "False", "True", "1", "True", "True"], proc.stdout + proc.stderr
+
+
 def test_a_ray_that_cannot_start_says_so_without_the_resume_advice(job, tmp_path):
     bad = cli("run", job[0], "--set", f"output.path={tmp_path / 'out'}", "--address", "not-an-address")
     assert bad.returncode == 2
