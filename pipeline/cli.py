@@ -15,10 +15,10 @@ class RayUnavailable(RuntimeError):
 
 
 def _init_ray(address: str | None, verbose: bool = False) -> None:
-    """Start or join Ray. `run` calls it, and reads its config and imports Ray Data, pyarrow and pandas before, with
-    Python's garbage collector paused and what they made frozen out of later collections (`pipeline.cpus.loading`):
-    full collections over those ~280,000 objects took ~0.5 s of the driver's CPU, most of it before any actor
-    started."""
+    """Start or join Ray. `run` reads its config, imports Ray Data, pyarrow and pandas and calls this with Python's
+    garbage collector paused, then freezes what that made out of later collections (`pipeline.cpus.loading`):
+    full collections walking those ~280,000 objects took ~0.5 s of the driver's CPU, most of it before any
+    actor started."""
     import ray
 
     from pipeline.console import quiet_ray
