@@ -4,6 +4,7 @@
     python benchmarks/gpu.py --base DIR --controlnet DIR      # real weights (local directories or hub ids)
     python benchmarks/gpu.py --batches 8,16 --inputs 64 --size 512 --steps 20 [--window 0.6] [--compile]
     python benchmarks/gpu.py --script                         # and the hand-written loop on the same GPU
+    python benchmarks/gpu.py --batches 16 --gen channels_last=false   # any other generation setting
     python benchmarks/gpu.py --tiny --device cpu --inputs 4 --size 128 --steps 2 --batches 2   # a smoke run
 
 Each batch size is one `python -m pipeline run` (a fresh local Ray instance, canny control maps, one
@@ -142,6 +143,7 @@ def job(base: str, controlnet: str, photos_dir: Path, out: Path, args, batch: in
            "scheduler": "unipc", "steps": args.steps, "guidance_scale": 7.5, "variants_per_image": 1,
            "prompt": {"prompts": ["a photo"], "negative": "lowres"}, "batch_size": batch, "compile": args.compile,
            "dtype": args.dtype, "num_gpus": 0 if args.device == "cpu" else 1}
+    gen |= {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.gen)}
     return {"seed": 0, "source": {"type": "images", "path": str(photos_dir)}, "image": {"resolution": args.size},
             "annotators": [{"name": "canny", "params": {"low_threshold": 100, "high_threshold": 200}}],
             "generation": gen, "output": {"path": str(out), "overwrite": True}}
@@ -168,6 +170,8 @@ def main() -> None:
     p.add_argument("--window", type=float, default=1.0, help="the ControlNet's guidance_end (0.6: skipped after)")
     p.add_argument("--compile", action="store_true", help="generation.compile (its seconds are reported)")
     p.add_argument("--dtype", default="auto", help="generation.dtype (auto: float16 on a GPU)")
+    p.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
+                   help="another generation setting, its value read as YAML (e.g. channels_last=false)")
     p.add_argument("--script", action="store_true", help="also time the hand-written script (see above)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--peak-tflops", type=float, help="the card's dense fp16 peak, if not in the table")
