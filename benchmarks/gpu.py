@@ -38,7 +38,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from vs_script import photos  # noqa: E402
+from vs_script import photos, png  # noqa: E402
 
 FLOP_FLOOR_512_20 = 46e12  # per image: SD 1.5 UNet + one ControlNet, 20 steps, both guidance halves
 # dense tensor-core fp16 by a part of torch.cuda.get_device_name(), the first that matches (longer names first)
@@ -84,16 +84,14 @@ def square_photos(directory: Path, n: int) -> Path:
 
     for path in sorted(photos(directory, n).iterdir()):
         image = Image.open(path)
-        w, h = image.size
-        side = min(w, h)
-        image.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)).save(path)
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image.crop((left, top, left + side, top + side)).save(path)
     return directory
 
 
 def hand_written(spec: dict) -> None:
     """The obvious script on one GPU: fp16 weights, one photo per call, Canny by cv2, one Parquet file."""
-    import io
-
     import cv2
     import numpy as np
     import pyarrow as pa
@@ -110,11 +108,6 @@ def hand_written(spec: dict) -> None:
     pipe = pipe.to(device)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-
-    def png(image) -> bytes:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return buf.getvalue()
 
     rows, size = [], spec["size"]
     for n, path in enumerate(sorted(Path(spec["photos"]).iterdir())):

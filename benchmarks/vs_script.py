@@ -45,6 +45,13 @@ STEPS, GUIDANCE, SEED = 4, 7.5, 0
 
 # -- the hand-written script ---------------------------------------------------------------------
 
+def png(image) -> bytes:
+    """A PIL image as PNG bytes, as the hand-written scripts store their images."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def hand_written(job: dict) -> None:
     """What a user writes without the pipeline: one process, one image after another."""
     import cv2
@@ -64,11 +71,6 @@ def hand_written(job: dict) -> None:
     pipe.set_progress_bar_config(disable=True)
     hed = HEDdetector.from_pretrained(job["annotators"], filename="ControlNetHED.pth")
     size = job["resolution"]
-
-    def png(image) -> bytes:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return buf.getvalue()
 
     rows = []
     for n, path in enumerate(sorted(Path(job["photos"]).iterdir())):
