@@ -153,9 +153,9 @@ def ray_processes(parent: psutil.Process) -> list[psutil.Process]:
 
 def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
     """`python -m pipeline run` killed with SIGKILL part-way, then the same command again."""
-    directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=4)
+    directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=2)
     out = tmp_path / "out"
-    data = job_dict(str(directory), str(out), tiny_models, batch_size=1, steps=20)
+    data = job_dict(str(directory), str(out), tiny_models, batch_size=1, steps=10)
     data["output"]["rows_per_file"] = 1
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
     # its own local Ray instance (the test session has one running, which a plain ray.init() would join)

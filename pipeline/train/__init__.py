@@ -67,7 +67,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
         raise RuntimeError("training reported no checkpoint")
     with result.checkpoint.as_directory() as directory:
         metrics = json.loads(open(os.path.join(directory, "metrics.json")).read())
-        save_controlnet(cfg, base, os.path.join(directory, "state.pt"), sources, metrics, out)
+        save_controlnet(cfg, base, directory, sources, metrics, out)
     write_validation_page(cfg, out)
     echo(f"trained {metrics['step']} steps (loss {metrics['loss']:.4f}) -> {out.path('controlnet')}")
     return TrainResult(out.path("controlnet"), metrics["step"], metrics.get("loss"), metrics)
@@ -110,21 +110,15 @@ def ray_storage(cfg: TrainConfig) -> dict[str, Any]:
     return {"storage_path": out.root, "storage_filesystem": pafs.PyFileSystem(pafs.FSSpecHandler(out.fs))}
 
 
-def save_controlnet(cfg: TrainConfig, base: ResolvedModel, state_path: str, sources: list[Source], metrics: dict,
+def save_controlnet(cfg: TrainConfig, base: ResolvedModel, checkpoint: str, sources: list[Source], metrics: dict,
                     out: RunOutput) -> None:
-    """The checkpoint's ControlNet with save_pretrained (safetensors) and its model card, in OUTPUT/controlnet/."""
-    import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    """The ControlNet the last checkpoint holds in save_pretrained's layout (safetensors; rank 0 wrote it
+    there) and its model card, in OUTPUT/controlnet/. The driver needs neither diffusers nor the base
+    model for it: importing diffusers alone took ~10 s of a small machine's wall time at the end of a run."""
+    import shutil
 
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if cfg.controlnet:
-        controlnet = ControlNetModel.from_pretrained(cfg.controlnet)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(cfg.base_model, subfolder="unet", revision=cfg.revision)
-        controlnet = ControlNetModel.from_unet(unet)
-    controlnet.load_state_dict(state["controlnet"])
     with tempfile.TemporaryDirectory() as directory:
-        controlnet.save_pretrained(directory, safe_serialization=True)
+        shutil.copytree(os.path.join(checkpoint, "controlnet"), directory, dirs_exist_ok=True)
         with open(os.path.join(directory, "README.md"), "w") as f:
             f.write(model_card(cfg, base, sources, metrics))
         target = out.path("controlnet")

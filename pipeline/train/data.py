@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.io.output import check_plain_parquet
 from pipeline.schema import IMAGE
-from pipeline.io.sources import filesystem
+from pipeline.io.sources import filesystem, read_parquet_files
 from pipeline.train.config import TrainConfig
 
 
@@ -153,7 +153,7 @@ def training_dataset(cfg: TrainConfig, sources: list[Source]):
     for source in sources:
         fs, _ = filesystem(source.path, cfg.data.storage_options)
         arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-        ds = ray.data.read_parquet(source.files, filesystem=arrow_fs, columns=[source.image, source.control, source.text],
+        ds = read_parquet_files(source.files, filesystem=arrow_fs, columns=[source.image, source.control, source.text],
                                    num_cpus=0.25)
         datasets.append(ds.map_batches(prepare, fn_kwargs={"cfg": cfg, "source": source}, batch_format="pyarrow",
                                        batch_size=16, num_cpus=0.25))

@@ -169,6 +169,8 @@ def report_checkpoint(cfg: TrainConfig, rank: int, step: int, metrics: dict, con
         torch.save(state, os.path.join(directory, "state.pt"))
         with open(os.path.join(directory, "metrics.json"), "w") as f:
             json.dump(metrics, f)
+        if step == cfg.steps:  # the trained ControlNet as generation jobs load it, for OUTPUT/controlnet/
+            controlnet.save_pretrained(os.path.join(directory, "controlnet"), safe_serialization=True)
         if cfg.validation.prompts:
             write_validation(cfg, step, controlnet, unet, text_encoder, vae)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
