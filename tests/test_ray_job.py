@@ -4,7 +4,6 @@ CLI is its client), its output checked."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -56,11 +56,18 @@ def ray_head():
             time.sleep(2)
         yield address, head
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        # killed outright, with every process it started: `ray start --block` on SIGTERM stops them one by one
+        # with grace periods (~30 s on a 2-core machine) and the cluster holds nothing worth keeping
+        root = psutil.Process(head.pid)
+        family = [root, *root.children(recursive=True)]
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        head.wait()
+        psutil.wait_procs(family, timeout=60)
+        assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "a process outlived its kill"
         shutil.rmtree(temp, ignore_errors=True)
 
 
