@@ -109,14 +109,19 @@ def test_a_new_controlnet_adds_exactly_nothing_to_the_locked_unet(tiny_models, c
     assert not any(p.requires_grad for m in (unet,) for p in m.parameters())  # the UNet is locked
 
 
-def test_latents_and_text_encoded_in_ray_data_give_the_same_loss(ray_session, tiny_models, circles, tmp_path):
+def test_latents_and_text_encoded_in_ray_data_give_the_same_loss(ray_session, tiny_models, circles, tmp_path, capsys):
     """data.precompute moves the VAE and text encoder into a Ray Data stage; the objective is unchanged."""
     losses = {}
     for precompute in (False, True):
         job = train_dict(tiny_models, circles, tmp_path)
         job["data"]["precompute"] = precompute
         cfg = load_train_config(data=job)
-        batch = training_dataset(cfg, [inspect_source(str(circles), cfg)]).take_batch(8, batch_format="numpy")
+        dataset = training_dataset(cfg, [inspect_source(str(circles), cfg)])
+        capsys.readouterr()
+        dataset.explain()  # the listed files read as they are: no second listing with its pool of footer actors
+        plan = capsys.readouterr().out
+        assert "Read[ReadParquet]" in plan and "ListFiles" not in plan, plan
+        batch = dataset.take_batch(8, batch_format="numpy")
         assert ("latent_mean" in batch, "pixels" in batch) == (precompute, not precompute)
         scheduler, text_encoder, vae, unet, controlnet, _ = load_models(cfg, torch.device("cpu"))
         batch = {k: torch.from_numpy(v) for k, v in batch.items()}
