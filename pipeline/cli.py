@@ -24,18 +24,19 @@ def _init_ray(address: str | None, verbose: bool = False) -> None:
     from pipeline.console import quiet_ray
 
     options = {} if verbose else quiet_ray()
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    join = address not in (None, "local")
     try:
-        if address and address != "local":
+        if join:
             ray.init(address=address, **options)
         else:
             # the laptop default: a local Ray instance ('local': always a new one), without the dashboard's
             # nine web modules (~5 CPU-s of a start on two cores). Its workers inherit this environment:
             # OpenMP threads that sleep when idle, so stages sharing a few cores do not spin against each other
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            ray.init(**({"address": "local"} if address else {}), include_dashboard=False, **options)
+            ray.init(address=address, include_dashboard=False, **options)
     except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
-        raise RayUnavailable(f"could not {'join Ray at ' + address if address else 'start a local Ray instance'}: "
+        raise RayUnavailable(f"could not {'join Ray at ' + address if join else 'start a local Ray instance'}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
