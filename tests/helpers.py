@@ -100,6 +100,30 @@ def cli_command(*args) -> list[str]:
     return [sys.executable, "-m", "pipeline", *map(str, args)]
 
 
+def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> list:
+    """SIGKILL a process and every process under it (a CLI and the local Ray instance it started go down
+    together), reap it, and wait up to `timeout` s for the rest; returns those still running (zombies aside)."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    family = [root, *root.children(recursive=True)]
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    survivors = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                survivors.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return survivors
+
+
 def cli(*args, cwd=ROOT, env: dict[str, str] | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ARGS` in a subprocess, offline, and capture its output as text (a
     nonzero exit is returned, not raised). `env` adds to (or overrides) the offline environment;

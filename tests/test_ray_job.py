@@ -11,12 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers import ROOT, job_dict
+from tests.helpers import ROOT, job_dict, kill_tree
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -58,16 +57,7 @@ def ray_head():
     finally:
         # killed outright, with every process it started: `ray start --block` on SIGTERM stops them one by one
         # with grace periods (~30 s on a 2-core machine) and the cluster holds nothing worth keeping
-        root = psutil.Process(head.pid)
-        family = [root, *root.children(recursive=True)]
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        head.wait()
-        psutil.wait_procs(family, timeout=60)
-        assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "a process outlived its kill"
+        assert not kill_tree(head), "a process outlived its kill"
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.job import OutputExists, run
 from pipeline.ids import sample_identity
-from tests.helpers import PHOTOS, ROOT, cli, cli_command, cli_env, job_dict, photo, read_parquet_dir
+from tests.helpers import PHOTOS, ROOT, cli, cli_command, cli_env, job_dict, kill_tree, photo, read_parquet_dir
 
 VARIANTS = 2
 
@@ -147,10 +147,6 @@ def test_a_different_job_is_refused_naming_what_changed(ray_session, tiny_models
     assert set(steps.to_pylist()) == {4}
 
 
-def ray_processes(parent: psutil.Process) -> list[psutil.Process]:
-    return parent.children(recursive=True)
-
-
 def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
     """`python -m pipeline run` killed with SIGKILL part-way, then the same command again."""
     directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=2)
@@ -164,18 +160,9 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
 
     driver = subprocess.Popen(cli_command(*args), cwd=ROOT, env=cli_env(no_address), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    proc = psutil.Process(driver.pid)
     while len(list(out.glob("samples/*.parquet"))) < 1 and driver.poll() is None:  # events, not a deadline
         time.sleep(0.05)
-    family = ray_processes(proc)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    for p in family:  # the local Ray instance the driver started goes down with it
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    kill_tree(driver, timeout=30)  # the local Ray instance the driver started goes down with it
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["completed"] is False, "the job finished before it was killed: make it longer"

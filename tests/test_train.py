@@ -5,11 +5,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
-
-import psutil
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +23,7 @@ from pipeline.models import ModelUnavailable
 from pipeline.train import NotEnoughCPUs, TrainDataError, load_train_config, run_training
 from pipeline.train.data import inspect_source, training_dataset
 from pipeline.train.loop import diffusion_loss, load_models
-from tests.helpers import ROOT, cli_command, cli_env, job_dict, read_parquet_dir
+from tests.helpers import ROOT, cli_command, cli_env, job_dict, kill_tree, read_parquet_dir
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
 SIZE = 64
@@ -241,15 +238,7 @@ def test_a_killed_training_on_s3_resumes_from_its_last_checkpoint(tiny_models, c
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while last_checkpoint_step(fs, output) is None and first.poll() is None:  # Ray Train has recorded a checkpoint
         time.sleep(0.2)
-    family = psutil.Process(first.pid).children(recursive=True)  # its own Ray instance goes down with it
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=60)
+    kill_tree(first)  # its own Ray instance goes down with it
     assert not fs.exists(f"{output}/controlnet"), "the training finished before it was killed"
     killed_at = last_checkpoint_step(fs, output)
     again = subprocess.run(cli_command(*args), cwd=ROOT, env=cli_env({"RAY_ADDRESS": ""}), capture_output=True,
