@@ -10,8 +10,10 @@ StableDiffusionControlNetPipeline, one Parquet file with the same columns of ima
 fresh processes (`python -m pipeline run` on a local Ray instance it starts itself), interleaved,
 `--pairs` times per size; wall time and CPU time (every process of the tree, sampled) are measured
 from outside, and the ratios printed are pipeline / script (below 1: the pipeline is faster or
-lighter). Peak memory (the sum of the tree's proportional set sizes) is measured in one more pair of
-its own: reading a process's PSS makes the kernel walk its page tables (about 5 ms for a torch
+lighter). Each run's line also gives the CPU seconds of each kind of process of its tree (`cpu_s_by_process`:
+the command itself, Ray's workers by the names Ray gives them, such as `annotate:canny->annotate:hed` for a
+fused actor stage, and Ray's own processes), to say where the time went. Peak memory (the sum of the
+tree's proportional set sizes) is measured in one more pair of its own: reading a process's PSS makes the kernel walk its page tables (about 5 ms for a torch
 process), and doing that every second for each of the pipeline's ~15 processes took ~1 s of CPU from a
 17-s run on two cores, against one process of the script's: it slowed the side it measured most.
 
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,14 +178,32 @@ def write_mid(directory: Path, tiny: dict) -> dict:
 
 # -- measuring -----------------------------------------------------------------------------------
 
+def role(proc, root) -> str:
+    """What a process of the tree is, for the CPU breakdown: the command itself, a Ray actor or task by the
+    name Ray gives its process (`ray::MapWorker(MapBatches(annotate:canny)->...)`), or one of Ray's own."""
+    if proc.pid == root.pid:
+        return "command"
+    line = " ".join(proc.cmdline())
+    if line.startswith("ray::"):
+        name, dot, method = line.split()[0].removeprefix("ray::").rpartition(".")
+        name = name if dot and method.isidentifier() else method  # an actor without the method it runs now
+        return name.replace("MapWorker(", "").replace("MapBatches(", "").replace(")", "")
+    if "default_worker.py" in line:  # a Ray worker not named yet
+        return "IDLE"
+    words = [Path(w).name for w in line.split()[:3]]
+    return next((f"ray {w}" for w in words if w in ("raylet", "gcs_server") or w.endswith(".py")), words[0] if words else "?")
+
+
 def measure(command: list[str], env: dict, memory: bool = False) -> dict:
-    """Wall time and CPU time of a command and every process it starts; with `memory`, their peak
-    proportional memory too (costly to read: see the module's docstring)."""
+    """Wall time and CPU time of a command and every process it starts, and the CPU time of each kind of
+    process (`role`); with `memory`, their peak proportional memory instead (costly to read: see the module's
+    docstring)."""
     import psutil
 
     start = time.perf_counter()
     proc = psutil.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     cpu: dict[tuple, float] = {}
+    roles: dict[tuple, str] = {}
     peak, tick = 0, 0
     while proc.poll() is None:  # CPU times 4 times a second; memory (reading smaps is costly) once a second
         tick += 1
@@ -193,8 +214,10 @@ def measure(command: list[str], env: dict, memory: bool = False) -> dict:
             break
         for p in tree:
             try:
-                t = p.cpu_times()
-                cpu[(p.pid, p.create_time())] = t.user + t.system
+                t, key = p.cpu_times(), (p.pid, p.create_time())
+                cpu[key] = t.user + t.system
+                if roles.get(key, "IDLE") == "IDLE":  # a Ray worker is named for its actor or task once it has one
+                    roles[key] = role(p, proc)
                 if read_memory:
                     pss += p.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -207,7 +230,11 @@ def measure(command: list[str], env: dict, memory: bool = False) -> dict:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     if memory:
         return {"peak_mib": round(peak / 2**20)}
-    return {"wall_s": round(wall, 2), "cpu_s": round(sum(cpu.values()), 2)}
+    by_role: dict[str, float] = defaultdict(float)
+    for key, seconds in cpu.items():
+        by_role[roles[key]] += seconds
+    top = dict(sorted(((k, round(v, 1)) for k, v in by_role.items() if v >= 1.0), key=lambda kv: -kv[1]))
+    return {"wall_s": round(wall, 2), "cpu_s": round(sum(cpu.values()), 2), "cpu_s_by_process": top}
 
 
 def parquet_bytes(directory: Path) -> int:
