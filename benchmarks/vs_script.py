@@ -13,9 +13,10 @@ from outside, and the ratios printed are pipeline / script (below 1: the pipelin
 lighter). Each run's line also gives the CPU seconds of each kind of process of its tree (`cpu_s_by_process`:
 the command itself, Ray's workers by the names Ray gives them, such as `annotate:canny->annotate:hed` for a
 fused actor stage, and Ray's own processes), to say where the time went. Peak memory (the sum of the
-tree's proportional set sizes) is measured in one more pair of its own: reading a process's PSS makes the kernel walk its page tables (about 5 ms for a torch
-process), and doing that every second for each of the pipeline's ~15 processes took ~1 s of CPU from a
-17-s run on two cores, against one process of the script's: it slowed the side it measured most.
+tree's proportional set sizes) is measured in one more pair of its own: reading a process's PSS makes
+the kernel walk its page tables (about 5 ms for a torch process), and doing that every second for each of
+the pipeline's ~15 processes took ~1 s of CPU from a 17-s run on two cores, against one process of the
+script's: it slowed the side it measured most.
 
 With `--layout N` (default 8) it also runs the tiny job on N photos at 128 and at 512 px in both
 `output.layout`s (flat, normalized) and prints the Parquet bytes of each.
@@ -191,7 +192,8 @@ def role(proc, root) -> str:
     if "default_worker.py" in line:  # a Ray worker not named yet
         return "IDLE"
     words = [Path(w).name for w in line.split()[:3]]
-    return next((f"ray {w}" for w in words if w in ("raylet", "gcs_server") or w.endswith(".py")), words[0] if words else "?")
+    ray = [f"ray {w}" for w in words if w in ("raylet", "gcs_server") or w.endswith(".py")]  # Ray's own
+    return (ray or words or ["?"])[0]
 
 
 def measure(command: list[str], env: dict, memory: bool = False) -> dict:
