@@ -181,7 +181,9 @@ def write_mid(directory: Path, tiny: dict) -> dict:
 
 def role(proc, root) -> str:
     """What a process of the tree is, for the CPU breakdown: the command itself, a Ray actor or task by the
-    name Ray gives its process (`ray::MapWorker(MapBatches(annotate:canny)->...)`), or one of Ray's own."""
+    name Ray gives its process (`ray::MapWorker(MapBatches(annotate:canny)->...)`), or one of Ray's own. A
+    task worker runs tasks of several kinds one after another (decode, then the sink's writes): it is named for
+    the first."""
     if proc.pid == root.pid:
         return "command"
     line = " ".join(proc.cmdline())
