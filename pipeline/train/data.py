@@ -143,18 +143,16 @@ def training_dataset(cfg: TrainConfig, sources: list[Source]):
     """Every pair of every source as one streaming Dataset of prepared numpy batches.
 
     Reading and preparing are tasks with light CPU claims, not actors: the training workers hold
-    most CPUs for the whole run, and whatever Ray Data keeps must leave room for its own tasks
-    (listing the files claims a whole CPU). With `data.precompute`, a further stage encodes on a GPU
-    of its own (`use_gpu`) or on CPU.
+    most CPUs for the whole run, and whatever Ray Data keeps must leave room for its own tasks. The
+    files, already listed, are read as they are (`read_parquet_files`). With `data.precompute`, a
+    further stage encodes on a GPU of its own (`use_gpu`) or on CPU.
     """
-    import ray
-
     datasets = []
     for source in sources:
         fs, _ = filesystem(source.path, cfg.data.storage_options)
         arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
         ds = read_parquet_files(source.files, filesystem=arrow_fs, columns=[source.image, source.control, source.text],
-                                   num_cpus=0.25)
+                                num_cpus=0.25)
         datasets.append(ds.map_batches(prepare, fn_kwargs={"cfg": cfg, "source": source}, batch_format="pyarrow",
                                        batch_size=16, num_cpus=0.25))
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
