@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ from pipeline.job import run
 from pipeline.models import ModelUnavailable
 from pipeline.train import NotEnoughCPUs, TrainDataError, load_train_config, run_training
 from pipeline.train.data import inspect_source, training_dataset
-from pipeline.train.loop import diffusion_loss, load_models
+from pipeline.train.loop import diffusion_loss, first_batch_fetched_meanwhile, load_models
 from tests.helpers import ROOT, cli_command, cli_env, job_dict, kill_tree, read_parquet_dir
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
@@ -87,6 +88,28 @@ def mean_loss(cfg, controlnet_state, data, seeds=range(6)) -> float:
     with torch.no_grad():
         return float(np.mean([diffusion_loss(batch, scheduler, text_encoder, vae, unet, controlnet,
                                              torch.Generator().manual_seed(s)) for s in seeds]))
+
+
+def test_a_workers_first_batch_is_fetched_while_it_loads_its_models():
+    """The first batch starts Ray Data's stream on a thread, before the models load; its error surfaces in the loop."""
+    started = threading.Event()
+
+    def batches():
+        started.set()
+        yield from (1, 2, 3)
+
+    epoch = first_batch_fetched_meanwhile(batches())
+    assert started.wait(timeout=120)  # nothing consumed yet
+    assert list(epoch) == [1, 2, 3]
+    assert list(first_batch_fetched_meanwhile(iter(()))) == []  # an empty shard: no batch (the loop then says so)
+
+    def failing():
+        raise OSError("a pair could not be read")
+        yield
+
+    epoch = first_batch_fetched_meanwhile(failing())
+    with pytest.raises(OSError, match="a pair could not be read"):
+        next(epoch)
 
 
 def test_a_new_controlnet_adds_exactly_nothing_to_the_locked_unet(tiny_models, circles, tmp_path):
@@ -229,7 +252,8 @@ def test_a_killed_training_on_s3_resumes_from_its_last_checkpoint(tiny_models, c
     fs = s3.fs()
     fs.put(str(circles / "train") + "/", f"{s3.bucket}/circles/train", recursive=True)
     output = f"{s3.bucket}/trained"
-    job = train_dict(tiny_models, circles, "", steps=8, checkpoint_every=2, validation={})
+    # one worker: two-worker training is the `trained` fixture's; each of the two runs here is then ~20 CPU-s less
+    job = train_dict(tiny_models, circles, "", steps=8, checkpoint_every=2, validation={}, num_workers=1)
     job["data"] = {"paths": [s3.url("circles")], "storage_options": s3.storage_options}
     job["output"] = {"path": s3.url("trained"), "storage_options": s3.storage_options}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(job))

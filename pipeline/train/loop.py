@@ -18,7 +18,8 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import Any
+import threading
+from typing import Any, Iterable, Iterator
 
 from pipeline.train.config import TrainConfig
 
@@ -97,6 +98,9 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+    epoch = first_batch_fetched_meanwhile(shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
+                                                                     drop_last=False))
     torch.manual_seed(cfg.seed)  # the same ControlNet on every worker before DDP syncs it
     scheduler, text_encoder, vae, unet, controlnet, _ = load_models(cfg, device)
     frozen_at_start = frozen_digest(text_encoder, vae, unet)
@@ -118,11 +122,10 @@ def train_loop(config: dict[str, Any]) -> None:
     unet_train = ray.train.torch.prepare_model(unet) if cfg.unlock_unet_decoder else unet
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
     scaler = torch.amp.GradScaler(enabled=cfg.mixed_precision == "fp16")
-    shard = ray.train.get_dataset_shard("train")
     micro = 0
     while step < cfg.steps:
         batches = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=False):
+        for batch in epoch:
             batches += 1
             generator = torch.Generator().manual_seed(hash_seed(cfg.seed, rank, step, micro))
             loss = diffusion_loss(batch, scheduler, text_encoder, vae, unet_train, ddp, generator, dtype)
@@ -145,6 +148,36 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
         if not batches:
             raise RuntimeError(f"training worker {rank} got no training pairs (fewer pairs than workers?)")
+        epoch = shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=False)
+
+
+def first_batch_fetched_meanwhile(batches: Iterable) -> Iterator:
+    """`batches` with its first item fetched on a thread from now on: the first batch of an epoch starts Ray Data's
+    stream (its split coordinator, the read and prepare tasks; ~7 s of a tiny run on two cores), which then runs
+    while the worker loads its models instead of after. An error of the fetch is raised where the batch is used."""
+    fetched: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            fetched["iterator"] = iterator = iter(batches)
+            fetched["first"] = next(iterator)
+        except StopIteration:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed over to the training thread
+            fetched["error"] = e
+
+    thread = threading.Thread(target=fetch, name="first-batch", daemon=True)
+    thread.start()
+
+    def epoch() -> Iterator:
+        thread.join()
+        if "error" in fetched:
+            raise fetched["error"]
+        if "first" in fetched:
+            yield fetched.pop("first")
+            yield from fetched["iterator"]
+
+    return epoch()
 
 
 def hash_seed(*parts: Any) -> int:
