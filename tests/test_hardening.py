@@ -332,7 +332,7 @@ def test_ctrl_c_prints_one_line_and_exits_130_and_the_run_resumes(tiny_models, p
     from tests.helpers import ROOT, cli, cli_command, cli_env, job_dict
 
     out = tmp_path / "out"
-    data = job_dict(str(photos_dir), str(out), tiny_models, batch_size=1, steps=25)
+    data = job_dict(str(photos_dir), str(out), tiny_models, batch_size=1)  # SIGINT as soon as the run has started
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
     args = ("run", tmp_path / "job.yaml", "--address", "local")  # its own Ray instance, as a user's would be
     driver = subprocess.Popen(cli_command(*args), cwd=ROOT, env=cli_env({"RAY_ADDRESS": ""}), stdout=subprocess.PIPE,

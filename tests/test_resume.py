@@ -151,7 +151,7 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
     """`python -m pipeline run` killed with SIGKILL part-way, then the same command again."""
     directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=2)
     out = tmp_path / "out"
-    data = job_dict(str(directory), str(out), tiny_models, batch_size=1, steps=10)
+    data = job_dict(str(directory), str(out), tiny_models, batch_size=1, steps=4)
     data["output"]["rows_per_file"] = 1
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
     # its own local Ray instance (the test session has one running, which a plain ray.init() would join)
@@ -191,7 +191,7 @@ def generate_actor_pids() -> set[int]:
 def test_an_actor_killed_mid_batch_is_replaced_and_its_batch_redone(ray_session, tiny_models, tmp_path):
     directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=2)
     out = tmp_path / "out"
-    cfg = config(directory, out, tiny_models, batch_size=2, steps=30)
+    cfg = config(directory, out, tiny_models, batch_size=2, steps=12)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"rows_per_file": 1})})
     killed: list[int] = []
     written_at_kill: list[int] = []
