@@ -19,7 +19,8 @@ import os
 import posixpath
 import tempfile
 import threading
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from pipeline.train.config import TrainConfig
 
