@@ -200,8 +200,8 @@ def role(proc, root) -> str:
 
 def measure(command: list[str], env: dict, memory: bool = False) -> dict:
     """Wall time and CPU time of a command and every process it starts, and the CPU time of each kind of
-    process (`role`) that used a second or more; with `memory`, their peak proportional memory instead (costly to read: see the module's
-    docstring)."""
+    process (`role`) that used a second or more; with `memory`, their peak proportional memory instead (costly
+    to read: see the module's docstring)."""
     import psutil
 
     start = time.perf_counter()
