@@ -20,6 +20,7 @@ import posixpath
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from pipeline.train.config import TrainConfig
@@ -100,8 +101,11 @@ def train_loop(config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
-    epoch = first_batch_fetched_meanwhile(shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
-                                                                     drop_last=False))
+
+    def epoch_batches() -> Iterable:
+        return shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=False)
+
+    epoch = first_batch_fetched_meanwhile(epoch_batches())
     torch.manual_seed(cfg.seed)  # the same ControlNet on every worker before DDP syncs it
     scheduler, text_encoder, vae, unet, controlnet, _ = load_models(cfg, device)
     frozen_at_start = frozen_digest(text_encoder, vae, unet)
@@ -149,34 +153,32 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
         if not batches:
             raise RuntimeError(f"training worker {rank} got no training pairs (fewer pairs than workers?)")
-        epoch = shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=False)
+        epoch = epoch_batches()
+
+
+_NO_BATCH = object()  # what the fetch gives for an epoch without batches
 
 
 def first_batch_fetched_meanwhile(batches: Iterable) -> Iterator:
     """`batches` with its first item fetched on a thread from now on: the first batch of an epoch starts Ray Data's
     stream (its split coordinator, the read and prepare tasks; ~7 s of a tiny run on two cores), which then runs
     while the worker loads its models instead of after. An error of the fetch is raised where the batch is used."""
-    fetched: dict[str, Any] = {}
+    iterator = iter(batches)
+    first: Future = Future()
 
-    def fetch() -> None:
+    def fetch() -> None:  # a daemon thread, not an executor's: a worker that fails to load exits without waiting
         try:
-            fetched["iterator"] = iterator = iter(batches)
-            fetched["first"] = next(iterator)
-        except StopIteration:
-            pass
-        except BaseException as e:  # noqa: BLE001 - handed over to the training thread
-            fetched["error"] = e
+            first.set_result(next(iterator, _NO_BATCH))
+        except BaseException as e:  # noqa: BLE001 - raised in the training thread, by result()
+            first.set_exception(e)
 
-    thread = threading.Thread(target=fetch, name="first-batch", daemon=True)
-    thread.start()
+    threading.Thread(target=fetch, name="first-batch", daemon=True).start()
 
     def epoch() -> Iterator:
-        thread.join()
-        if "error" in fetched:
-            raise fetched["error"]
-        if "first" in fetched:
-            yield fetched.pop("first")
-            yield from fetched["iterator"]
+        batch = first.result()
+        if batch is not _NO_BATCH:
+            yield batch
+            yield from iterator
 
     return epoch()
 
