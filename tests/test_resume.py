@@ -7,6 +7,7 @@ The invariant checked everywhere: every input ends up exactly once, either as it
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -78,10 +79,29 @@ def config(directory: Path, out: Path, tiny, **generation):
     return load_config(data=job_dict(str(directory), str(out), tiny, **generation))
 
 
-def test_rerun_of_a_finished_job_redoes_nothing(ray_session, tiny_models, small, tmp_path):
+def one_file_per_row(directory: Path, out: Path, tiny):
+    """The `finished` job: one image per generator call, one row per Parquet file (many files to lose)."""
+    cfg = config(directory, out, tiny, batch_size=1)
+    return cfg.model_copy(update={"output": cfg.output.model_copy(update={"rows_per_file": 1})})
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session, tiny_models, small, tmp_path_factory):
+    """One finished run of the `small` job; each test works on a copy of its output (the output path is not part
+    of a job, so a copy is the same job's finished output)."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    return out, run(one_file_per_row(small[0], out, tiny_models))
+
+
+def copy_of(finished, tmp_path: Path) -> Path:
+    shutil.copytree(finished[0], tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_rerun_of_a_finished_job_redoes_nothing(tiny_models, small, finished, tmp_path):
     directory, good, bad = small
-    cfg = config(directory, tmp_path / "out", tiny_models)
-    first = run(cfg)
+    out = copy_of(finished, tmp_path)
+    cfg, first = one_file_per_row(directory, out, tiny_models), finished[1]
     before = parquet_bytes(tmp_path / "out")
     manifest_before = (tmp_path / "out" / "manifest.json").read_bytes()
     again = run(cfg)
@@ -92,13 +112,11 @@ def test_rerun_of_a_finished_job_redoes_nothing(ray_session, tiny_models, small,
     assert [r["run_id"] for r in manifest["runs"]] == [first.run_id]
 
 
-def test_interrupted_output_is_completed_without_redoing_work(ray_session, tiny_models, small, tmp_path):
+def test_interrupted_output_is_completed_without_redoing_work(tiny_models, small, finished, tmp_path):
     """A crash leaves some files written, a temporary file and a manifest saying completed: false."""
     directory, good, bad = small
-    out = tmp_path / "out"
-    cfg = config(directory, out, tiny_models, batch_size=1)
-    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"rows_per_file": 1})})
-    run(cfg)
+    out = copy_of(finished, tmp_path)
+    cfg = one_file_per_row(directory, out, tiny_models)
     files = sorted(out.glob("samples/*.parquet"))
     lost = files[::3]  # as if these writes never happened
     lost_ids = {pq.read_table(f)["sample_id"][0].as_py() for f in lost}
@@ -117,24 +135,24 @@ def test_interrupted_output_is_completed_without_redoing_work(ray_session, tiny_
     check_exactly_once(out, directory, good, bad)
 
 
-def test_a_different_job_is_refused_naming_what_changed(ray_session, tiny_models, small, tmp_path):
+def test_a_different_job_is_refused_naming_what_changed(tiny_models, small, finished, tmp_path):
     directory, good, bad = small
-    out = tmp_path / "out"
-    first = run(config(directory, out, tiny_models, variants_per_image=1))
+    out = copy_of(finished, tmp_path)
+    first = finished[1]
     before = parquet_bytes(out)
-    changed = config(directory, out, tiny_models, variants_per_image=1, steps=4, guidance_scale=5.0)
+    changed = config(directory, out, tiny_models, steps=4, guidance_scale=5.0)
     with pytest.raises(OutputExists, match=r"changed: generation.guidance_scale, generation.steps\).*overwrite"):
         run(changed)
     assert parquet_bytes(out) == before
 
     # execution settings are not part of the job: more actors or another batch size resume it
-    faster = config(directory, out, tiny_models, variants_per_image=1, batch_size=5, actors=2)
+    faster = config(directory, out, tiny_models, batch_size=5, actors=2)
     assert run(faster).run_id == first.run_id and parquet_bytes(out) == before  # the same job, complete
 
-    data = job_dict(str(directory), str(out), tiny_models, variants_per_image=1, steps=4, guidance_scale=5.0)
+    data = job_dict(str(directory), str(out), tiny_models, steps=4, guidance_scale=5.0)
     data["output"]["new_version"] = True
     v2 = run(load_config(data=data))
-    assert v2.output == f"{out}-v2" and v2.samples == len(good)
+    assert v2.output == f"{out}-v2" and v2.samples == len(good) * VARIANTS
     assert parquet_bytes(out) == before  # the first version is untouched
     assert run(load_config(data=data)).output == f"{out}-v2"  # the same new job resumes its version
 
@@ -142,13 +160,13 @@ def test_a_different_job_is_refused_naming_what_changed(ray_session, tiny_models
     replaced = run(load_config(data=data))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["generation"]["steps"] == 4 and len(manifest["runs"]) == 1
-    assert replaced.samples == len(good)
+    assert replaced.samples == len(good) * VARIANTS
     steps = read_parquet_dir(out / "samples", columns=["num_inference_steps"])["num_inference_steps"]
     assert set(steps.to_pylist()) == {4}
 
 
-def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
-    """`python -m pipeline run` killed with SIGKILL part-way, then the same command again."""
+def test_resume_after_the_driver_is_killed(ray_session, tiny_models, tmp_path):
+    """`python -m pipeline run` killed with SIGKILL part-way, then the same job again (joining a running Ray)."""
     directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=2)
     out = tmp_path / "out"
     data = job_dict(str(directory), str(out), tiny_models, batch_size=1, steps=4)
@@ -170,7 +188,8 @@ def test_resume_after_the_driver_is_killed(tiny_models, tmp_path):
     written_ids = set(read_parquet_dir(out / "samples", columns=["sample_id"])["sample_id"].to_pylist())
     assert 0 < len(written_ids) < len(good) * VARIANTS
 
-    again = cli(*args, env=no_address, timeout=600)
+    # the same job on the test session's Ray: a resume does not depend on the instance (one fewer Ray start)
+    again = cli("run", tmp_path / "job.yaml", "--address", ray_session.get_runtime_context().gcs_address, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stdout
     assert f"added {len(good) * VARIANTS - len(written_ids)} samples ({len(good) * VARIANTS} in all)" in again.stdout
