@@ -71,6 +71,14 @@ def job_dict(source: str, output: str, tiny: dict[str, str], **generation) -> di
     }
 
 
+def canny_job(source: str, output: str) -> dict:
+    """`job_dict`'s job without generation and with canny alone: no model loads, for tests of what reaches the
+    writer (sources, decoding, names), which generation does not change."""
+    return {"seed": 7, "source": {"type": "images", "path": source}, "image": {"resolution": 64},
+            "annotators": [{"name": "canny", "params": {"low_threshold": 50, "high_threshold": 150}}],
+            "output": {"path": output}}
+
+
 def read_parquet_dir(directory, columns: list[str] | None = None, schema_if_empty: pa.Schema | None = None,
                      fs=None) -> pa.Table:
     """Every *.parquet file directly in `directory`, in name order, as one table (only `columns` if

@@ -10,14 +10,14 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.job import run
-from tests.helpers import job_dict, photo, read_parquet_dir
+from tests.helpers import canny_job, photo, read_parquet_dir
 
 
 def save(path: Path, image: Image.Image, fmt: str | None = None, **kw) -> None:
     image.save(path, format=fmt, **kw)
 
 
-def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tiny_models, tmp_path):
+def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tmp_path):
     d = tmp_path / "messy"
     d.mkdir()
     astronaut = Image.fromarray(photo("astronaut"))
@@ -42,7 +42,7 @@ def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tin
     save(d / "panorama.jpg", Image.new("RGB", (2000, 100), "blue"))
     (d / "dangling.jpg").symlink_to(d / "deleted-before-read.jpg")
 
-    result = run(load_config(data=job_dict(str(d), str(tmp_path / "out"), tiny_models, variants_per_image=1)))
+    result = run(load_config(data=canny_job(str(d), str(tmp_path / "out"))))  # all decided at decode: no models
 
     samples = read_parquet_dir(tmp_path / "out" / "samples")
     names = sorted(Path(u).name for u in samples["source_uri"].to_pylist())

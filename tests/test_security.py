@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.generators.sd15 import load_pipeline
 from pipeline.job import resolve_models, run
 from pipeline.models import ModelUnavailable
-from tests.helpers import job_dict
+from tests.helpers import canny_job, job_dict
 
 OUTPUT_NAMES = re.compile(r"^((samples|errors)/part-[0-9a-f]{32}\.parquet|manifest\.json|stats\.txt|report\.html|README\.md|croissant\.json)$")
 
@@ -65,15 +65,7 @@ HOSTILE = ["../../../escape.png", "/tmp/absolute.png", "a/b/../../../up.png", "l
            "%2e%2e%2fencoded.png", "..", "samples/part-00.parquet"]
 
 
-def names_job(source: Path, out: Path, tiny_models) -> dict:
-    """A canny-only job: names reach the writer the same with or without generation, which adds no file names."""
-    data = job_dict(str(source), str(out), tiny_models)
-    del data["generation"]
-    data["annotators"] = data["annotators"][:1]
-    return data
-
-
-def test_output_names_cannot_be_steered_by_input_names(ray_session, tiny_models, photos_dir, tmp_path):
+def test_output_names_cannot_be_steered_by_input_names(ray_session, photos_dir, tmp_path):
     photo = (photos_dir / "chelsea.jpg").read_bytes()
     images = []
     for i, name in enumerate(HOSTILE):
@@ -94,12 +86,12 @@ def test_output_names_cannot_be_steered_by_input_names(ray_session, tiny_models,
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
-    data = names_job(source, out, tiny_models)
+    data = canny_job(str(source), str(out))  # generation adds no file names
     data["source"] = {"type": "parquet", "path": str(source), "image_column": "image"}
     before = {p for p in tmp_path.rglob("*")}
     result = run(load_config(data=data))
     assert (result.samples, result.errors) == (len(HOSTILE), 1)
-    assert run(load_config(data=names_job(folder, work / "out-folder", tiny_models))).samples == 2
+    assert run(load_config(data=canny_job(str(folder), str(work / "out-folder")))).samples == 2
 
     created = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     for p in created:

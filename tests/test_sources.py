@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import SourceConfig, load_config
 from pipeline.job import run
 from pipeline.io.sources import SourceError, list_files, read_source
-from tests.helpers import job_dict, read_parquet_dir, write_photos
+from tests.helpers import canny_job, read_parquet_dir, write_photos
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -41,16 +41,7 @@ def test_missing_path_is_a_source_error_naming_it(tmp_path):
         list_files(SourceConfig(type="webdataset", path=str(tmp_path)), ["tar"])
 
 
-def canny_only(source: str, output: str, tiny_models) -> dict:
-    """A job without generation or model annotators: what a source yields is the same (captions become prompts
-    in test_job's Parquet-source job)."""
-    data = job_dict(source, output, tiny_models)
-    del data["generation"]
-    data["annotators"] = data["annotators"][:1]
-    return data
-
-
-def test_webdataset_job(ray_session, tiny_models, photos, tmp_path):
+def test_webdataset_job(ray_session, photos, tmp_path):
     """Captions from .txt or a configured .json key; an undecodable image is an error row, not a failed job."""
     meta = lambda alt: json.dumps({"alt": alt, "caption": "not this key"}).encode()  # noqa: E731
     write_tar(tmp_path / "shard-000.tar", [
@@ -62,7 +53,7 @@ def test_webdataset_job(ray_session, tiny_models, photos, tmp_path):
         ("broken.jpg", photos["rocket.jpg"][:500]), ("broken.txt", b"a broken rocket"),
         ("readme.txt", b"a sample without an image is not an input"),
     ])
-    data = canny_only(str(tmp_path), str(tmp_path / "out"), tiny_models)
+    data = canny_job(str(tmp_path), str(tmp_path / "out"))
     data["source"] = {"type": "webdataset", "path": str(tmp_path / "shard-*.tar"), "caption_key": "alt"}
     result = run(load_config(data=data), echo=lambda _: None)
 
@@ -97,7 +88,7 @@ def test_webdataset_members_and_captions(ray_session, photos, tmp_path):
     assert sorted(r["source_uri"].split("#")[1] for r in read_source(only_jpg_png).take_all()) == ["a", "dir/d"]
 
 
-def test_hugging_face_datasets_parquet_export(ray_session, tiny_models, photos, tmp_path):
+def test_hugging_face_datasets_parquet_export(ray_session, photos, tmp_path):
     """The Image feature is a {bytes, path} struct: embedded bytes, or a path to the file."""
     import datasets
 
@@ -111,7 +102,7 @@ def test_hugging_face_datasets_parquet_export(ray_session, tiny_models, photos, 
     ds.cast_column("image", datasets.Image()).to_parquet(str(export))
     assert json.loads(pq.read_schema(export).metadata[b"huggingface"])["info"]["features"]["image"]["_type"] == "Image"
 
-    data = canny_only(str(export), str(tmp_path / "out"), tiny_models)
+    data = canny_job(str(export), str(tmp_path / "out"))  # captions become prompts: test_job
     data["source"] = {"type": "parquet", "path": str(export), "caption_column": "text"}
     result = run(load_config(data=data), echo=lambda _: None)
 
