@@ -23,6 +23,12 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    """The session's Ray instance, for a CLI to join (`--address`)."""
+    return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     from pipeline.testing import make_tiny
 

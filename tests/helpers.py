@@ -44,39 +44,32 @@ def write_photos(directory: Path, names=PHOTOS, fmt: str = "jpg") -> list[Path]:
     return paths
 
 
-def job_dict(source: str, output: str, tiny: dict[str, str], **generation) -> dict:
-    """A complete job config as data: canny + hed, two ControlNets, tiny models, 64 px."""
-    return {
-        "seed": 7,
-        "source": {"type": "images", "path": source},
-        "image": {"resolution": 64},
-        "annotators": [
-            {"name": "canny", "params": {"low_threshold": 50, "high_threshold": 150}},
-            {"name": "hed", "model": tiny["annotators"]},
-        ],
-        "generation": {
-            "base_model": tiny["base_model"],
-            "controlnets": [
-                {"condition": "canny", "model": tiny["controlnet/canny"]},
-                {"condition": "hed", "model": tiny["controlnet/hed"], "conditioning_scale": 0.5, "guidance_end": 0.8},
-            ],
-            "steps": 3,
-            "variants_per_image": 2,
-            "prompt": {"prompts": ["a painting", "a photo at night"], "template": "{prompt} of {caption}",
-                       "negative": "blurry"},
-            "batch_size": 3,
-            **generation,
-        },
-        "output": {"path": output},
-    }
-
-
 def canny_job(source: str, output: str) -> dict:
     """`job_dict`'s job without generation and with canny alone: no model loads, for tests of what reaches the
     writer (sources, decoding, names), which generation does not change."""
     return {"seed": 7, "source": {"type": "images", "path": source}, "image": {"resolution": 64},
             "annotators": [{"name": "canny", "params": {"low_threshold": 50, "high_threshold": 150}}],
             "output": {"path": output}}
+
+
+def job_dict(source: str, output: str, tiny: dict[str, str], **generation) -> dict:
+    """A complete job config as data: canny + hed, two ControlNets, tiny models, 64 px."""
+    data = canny_job(source, output)
+    data["annotators"].append({"name": "hed", "model": tiny["annotators"]})
+    data["generation"] = {
+        "base_model": tiny["base_model"],
+        "controlnets": [
+            {"condition": "canny", "model": tiny["controlnet/canny"]},
+            {"condition": "hed", "model": tiny["controlnet/hed"], "conditioning_scale": 0.5, "guidance_end": 0.8},
+        ],
+        "steps": 3,
+        "variants_per_image": 2,
+        "prompt": {"prompts": ["a painting", "a photo at night"], "template": "{prompt} of {caption}",
+                   "negative": "blurry"},
+        "batch_size": 3,
+        **generation,
+    }
+    return data
 
 
 def read_parquet_dir(directory, columns: list[str] | None = None, schema_if_empty: pa.Schema | None = None,

@@ -22,7 +22,7 @@ from pipeline.io.sources import read_source
 from pipeline.job import resolve_models, run
 from pipeline.models import resolve_model
 from pipeline.variants import ExpandVariants, PromptFileError, load_prompt_file, render_prompt
-from tests.helpers import job_dict, photo, read_parquet_dir
+from tests.helpers import canny_job, job_dict, photo, read_parquet_dir
 
 NAMES = ("astronaut", "chelsea", "coffee", "camera")
 
@@ -136,9 +136,7 @@ def test_prompt_column_needs_parquet_and_generation(tiny_models, tmp_path):
 def test_uncaptioned_photos_become_training_pairs_with_text(ray_session, tiny_models, photos_dir, tmp_path, capsys):
     """Annotate-only job with the tiny BLIP captioner; the export has text in every row; without the
     captioner the export warns and --require-text refuses."""
-    data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models)
-    del data["generation"]
-    data["annotators"] = data["annotators"][:1]  # canny
+    data = canny_job(str(photos_dir), str(tmp_path / "out"))
     data["captioner"] = {"kind": "blip", "model": tiny_models["captioner/blip"], "max_new_tokens": 6, "batch_size": 2}
     cfg = load_config(data=data)
     result = run(cfg)
@@ -234,9 +232,7 @@ def test_models_fetch_downloads_what_the_captioner_loads(tiny_models, tmp_path, 
         return local_dir
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    data = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
-    del data["generation"]
-    data["annotators"] = data["annotators"][:1]
+    data = canny_job(str(tmp_path), str(tmp_path / "out"))
     data["captioner"] = {"kind": kind, "model": f"acme/{kind}-captions", "revision": "v1"}
     fetched = fetch(load_config(data=data), tmp_path / "models")
     assert [(f.role, f.path, f.downloaded) for f in fetched] == [

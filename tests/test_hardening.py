@@ -323,7 +323,7 @@ def test_a_finished_job_run_again_writes_nothing(hostile):
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_ctrl_c_prints_one_line_and_exits_130_and_the_run_resumes(ray_session, tiny_models, photos_dir, tmp_path):
+def test_ctrl_c_prints_one_line_and_exits_130_and_the_run_resumes(ray_address, tiny_models, photos_dir, tmp_path):
     import signal
     import subprocess
 
@@ -346,7 +346,7 @@ def test_ctrl_c_prints_one_line_and_exits_130_and_the_run_resumes(ray_session, t
     assert "Traceback" not in stderr
     assert json.loads((out / "manifest.json").read_text())["completed"] is False
     # resumed on the test session's Ray (a resume does not depend on the instance; one fewer Ray start)
-    again = cli("run", tmp_path / "job.yaml", "--address", ray_session.get_runtime_context().gcs_address, timeout=900)
+    again = cli("run", tmp_path / "job.yaml", "--address", ray_address, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["samples"] == len(list(photos_dir.iterdir())) * 2 and counts["duplicate_sample_ids"] == 0

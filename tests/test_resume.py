@@ -102,13 +102,13 @@ def test_rerun_of_a_finished_job_redoes_nothing(tiny_models, small, finished, tm
     directory, good, bad = small
     out = copy_of(finished, tmp_path)
     cfg, first = one_file_per_row(directory, out, tiny_models), finished[1]
-    before = parquet_bytes(tmp_path / "out")
-    manifest_before = (tmp_path / "out" / "manifest.json").read_bytes()
+    before = parquet_bytes(out)
+    manifest_before = (out / "manifest.json").read_bytes()
     again = run(cfg)
     assert again.run_id == first.run_id and again.samples == first.samples  # the finished run, reported as it is
-    assert parquet_bytes(tmp_path / "out") == before  # nothing rewritten, nothing added
-    assert (tmp_path / "out" / "manifest.json").read_bytes() == manifest_before
-    manifest = check_exactly_once(tmp_path / "out", directory, good, bad)
+    assert parquet_bytes(out) == before  # nothing rewritten, nothing added
+    assert (out / "manifest.json").read_bytes() == manifest_before
+    manifest = check_exactly_once(out, directory, good, bad)
     assert [r["run_id"] for r in manifest["runs"]] == [first.run_id]
 
 
@@ -165,7 +165,7 @@ def test_a_different_job_is_refused_naming_what_changed(tiny_models, small, fini
     assert set(steps.to_pylist()) == {4}
 
 
-def test_resume_after_the_driver_is_killed(ray_session, tiny_models, tmp_path):
+def test_resume_after_the_driver_is_killed(ray_address, tiny_models, tmp_path):
     """`python -m pipeline run` killed with SIGKILL part-way, then the same job again (joining a running Ray)."""
     directory, good, bad = make_inputs(tmp_path / "inputs", per_photo=2)
     out = tmp_path / "out"
@@ -189,7 +189,7 @@ def test_resume_after_the_driver_is_killed(ray_session, tiny_models, tmp_path):
     assert 0 < len(written_ids) < len(good) * VARIANTS
 
     # the same job on the test session's Ray: a resume does not depend on the instance (one fewer Ray start)
-    again = cli("run", tmp_path / "job.yaml", "--address", ray_session.get_runtime_context().gcs_address, timeout=600)
+    again = cli("run", tmp_path / "job.yaml", "--address", ray_address, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stdout
     assert f"added {len(good) * VARIANTS - len(written_ids)} samples ({len(good) * VARIANTS} in all)" in again.stdout

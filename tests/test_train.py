@@ -247,7 +247,7 @@ def last_checkpoint_step(fs, output: str) -> int | None:
         return None
 
 
-def test_a_killed_training_on_s3_resumes_from_its_last_checkpoint(ray_session, tiny_models, circles, s3, tmp_path):
+def test_a_killed_training_on_s3_resumes_from_its_last_checkpoint(ray_address, tiny_models, circles, s3, tmp_path):
     """Pairs read from s3://, checkpoints written there; the CLI killed after a checkpoint, then run again (on the
     test session's Ray: a resume does not depend on the instance, and one fewer Ray start)."""
     fs = s3.fs()
@@ -266,9 +266,8 @@ def test_a_killed_training_on_s3_resumes_from_its_last_checkpoint(ray_session, t
     kill_tree(first)  # its own Ray instance goes down with it
     assert not fs.exists(f"{output}/controlnet"), "the training finished before it was killed"
     killed_at = last_checkpoint_step(fs, output)
-    again = subprocess.run(cli_command("train", tmp_path / "train.yaml", "--address",
-                                       ray_session.get_runtime_context().gcs_address),
-                           cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    again = subprocess.run(cli_command("train", tmp_path / "train.yaml", "--address", ray_address), cwd=ROOT,
+                           env=cli_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = json.loads(fs.cat_file(max(fs.glob(f"{output}/train/checkpoint_*/metrics.json"))))
     assert metrics["step"] == 8 and metrics["resumed_from"] == killed_at >= 2
