@@ -9,11 +9,14 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: demo test schemas clean
 
+# pip writes the bytecode of what it installs one file at a time; compileall writes it on every core (~20 s less of
+# ~3.5 min here). Like pip, it leaves alone the files this Python cannot compile (test files for newer Pythons).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-compile $(TORCH)
+	$(PY) -m pip install -q --no-compile -e ".[test]"
+	$(PY) -c "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)" $(VENV)/lib
 	touch $@
 
 # rerun when the factories change (a new model, e.g. a captioner): make-tiny rewrites the set if its marker
