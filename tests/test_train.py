@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -152,67 +151,30 @@ def test_latents_and_text_encoded_in_ray_data_give_the_same_loss(ray_session, ti
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
 
 
-def last_checkpoint_step(fs, output: str) -> int | None:
-    """The step of the checkpoint Ray Train would resume from (its snapshot of the run's checkpoints)."""
-    try:
-        snapshot = json.loads(fs.cat_file(f"{output}/train/checkpoint_manager_snapshot.json"))
-        return snapshot["latest_checkpoint_result"]["metrics"]["step"]
-    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
-        return None
-
-
 @pytest.fixture(scope="module")
-def trained(ray_address, tiny_models, circles, s3, tmp_path_factory) -> SimpleNamespace:
-    """The training the tests below check: two workers, pairs read from s3://, checkpoints, validation images and
-    the ControlNet written there. The CLI (with its own Ray) is killed once Ray Train has recorded the first
-    checkpoint, then the same command runs again on the test session's Ray (a resume does not depend on the
-    instance) and finishes; its output is copied here for the tests to read."""
-    fs = s3.fs()
-    fs.put(str(circles) + "/", f"{s3.bucket}/circles", recursive=True)
-    output = f"{s3.bucket}/trained"
-    job = train_dict(tiny_models, circles, "")
-    # the VAE and text encoder run in Ray Data (in the loop they give the same loss: test above)
-    job["data"] = {"paths": [s3.url("circles")], "storage_options": s3.storage_options, "precompute": True}
-    job["output"] = {"path": s3.url("trained"), "storage_options": s3.storage_options}
-    config = tmp_path_factory.mktemp("train") / "train.yaml"
-    config.write_text(yaml.safe_dump(job))
-    first = subprocess.Popen(cli_command("train", config, "--address", "local"), cwd=ROOT,
-                             env=cli_env({"RAY_ADDRESS": ""}), start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    while last_checkpoint_step(fs, output) is None and first.poll() is None:  # Ray Train has recorded a checkpoint
-        time.sleep(0.2)
-    kill_tree(first)  # its own Ray instance goes down with it
-    killed = {"step": last_checkpoint_step(fs, output), "finished": fs.exists(f"{output}/controlnet")}
-    again = subprocess.run(cli_command("train", config, "--address", ray_address), cwd=ROOT, env=cli_env(),
-                           capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    local = tmp_path_factory.mktemp("trained") / "out"
-    fs.get(output + "/", str(local), recursive=True)
-    last = max(local.glob("train/checkpoint_*/metrics.json"), key=lambda p: p.parent.name)
-    return SimpleNamespace(cfg=load_train_config(data=job), killed=killed, output=local,
-                           metrics=json.loads(last.read_text()), controlnet=str(local / "controlnet"))
-
-
-def test_a_killed_training_resumes_from_its_last_checkpoint(trained):
-    assert not trained.killed["finished"], "the training finished before it was killed"
-    metrics = trained.metrics
-    assert metrics["step"] == trained.cfg.steps and metrics["resumed_from"] == trained.killed["step"] == 12
-    assert metrics["steps_this_run"] == trained.cfg.steps - 12  # no step done twice in the second run
+def trained(ray_session, tiny_models, circles, tmp_path_factory):
+    output = tmp_path_factory.mktemp("trained") / "out"
+    job = train_dict(tiny_models, circles, output)
+    job["data"]["precompute"] = True  # the VAE and text encoder run in Ray Data (the resume test runs them in the loop)
+    cfg = load_train_config(data=job)
+    return cfg, run_training(cfg, echo=lambda _: None), output
 
 
 def test_training_changes_only_the_controlnet_and_lowers_the_loss(trained, circles):
-    assert trained.metrics["frozen_unchanged"] is True  # UNet, VAE and text encoder untouched on every worker
+    cfg, result, output = trained
+    assert result.step == cfg.steps and result.metrics["steps_this_run"] == cfg.steps
+    assert result.metrics["frozen_unchanged"] is True  # UNet, VAE and text encoder untouched on every worker
     from diffusers import ControlNetModel
 
-    net = ControlNetModel.from_pretrained(trained.controlnet)
+    net = ControlNetModel.from_pretrained(result.controlnet)
     zero_convs = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
     assert any(bool(p.abs().sum() > 0) for conv in zero_convs for p in conv.parameters())  # it learned something
-    before, after = mean_loss(trained.cfg, None, circles), mean_loss(trained.cfg, net.state_dict(), circles)
+    before, after = mean_loss(cfg, None, circles), mean_loss(cfg, net.state_dict(), circles)
     assert after < 0.97 * before, (before, after)  # the same noise draws before and after
 
 
 def test_checkpoints_validation_images_and_the_model_card(trained):
-    output = trained.output
+    cfg, result, output = trained
     assert sorted(os.listdir(output / "validation")) == ["index.html", "step-0000012", "step-0000024"]
     assert sorted(os.listdir(output / "validation" / "step-0000024")) == ["0-control.png", "0-generated.png"]
     assert Image.open(output / "validation" / "step-0000024" / "0-generated.png").size == (SIZE, SIZE)
@@ -222,12 +184,13 @@ def test_checkpoints_validation_images_and_the_model_card(trained):
 
 
 def test_the_trained_controlnet_loads_in_a_generation_job(trained, tiny_models, photos_dir, tmp_path):
+    _, result, _ = trained
     data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models, variants_per_image=1)
-    data["generation"]["controlnets"] = [{"condition": "canny", "model": trained.controlnet}]
+    data["generation"]["controlnets"] = [{"condition": "canny", "model": result.controlnet}]
     job = run(load_config(data=data), echo=lambda _: None)
     assert job.samples == len(list(photos_dir.iterdir())) and job.errors == 0
     models = read_parquet_dir(tmp_path / "out" / "samples", columns=["controlnet_models"])["controlnet_models"]
-    assert set(map(tuple, models.to_pylist())) == {(trained.controlnet,)}
+    assert set(map(tuple, models.to_pylist())) == {(result.controlnet,)}
     # that run output is itself training data: generated image, a chosen control map, the prompt
     cfg = load_train_config(data=train_dict(tiny_models, tmp_path / "out", tmp_path / "next"))
     with pytest.raises(TrainDataError, match=r"control maps \['control_canny', 'control_hed'\]: choose one"):
@@ -273,3 +236,40 @@ def test_unlocking_the_unet_decoder_trains_its_up_blocks_only(tiny_models, tmp_p
     assert trainable == {"up_blocks", "conv_norm_out", "conv_out"}
     assert all(p.requires_grad for p in controlnet.parameters())
     assert not any(p.requires_grad for m in (text_encoder, vae) for p in m.parameters())
+
+
+def last_checkpoint_step(fs, output: str) -> int | None:
+    """The step of the checkpoint Ray Train would resume from (its snapshot of the run's checkpoints)."""
+    try:
+        snapshot = json.loads(fs.cat_file(f"{output}/train/checkpoint_manager_snapshot.json"))
+        return snapshot["latest_checkpoint_result"]["metrics"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+        return None
+
+
+def test_a_killed_training_on_s3_resumes_from_its_last_checkpoint(ray_address, tiny_models, circles, s3, tmp_path):
+    """Pairs read from s3://, checkpoints written there; the CLI killed after a checkpoint, then run again (on the
+    test session's Ray: a resume does not depend on the instance, and one fewer Ray start)."""
+    fs = s3.fs()
+    fs.put(str(circles / "train") + "/", f"{s3.bucket}/circles/train", recursive=True)
+    output = f"{s3.bucket}/trained"
+    # one worker: two-worker training is the `trained` fixture's; each of the two runs here is then ~20 CPU-s less
+    job = train_dict(tiny_models, circles, "", steps=8, checkpoint_every=2, validation={}, num_workers=1)
+    job["data"] = {"paths": [s3.url("circles")], "storage_options": s3.storage_options}
+    job["output"] = {"path": s3.url("trained"), "storage_options": s3.storage_options}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(job))
+    args = ("train", tmp_path / "train.yaml", "--address", "local")
+    first = subprocess.Popen(cli_command(*args), cwd=ROOT, env=cli_env({"RAY_ADDRESS": ""}), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while last_checkpoint_step(fs, output) is None and first.poll() is None:  # Ray Train has recorded a checkpoint
+        time.sleep(0.2)
+    kill_tree(first)  # its own Ray instance goes down with it
+    assert not fs.exists(f"{output}/controlnet"), "the training finished before it was killed"
+    killed_at = last_checkpoint_step(fs, output)
+    again = subprocess.run(cli_command("train", tmp_path / "train.yaml", "--address", ray_address), cwd=ROOT,
+                           env=cli_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads(fs.cat_file(max(fs.glob(f"{output}/train/checkpoint_*/metrics.json"))))
+    assert metrics["step"] == 8 and metrics["resumed_from"] == killed_at >= 2
+    assert metrics["steps_this_run"] == 8 - metrics["resumed_from"]  # no step done twice in this run
+    assert fs.exists(f"{output}/controlnet/diffusion_pytorch_model.safetensors")
