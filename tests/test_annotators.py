@@ -205,7 +205,7 @@ def test_hed_family_equals_controlnet_aux(annotators, weights, name, kwargs):
     detector = HEDdetector.from_pretrained(weights["hed"])
     # batched float maths, and on CPU weights prepacked for oneDNN, may differ from controlnet-aux's forward in the last bit
     assert_same(annotators(name).annotate(photos()), [detector(i, **RES, **kwargs) for i in photos()], tolerance=1)
-    assert annotators(name).prepacked == torch.backends.mkldnn.is_available()  # weights reordered once, at load
+    assert annotators(name).prepacked == torch.backends.mkldnn.is_available()  # weights in oneDNN's layout
 
 
 def test_prepacked_convolutions_compute_what_torch_does():
@@ -213,11 +213,15 @@ def test_prepacked_convolutions_compute_what_torch_does():
 
     torch.manual_seed(0)
     shapes = [{}, {"groups": 8, "stride": 2}, {"dilation": 2, "padding": 2}, {"kernel_size": 1, "padding": 0, "bias": False}]
-    x = torch.randn(2, 16, 21, 30)
+    inputs = [torch.randn(2, 16, 21, 30), torch.randn(1, 16, 8, 9), torch.randn(2, 16, 21, 30), torch.randn(1, 16, 16, 16)]
     for shape in shapes:
         conv = torch.nn.Conv2d(16, 16, **({"kernel_size": 3, "padding": 1} | shape)).eval()
+        prepacked = PrepackedConv2d(conv)
         with torch.inference_mode():
-            torch.testing.assert_close(PrepackedConv2d(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+            for x in inputs:
+                torch.testing.assert_close(prepacked(x), conv(x), rtol=1e-5, atol=1e-5)
+        # the weights are reordered for each input shape; those of the last two shapes are kept
+        assert list(prepacked.packed) == [(2, 16, 21, 30), (1, 16, 16, 16)]
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding="same"), torch.nn.Conv2d(4, 4, 3, padding=1))
     assert prepack_convolutions(net) == torch.backends.mkldnn.is_available()
     assert type(net[0]) is torch.nn.Conv2d  # padding given as a word: left as it is
