@@ -212,7 +212,8 @@ class GenerationConfig(Strict):
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, used when the cluster has GPUs.")
     num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="CPUs per actor when it runs on CPU: two pipeline calls run at once on half of them each "
-                            "(one call with one CPU); auto: every CPU of a node (generation is the heavy stage).")
+                            "(one call with one CPU; the second only while the rest of the machine leaves it those "
+                            "cores); auto: every CPU of a node (generation is the heavy stage).")
     actors: int = Field(1, ge=1, description="Maximum actor pool size.")
 
     def calls_of(self, device: str) -> int:

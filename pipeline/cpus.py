@@ -16,6 +16,7 @@ import ctypes
 import gc
 import os
 import sys
+import time
 
 
 def node_cpus() -> int:
@@ -60,6 +61,40 @@ def lanes(num_cpus: float | str, most: int = 2) -> int:
     count = min(most, cpus)
     use_cpus(cpus // count)
     return count
+
+
+class OthersBusy:
+    """How many cores the rest of the machine keeps busy: its CPU time (Linux's /proc/stat, all CPUs) less this
+    process's own, per second over the last `window` seconds or more. Lets a generator start a second lane only
+    while another stage (HED on its own core, say) leaves one free: on two cores, two lanes of one thread beside
+    a one-thread HED actor made a 200-photo tiny job 13% slower than one lane, while the mid-size job, all
+    generation once HED is done, needs both (benchmarks/RESULTS.md). `None` where there is no /proc/stat."""
+
+    def __init__(self, window: float = 0.5):
+        self.window = window
+        self.last = self.sample()
+        self.busy = 0.0
+
+    @staticmethod
+    def sample() -> tuple[float, float, float] | None:
+        """(monotonic time, CPU seconds of the machine not idle, CPU seconds of this process)."""
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+    def __call__(self) -> float | None:
+        now = self.sample()
+        if now is None or self.last is None:
+            return None
+        seconds = now[0] - self.last[0]
+        if seconds >= self.window:
+            self.busy = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / seconds
+            self.last = now
+        return self.busy
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

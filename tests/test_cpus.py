@@ -103,3 +103,23 @@ print(len(collections), gc.isenabled(), gc.get_freeze_count() - frozen >= 600_00
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["0", "True", "True"]  # no collection while loading; the collector is back on; all frozen
+
+
+def test_others_busy_counts_the_rest_of_the_machine_not_this_process():
+    """A process spinning beside this one keeps a core busy; this process's own work is not counted."""
+    import subprocess
+    import sys
+
+    from pipeline.cpus import OthersBusy
+
+    probe = OthersBusy(window=0.3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        start = probe.last
+        while probe.last is start:  # a window of 0.3 s or more has passed, this process spinning too
+            probe()
+        # the spinner: at least half a core (three busy threads on two cores: two thirds of one each); with this
+        # process's own spinning counted it would be about two cores
+        assert 0.5 <= probe() <= 1.5
+    finally:
+        spinner.kill()

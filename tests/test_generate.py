@@ -201,6 +201,7 @@ def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi
 
     two = generator(tiny_models, batch_size=4, num_cpus=2, channels_last=False)
     assert two.lanes == 2 and torch.get_num_threads() == 1
+    two.others_busy = lambda: 0.0  # the rest of the machine idle: both lanes take calls (see the next test)
     both, seen, real = threading.Barrier(2), set(), two.run
 
     def run(rows, width, height):
@@ -220,6 +221,32 @@ def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi
     assert all(a is b for a, b in zip(lane.text_encoder.parameters(), own.text_encoder.parameters()))
     assert lane.tokenizer is not own.tokenizer  # a call sets its padding and truncation
     assert [r["generated"] for r in got] == [r["generated"] for r in multi.generate(rows)]
+
+
+def test_a_second_lane_starts_a_call_only_while_the_rest_of_the_machine_leaves_it_a_core(tiny_models):
+    """Two lanes of one thread beside another stage's busy thread (HED) are three threads on two cores: the
+    second lane waits while the rest of the machine keeps more than half of its core busy, and takes calls
+    beside the first once it does not."""
+    import threading
+
+    two = generator(tiny_models, batch_size=4, num_cpus=2, channels_last=False)
+    two.cores, two.threads = 2, 1  # this test's machine: two cores, a thread per lane
+    busy, consulted = [1.3], threading.Semaphore(0)
+    two.others_busy = lambda: (consulted.release(), busy[0])[1]  # another stage on one core, Ray's own 0.3
+    first_running, first_may_end, second_running = threading.Event(), threading.Event(), threading.Event()
+    first = threading.Thread(target=two.admitted, args=(lambda: (first_running.set(), first_may_end.wait()),))
+    second = threading.Thread(target=two.admitted, args=(second_running.set,))
+    first.start()
+    assert first_running.wait(timeout=60)  # no other call: the first starts whatever the machine's load
+    second.start()
+    for _ in range(3):  # the second call has asked, and been refused, three times
+        assert consulted.acquire(timeout=60)
+    assert not second_running.is_set()
+    busy[0] = 0.3  # the other stage is done
+    assert second_running.wait(timeout=60) and not first_may_end.is_set()  # beside the first, still running
+    first_may_end.set()
+    first.join(), second.join()
+    assert two._running == 0
 
 
 def test_two_batches_at_once_take_turns_on_one_lane(multi):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cpus import lanes, loading
+from pipeline.cpus import OthersBusy, cpus_of, lanes, loading, node_cpus
 from pipeline.config import GenerationConfig
 from pipeline.io.images import array_to_png
 from pipeline.rows import Row, map_batch_isolated
@@ -82,6 +82,12 @@ class Generator:
             # numbers): then one call at a time, on every thread
             one = self.global_random_state or gen.channels_last is True
             self.lanes = lanes(gen.num_cpus, most=1 if one else 2) if self.device == "cpu" else 1
+            # a call starts on a second lane only while the rest of the machine leaves that lane's cores free
+            self.cores = node_cpus()
+            self.threads = max(1, int(cpus_of(gen.num_cpus, self.cores))) // self.lanes
+            self.others_busy = OthersBusy() if self.lanes > 1 else None
+            self._calls = threading.Condition()
+            self._running = 0
             self.gen = gen
             self.max_batch = gen.calls_of(self.device)  # lowered for good after an out-of-memory error
             self._lane = threading.local()
@@ -154,7 +160,7 @@ class Generator:
         per_call = max(1, min(self.max_batch, -(-len(rows) // self.lanes)))
         calls = [(size, idx[k : k + per_call]) for size, idx in by_size.items() for k in range(0, len(idx), per_call)]
         calls.sort(key=lambda call: -call[0][0] * call[0][1] * len(call[1]))  # the longest first: a short tail
-        run = lambda call: self.run_fitting([rows[i] for i in call[1]], *call[0])  # noqa: E731
+        run = lambda call: self.admitted(self.run_fitting, [rows[i] for i in call[1]], *call[0])  # noqa: E731
         out: list[Row | None] = [None] * len(rows)
         for (_, idx), images in zip(calls, self.pool.map(run, calls)):
             for i, image in zip(idx, images):
@@ -162,6 +168,25 @@ class Generator:
         if self.gen.compile:
             self.report_compile()
         return out
+
+    def admitted(self, fn, *args):
+        """Run `fn(*args)` once the call may start: at once with no other call running, or beside one only while
+        the rest of the machine leaves half a lane's cores free (see `may_start_another`). Either way each call
+        runs on its lane's own thread count, so a row's numbers do not depend on how many ran at once."""
+        with self._calls:
+            while self._running and not self.may_start_another():
+                self._calls.wait(timeout=0.25)
+            self._running += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._calls:
+                self._running -= 1
+                self._calls.notify()
+
+    def may_start_another(self) -> bool:
+        busy = self.others_busy() if self.others_busy is not None else None
+        return busy is None or self.cores - busy - self._running * self.threads >= self.threads / 2
 
     def report_compile(self) -> None:
         """Tell the run how long torch.compile took since the last report (a new image or batch size compiles
