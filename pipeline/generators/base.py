@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cpus import OthersBusy, cpus_of, lanes, loading, node_cpus
+from pipeline.cpus import OthersBusy, lanes, loading, node_cpus
 from pipeline.config import GenerationConfig
 from pipeline.io.images import array_to_png
 from pipeline.rows import Row, map_batch_isolated
@@ -82,9 +82,11 @@ class Generator:
             # numbers): then one call at a time, on every thread
             one = self.global_random_state or gen.channels_last is True
             self.lanes = lanes(gen.num_cpus, most=1 if one else 2) if self.device == "cpu" else 1
-            # a call starts on a second lane only while the rest of the machine leaves that lane's cores free
-            self.cores = node_cpus()
-            self.threads = max(1, int(cpus_of(gen.num_cpus, self.cores))) // self.lanes
+            # a call starts on a second lane only while the rest of the machine leaves that lane's cores free (the
+            # threads `lanes` gave torch)
+            import torch
+
+            self.cores, self.threads = node_cpus(), torch.get_num_threads()
             self.others_busy = OthersBusy() if self.lanes > 1 else None
             self._calls = threading.Condition()
             self._running = 0
