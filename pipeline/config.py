@@ -164,7 +164,7 @@ class MaskConfig(Strict):
     margin: int = Field(0, ge=0, description="Grow the region by this many pixels before masking.")
 
 
-AUTO_BATCH = {"cuda": 16, "cpu": 4}  # generation.batch_size auto: where a call starts (halved on out-of-memory)
+AUTO_BATCH = {"cuda": 16, "cpu": 8}  # generation.batch_size auto: where a call starts (halved on out-of-memory)
 
 
 class GenerationConfig(Strict):
@@ -196,8 +196,9 @@ class GenerationConfig(Strict):
     variants_per_image: int = Field(1, ge=1)
     prompt: PromptConfig = PromptConfig()
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        4, description="Samples per pipeline call (a call's samples share a size). auto: 16 on a GPU, halved on "
-                       "out-of-memory until a call fits, the size that fits then kept; 4 elsewhere.")
+        8, description="Samples per batch of the generator (a pipeline call's samples share a size; on a CPU "
+                       "with two lanes, a batch is two calls of half of it). On out-of-memory a call is halved until "
+                       "it fits, and that size kept. auto: 16 on a GPU, 8 elsewhere.")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="Run the UNet, ControlNets and VAE in channels_last memory format (faster convolutions, "
                             "outputs within one level of the default layout). auto: on a GPU. true on CPU: one "

@@ -164,7 +164,7 @@ def test_device_and_auto_batch(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert torch_device() == "cpu"
     gen = GenerationConfig(base_model="m", controlnets=[{"condition": "canny", "model": "c"}], batch_size="auto")
-    assert (gen.calls_of("cuda"), gen.calls_of("mps"), gen.calls_of("cpu")) == (16, 4, 4)  # then halved on OOM
+    assert (gen.calls_of("cuda"), gen.calls_of("mps"), gen.calls_of("cpu")) == (16, 8, 8)  # then halved on OOM
     assert gen.model_copy(update={"batch_size": 6}).calls_of("cuda") == 6
 
 
