@@ -2,10 +2,12 @@
 
     python benchmarks/annotators.py                       # tiny random weights (written to a temp dir), CPU
     python benchmarks/annotators.py --models DIR          # real weights: DIR/<repo id>/ as `models fetch` writes
-    python benchmarks/annotators.py --only hed,dwpose --size 512 --batch 8 --device cuda
+    python benchmarks/annotators.py --only hed,dwpose --sizes 512,768x512 --batch 8 --device cuda
 
 Not a test: it prints a table (and the batched/one-by-one ratio). With tiny weights the numbers show
-the cost of pre/post-processing and of small networks, not of the real ones.
+the cost of pre/post-processing and of small networks, not of the real ones. The images come in several
+sizes (`--sizes`, taken in turn), as photos do: an annotator can be fast on one shape and slow on its
+neighbours (HED's convolutions once were, at 128x136 to 128x240 but not at 128x128 or 128x192).
 """
 
 from __future__ import annotations
@@ -26,12 +28,22 @@ from pipeline.annotators import ANNOTATORS  # noqa: E402
 from pipeline.models import resolve_model  # noqa: E402
 
 
-def photos(n: int, size: int) -> list[np.ndarray]:
+def photos(n: int, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """n photos, the i-th at sizes[i % len(sizes)] (width, height)."""
     from skimage import data
 
     names = ["astronaut", "coffee", "chelsea", "rocket"]
-    return [np.asarray(Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB").resize((size, size)))
+    return [np.asarray(Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB").resize(sizes[i % len(sizes)]))
             for i in range(n)]
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'128,168x128' -> [(128, 128), (168, 128)]: a side (square) or WIDTHxHEIGHT, comma-separated."""
+    sizes = []
+    for item in text.split(","):
+        width, _, height = item.strip().partition("x")
+        sizes.append((int(width), int(height or width)))
+    return sizes
 
 
 def timed(fn, repeats: int) -> float:
@@ -46,7 +58,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="directory with real weights laid out as DIR/<repo id>/ (default: tiny random weights)")
     parser.add_argument("--only", help="comma-separated annotators (default: all)")
-    parser.add_argument("--size", type=int, default=128, help="square image side (default 128)")
+    parser.add_argument("--sizes", type=parse_sizes, default="128,168x128,216x128,128x176",
+                        help="image sizes taken in turn: a side (square) or WIDTHxHEIGHT, comma-separated")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, and cpu)")
@@ -70,8 +83,8 @@ def main() -> int:
         names = [n for n in names if not ANNOTATORS[n].default_model or n in neural]
         weights = write_annotators(tempfile.mkdtemp(prefix="annotator-bench-"), neural) if neural else {}
 
-    images = photos(args.batch, args.size)
-    print(f"{args.batch} images of {args.size}x{args.size}, {'real' if args.models else 'tiny random'} weights, "
+    images = photos(args.batch, args.sizes)
+    print(f"{args.batch} images of {', '.join(f'{w}x{h}' for w, h in args.sizes[:args.batch])}, {'real' if args.models else 'tiny random'} weights, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'annotator':<18} {'device':<6} {'batched img/s':>14} {'one-by-one img/s':>17} {'ratio':>6}")
     for device in devices:

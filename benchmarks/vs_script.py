@@ -1,6 +1,6 @@
 """The pipeline against the script a user would write by hand for the same job, on this machine.
 
-    python benchmarks/vs_script.py [--sizes 8,40,200] [--pairs 2] [--sets tiny,mid] [--mid-inputs 24]
+    python benchmarks/vs_script.py [--sizes 8,40,200] [--pairs 2] [--sets tiny,mid] [--mid-inputs 24] [--no-memory]
 
 The job is the demo's (canny + HED, two ControlNets, UniPC, 4 steps, guidance 7.5, 2 variants per
 photo with their own prompts, a negative prompt), without the captioner, and with the HED ControlNet
@@ -288,6 +288,7 @@ def main() -> None:
     parser.add_argument("--mid-inputs", type=int, default=24, help="photos for the mid-size models")
     parser.add_argument("--sets", default="tiny,mid")
     parser.add_argument("--pairs", type=int, default=2, help="interleaved (script, pipeline) runs per size")
+    parser.add_argument("--no-memory", action="store_true", help="skip the pair that measures peak memory")
     parser.add_argument("--layout", type=int, default=8, help="inputs of the output.layout comparison (flat against "
                                                              "normalized bytes, tiny models at 128 and 512 px; 0: none)")
     parser.add_argument("--hand-written", help=argparse.SUPPRESS)
@@ -317,12 +318,13 @@ def main() -> None:
                 order = ("script", "pipeline") if i % 2 == 0 else ("pipeline", "script")
                 runs.append(run_pair(job, order, Path(tmp)))
                 print(json.dumps({"models": name, "inputs": n, **runs[-1]}), flush=True)
-            memory = run_pair(job, ("script", "pipeline"), Path(tmp), memory=True)
-            print(json.dumps({"models": name, "inputs": n, **memory}), flush=True)
+            memory = None if args.no_memory else run_pair(job, ("script", "pipeline"), Path(tmp), memory=True)
+            if memory:
+                print(json.dumps({"models": name, "inputs": n, **memory}), flush=True)
 
         ratio = {k: round(statistics.median(r["pipeline"][k] / r["script"][k] for r in runs), 2)
                  for k in ("wall_s", "cpu_s")}
-        ratio["peak_mib"] = round(memory["pipeline"]["peak_mib"] / memory["script"]["peak_mib"], 2)
+        ratio["peak_mib"] = round(memory["pipeline"]["peak_mib"] / memory["script"]["peak_mib"], 2) if memory else None
         median = lambda kind, k: statistics.median(r[kind][k] for r in runs)  # noqa: E731
         summary.append((name, n, median("script", "wall_s"), median("pipeline", "wall_s"), ratio))
     for resolution in (128, 512) if args.layout else ():  # the tiny models' job, its photos at two sizes
@@ -334,7 +336,7 @@ def main() -> None:
     print(f"\n{'models':8}{'inputs':>7}{'script s':>10}{'pipeline s':>12}{'wall':>7}{'cpu':>7}{'memory':>8}")
     for name, n, script, pipeline, ratio in summary:
         print(f"{name:8}{n:>7}{script:>10.1f}{pipeline:>12.1f}{ratio['wall_s']:>6.2f}x{ratio['cpu_s']:>6.2f}x"
-              f"{ratio['peak_mib']:>7.2f}x")
+              + (f"{ratio['peak_mib']:>7.2f}x" if ratio["peak_mib"] else f"{'-':>8}"))
     for resolution, n, sizes in layouts:
         print(f"output.layout normalized, {n} inputs at {resolution} px: {sizes['normalized_bytes']:,} bytes of Parquet "
               f"against {sizes['flat_bytes']:,} flat ({sizes['saved']:.0%} saved)")
