@@ -76,21 +76,25 @@ class OthersBusy:
         self.busy = 0.0
 
     @staticmethod
-    def sample() -> tuple[float, float, float] | None:
-        """(monotonic time, CPU seconds not idle of the CPUs this process may run on, CPU seconds of this
-        process). Only those CPUs: in a container given a few CPUs of a busy host, the others' work is not ours
-        to wait for."""
+    def sample(stat: str = "/proc/stat") -> tuple[float, float, float] | None:
+        """(monotonic time, CPU seconds that the CPUs this process may run on spent running something, CPU
+        seconds of this process). Only those CPUs: in a container given a few CPUs of a busy host, the others'
+        work is not ours to wait for. Running: user, nice, system, irq and softirq time; not idle or iowait, nor
+        steal (a virtual machine's CPU given to another guest by the host: a second lane still gets what the
+        host leaves it, and counting steal held it back for a whole run on a busy host), nor guest time (Linux
+        counts it in user and nice already)."""
         mine = {f"cpu{n}" for n in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
         busy = 0
         try:
-            with open("/proc/stat") as f:
+            with open(stat) as f:
                 for line in f:
                     name, *ticks = line.split()
                     if not name.startswith("cpu"):
                         break
                     if name != "cpu" and (mine is None or name in mine):
-                        busy += sum(map(int, ticks)) - int(ticks[3]) - int(ticks[4])  # all but idle and iowait
-        except (OSError, ValueError, IndexError):
+                        user, nice, system, _idle, _iowait, irq, softirq = (int(t) for t in ticks[:7])
+                        busy += user + nice + system + irq + softirq
+        except (OSError, ValueError):
             return None
         return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
 

@@ -123,3 +123,20 @@ def test_others_busy_counts_the_rest_of_the_machine_not_this_process():
         assert 0.5 <= probe() <= 1.5
     finally:
         spinner.kill()
+
+
+def test_others_busy_does_not_count_time_the_host_gave_another_guest(tmp_path):
+    """Steal time (a virtual CPU's time spent on another guest) is not work another stage does, and guest time is
+    in user time already: what counts is user, nice, system, irq and softirq of this process's CPUs."""
+    import os
+
+    from pipeline.cpus import OthersBusy
+
+    cpu = min(os.sched_getaffinity(0))
+    #      user nice system idle iowait irq softirq steal guest guest_nice
+    stat = tmp_path / "stat"
+    stat.write_text(f"cpu  1 1 1 1 1 1 1 1 1 1\ncpu{cpu} 100 20 50 1000 7 3 2 400 60 5\ncpu{cpu + 4096} 9 9 9 9 9 9 9 9 9 9\n"
+                    "intr 12345\n")
+    _, busy, _ = OthersBusy.sample(str(stat))
+    assert busy == (100 + 20 + 50 + 3 + 2) / os.sysconf("SC_CLK_TCK")  # the CPU outside this process's set: not
+    assert OthersBusy.sample(str(tmp_path / "missing")) is None
