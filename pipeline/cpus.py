@@ -80,9 +80,8 @@ class OthersBusy:
         """(monotonic time, CPU seconds that the CPUs this process may run on spent running something, CPU
         seconds of this process). Only those CPUs: in a container given a few CPUs of a busy host, the others'
         work is not ours to wait for. Running: user, nice, system, irq and softirq time; not idle or iowait, nor
-        steal (a virtual machine's CPU given to another guest by the host: a second lane still gets what the
-        host leaves it, and counting steal held it back for a whole run on a busy host), nor guest time (Linux
-        counts it in user and nice already)."""
+        steal (a virtual machine's CPU given to another guest by the host, not work of another stage: a second
+        lane still gets what the host leaves it), nor guest time (Linux counts it in user and nice already)."""
         mine = {f"cpu{n}" for n in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
         busy = 0
         try:
