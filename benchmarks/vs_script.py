@@ -235,8 +235,8 @@ def measure(command: list[str], env: dict, memory: bool = False) -> dict:
     if memory:
         return {"peak_mib": round(peak / 2**20)}
     by_role: dict[str, float] = defaultdict(float)
-    for key, seconds in cpu.items():
-        by_role[roles[key]] += seconds
+    for key, seconds in cpu.items():  # a process that ended between its CPU times and its name: "?"
+        by_role[roles.get(key, "?")] += seconds
     top = dict(sorted(((k, round(v, 1)) for k, v in by_role.items() if v >= 1.0), key=lambda kv: -kv[1]))
     return {"wall_s": round(wall, 2), "cpu_s": round(sum(cpu.values()), 2), "cpu_s_by_process": top}
 
