@@ -138,5 +138,6 @@ def test_others_busy_does_not_count_time_the_host_gave_another_guest(tmp_path):
     stat.write_text(f"cpu  1 1 1 1 1 1 1 1 1 1\ncpu{cpu} 100 20 50 1000 7 3 2 400 60 5\ncpu{cpu + 4096} 9 9 9 9 9 9 9 9 9 9\n"
                     "intr 12345\n")
     _, busy, _ = OthersBusy.sample(str(stat))
-    assert busy == (100 + 20 + 50 + 3 + 2) / os.sysconf("SC_CLK_TCK")  # the CPU outside this process's set: not
+    # neither steal nor guest time, nor the CPU outside this process's set
+    assert busy == (100 + 20 + 50 + 3 + 2) / os.sysconf("SC_CLK_TCK")
     assert OthersBusy.sample(str(tmp_path / "missing")) is None
