@@ -200,10 +200,15 @@ def test_resume_after_the_driver_is_killed(ray_address, tiny_models, tmp_path):
 
 
 def generate_actor_pids() -> set[int]:
+    """The generator actors of this test session's Ray (its processes descend from this one), not those of another
+    Ray instance on the machine (a second pytest worker's)."""
     pids = set()
-    for p in psutil.process_iter(["cmdline"]):
-        if "MapBatches(generate)" in " ".join(p.info["cmdline"] or []):
-            pids.add(p.pid)
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "MapBatches(generate)" in " ".join(p.cmdline()):
+                pids.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
     return pids
 
 
