@@ -199,7 +199,7 @@ def test_cli_missing_model_exits_nonzero_naming_it(tmp_path, tiny_models, photos
     assert not (tmp_path / "out").exists()  # failed before any work
 
 
-def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(tmp_path, tiny_models, photos_dir):
+def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(ray_address, tmp_path, tiny_models, photos_dir):
     base = tmp_path / "broken-base"
     shutil.copytree(tiny_models["base_model"], base)
     weights = base / "unet" / "diffusion_pytorch_model.safetensors"
@@ -207,7 +207,7 @@ def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(tmp_path, 
     data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models)
     data["generation"]["base_model"] = str(base)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
-    proc = cli("run", str(tmp_path / "job.yaml"))
+    proc = cli("run", str(tmp_path / "job.yaml"), "--address", ray_address)  # the session's Ray: one fewer start
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the run stopped: stage generate failed: OSError: ")
