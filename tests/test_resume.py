@@ -201,7 +201,7 @@ def test_resume_after_the_driver_is_killed(ray_address, tiny_models, tmp_path):
 
 def generate_actor_pids() -> set[int]:
     """The generator actors of this test session's Ray (its processes descend from this one), not those of another
-    Ray instance on the machine (a second pytest worker's)."""
+    Ray instance on the machine (a developer's running job, another test run)."""
     pids = set()
     for p in psutil.Process().children(recursive=True):
         try:
