@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.export import TRAIN_SCHEMA
 from pipeline.job import run
 from pipeline.models import ModelUnavailable
-from pipeline.train import NotEnoughCPUs, TrainDataError, load_train_config, run_training
+from pipeline.train import POLL_INTERVAL, NotEnoughCPUs, TrainDataError, load_train_config, run_training
 from pipeline.train.data import inspect_source, training_dataset
 from pipeline.train.loop import diffusion_loss, first_batch_fetched_meanwhile, load_models
 from tests.helpers import ROOT, cli_command, cli_env, job_dict, kill_tree, read_parquet_dir
@@ -181,6 +181,7 @@ def test_checkpoints_validation_images_and_the_model_card(trained):
     card = (output / "controlnet" / "README.md").read_text()
     assert "8 pairs" in card and "source_run_id `circles-run`" in card and "trained for\n24 steps" in card
     assert (output / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert os.environ[POLL_INTERVAL] == "0.5"  # what fit() passes to the controller (Ray's 2 s when unset)
 
 
 def test_the_trained_controlnet_loads_in_a_generation_job(trained, tiny_models, photos_dir, tmp_path):
