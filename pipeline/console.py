@@ -5,6 +5,9 @@ and progress bars are shown only with `-v`.
 Each stage measures itself: `timed(name, stage, progress)` wraps a stage so that every batch reports
 (rows in, rows out, seconds) to one `Progress` actor, and the sink reports what it wrote. The driver
 reads the actor for the bar, and the manifest records the stage figures (`stages`).
+
+A training run shows one line too (`TrainBar`): its first worker reports each step and its loss to a `Steps`
+actor, which the driver reads.
 """
 
 from __future__ import annotations
@@ -49,16 +52,38 @@ class Progress:
                            for k, (b, i, o, s) in self.stages.items()}}
 
 
-def start_progress():
-    """The run's Progress actor, on the driver's node: a run's counts and dedupe registry live and end with
-    its driver, not on a worker node that may be lost."""
+@ray.remote(num_cpus=0)
+class Steps:
+    """A training run's last finished step and its loss, as its first worker reports them, and its steps/s since
+    the first step this actor saw (model loading and Ray Train's start are not in the rate)."""
+
+    def __init__(self):
+        self.first: tuple[int, float] | None = None  # (step, time)
+        self.last: tuple[int, float, float] | None = None  # (step, loss, time)
+
+    def done(self, step: int, loss: float) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (step, now)
+        self.last = (step, loss, now)
+
+    def snapshot(self) -> dict[str, Any] | None:
+        if self.last is None:
+            return None
+        (step0, t0), (step, loss, t) = self.first, self.last
+        return {"step": step, "loss": loss, "steps_per_s": (step - step0) / (t - t0) if t > t0 else None}
+
+
+def start_progress(actor=Progress):
+    """The run's Progress (or Steps) actor, on the driver's node: a run's counts and dedupe registry live and end
+    with its driver, not on a worker node that may be lost."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
         here = ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - a Ray Client driver has no node of its own: anywhere will do
-        return Progress.remote()
-    return Progress.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+        return actor.remote()
+    return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def good_rows(table) -> int:
@@ -182,19 +207,26 @@ class Bar:
         parts.append(f"elapsed {fmt_duration(elapsed)}")
         return " · ".join(parts)
 
+    def read(self) -> Any:
+        return ray.get(self.progress.snapshot.remote(), timeout=5)["written"]
+
+    def plain_due(self, state: Any, since: float) -> bool:
+        """Whether a plain line (no terminal) is due, `since` seconds after the last one."""
+        return since >= self.every
+
     def _loop(self) -> None:
         last_plain = time.monotonic()
         while not self._stop.wait(self.interval):
             try:
-                written = ray.get(self.progress.snapshot.remote(), timeout=5)["written"]
+                state = self.read()
             except Exception:  # noqa: BLE001 - the bar is cosmetic; the run goes on
                 continue
             if self.tty:
-                self.stream.write("\r" + self.line(written).ljust(79))
+                self.stream.write("\r" + self.line(state).ljust(79))
                 self.stream.flush()
-            elif time.monotonic() - last_plain >= self.every:
+            elif self.plain_due(state, time.monotonic() - last_plain):
                 last_plain = time.monotonic()
-                print(self.line(written), file=self.stream, flush=True)
+                print(self.line(state), file=self.stream, flush=True)
 
     def __enter__(self) -> Bar:
         self._thread.start()
@@ -206,6 +238,48 @@ class Bar:
         if self.tty:
             self.stream.write("\r" + " " * 79 + "\r")
             self.stream.flush()
+
+
+class TrainBar(Bar):
+    """`Bar` for a training run: steps done of the total, the last loss, steps/s, ETA. Without a terminal, a line
+    when a checkpoint step has passed (or every `every` seconds), and the last state once more at the end."""
+
+    def __init__(self, steps, total: int, checkpoint_every: int, **kwargs):
+        super().__init__(steps, total, **kwargs)
+        self.checkpoint_every = checkpoint_every
+        self.printed = -1  # the step of the last plain line
+
+    def read(self) -> dict[str, Any] | None:
+        return ray.get(self.progress.snapshot.remote(), timeout=5)
+
+    def line(self, state: dict[str, Any] | None) -> str:
+        elapsed = f"elapsed {fmt_duration(time.monotonic() - self.started)}"
+        if state is None:
+            return f"starting the training workers · {elapsed}"
+        step, rate = state["step"], state["steps_per_s"]
+        parts = [f"step {step}/{self.total}", f"loss {state['loss']:.4f}"]
+        if rate:
+            parts.append(f"{rate:.2f} steps/s")
+            if step < self.total:
+                parts.append(f"ETA {fmt_duration((self.total - step) / rate)}")
+        return " · ".join([*parts, elapsed])
+
+    def plain_due(self, state: dict[str, Any] | None, since: float) -> bool:
+        step = state["step"] if state else -1
+        due = since >= self.every or step // self.checkpoint_every > self.printed // self.checkpoint_every
+        if due:
+            self.printed = step
+        return due
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if not self.tty and exc[0] is None:  # the last checkpoint's line, if the loop had not printed it
+            try:
+                state = self.read()
+            except Exception:  # noqa: BLE001 - cosmetic
+                return
+            if state and state["step"] != self.printed:
+                print(self.line(state), file=self.stream, flush=True)
 
 
 def stage_table(manifest: dict[str, Any]) -> list[str]:

@@ -229,6 +229,23 @@ def test_the_progress_bar_counts_inputs_and_says_how_long_is_left():
     assert line.startswith("[############............] 5/10 inputs · ETA 0:50 · 8 samples, 0.16/s · 1 errors")
 
 
+def test_the_training_line_says_the_step_loss_and_time_left_and_prints_once_per_checkpoint_without_a_terminal():
+    import io
+
+    from pipeline.console import TrainBar
+
+    bar = TrainBar(steps=None, total=1000, checkpoint_every=100, stream=io.StringIO())
+    bar.started -= 65
+    assert bar.line(None) == "starting the training workers · elapsed 1:05"
+    state = {"step": 120, "loss": 0.12345, "steps_per_s": 2.0}
+    assert bar.line(state) == "step 120/1000 · loss 0.1235 · 2.00 steps/s · ETA 7:20 · elapsed 1:05"
+    assert not bar.plain_due(None, since=1.0)
+    assert bar.plain_due(state, since=1.0)  # step 100 has passed
+    assert not bar.plain_due({**state, "step": 199}, since=1.0)
+    assert bar.plain_due({**state, "step": 199}, since=30.0)  # and a line every 30 s between checkpoints
+    assert bar.plain_due({**state, "step": 200}, since=1.0)
+
+
 def test_a_local_models_revision_covers_the_files_its_loader_reads_and_big_digests_are_cached(
         tiny_models, tmp_path, monkeypatch):
     import shutil

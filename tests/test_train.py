@@ -272,5 +272,6 @@ def test_a_killed_training_on_s3_resumes_from_its_last_checkpoint(ray_address, t
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = json.loads(fs.cat_file(max(fs.glob(f"{output}/train/checkpoint_*/metrics.json"))))
     assert metrics["step"] == 8 and metrics["resumed_from"] == killed_at >= 2
+    assert f"step 8/8 · loss {metrics['loss']:.4f} · " in again.stderr  # the first worker's steps reach the driver
     assert metrics["steps_this_run"] == 8 - metrics["resumed_from"]  # no step done twice in this run
     assert fs.exists(f"{output}/controlnet/diffusion_pytorch_model.safetensors")

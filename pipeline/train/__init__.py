@@ -46,6 +46,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.console import Steps, TrainBar, start_progress
     from pipeline.train.loop import train_loop
 
     base, cfg = resolved(cfg)  # ModelUnavailable before anything starts
@@ -57,9 +58,10 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
          f"worker(s) -> {cfg.output.path}")
     storage = ray_storage(cfg)
     os.environ.setdefault(POLL_INTERVAL, "0.5")  # read by fit(), passed on to the controller
+    steps = start_progress(Steps)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "steps": steps},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -67,7 +69,8 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
                                        **storage),
         datasets={"train": training_dataset(cfg, sources)},
     )
-    result = trainer.fit()
+    with TrainBar(steps, cfg.steps, cfg.checkpoint_every):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training reported no checkpoint")
     with result.checkpoint.as_directory() as directory:

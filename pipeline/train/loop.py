@@ -97,6 +97,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
 
     cfg = TrainConfig.model_validate(config["cfg"])
+    steps = config.get("steps")  # the driver's console.Steps actor
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -144,9 +145,14 @@ def train_loop(config: dict[str, Any]) -> None:
             step += 1
             metrics = {"step": step, "loss": float(loss.detach()), "rank": rank, "resumed_from": first_step,
                        "steps_this_run": step - first_step}
-            # reported with the checkpoints only: a report is a round trip through Ray Train's controller
-            # (~1.5 s on a small machine), many times a step of a small model
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint_step = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if steps is not None and rank == 0:  # the driver's progress line; a checkpoint's step is there first
+                done = steps.done.remote(step, metrics["loss"])
+                if checkpoint_step:
+                    ray.get(done)
+            # reported with the checkpoints only: a report waits for Ray Train's controller to poll the workers
+            # (pipeline.train.POLL_INTERVAL), many times a step of a small model
+            if checkpoint_step:
                 report_checkpoint(cfg, rank, step, metrics, controlnet, unet, optimizer, text_encoder, vae,
                                   frozen_at_start)
             if step >= cfg.steps:
