@@ -226,8 +226,8 @@ def failure_reason(e: BaseException) -> str:
     where = re.search(r"ray::(\S+)", str(e))
     if where is None:
         return reason
-    # a Ray Data worker is named by its stages, "MapWorker(MapBatches(expand)->MapBatches(generate))": the last
-    # is the one whose actor (or task) failed; other processes go by their own name
+    # a Ray Data worker is named by its stages, "MapWorker(MapBatches(annotate:canny)->MapBatches(annotate:hed))":
+    # the last is the one whose actor (or task) failed; other processes go by their own name
     stages = re.findall(r"MapBatches\(([^()]+)\)", where.group(1))
     return f"stage {stages[-1]} failed: {reason}" if stages else f"{where.group(1)} failed: {reason}"
 

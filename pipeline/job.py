@@ -169,20 +169,21 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
         done = ray.put((written.done_samples, written.done_sources, written.source_rows))
         skip = SkipWritten(done, cfg.seed, variants, after_decode=True)
 
-    def stage(ds: ray.data.Dataset, name: str, fn, **kw) -> ray.data.Dataset:
-        return ds.map_batches(timed(name, fn, progress), batch_format="pyarrow", **kw)
+    def stage(ds: ray.data.Dataset, name: str, fn, before=None, **kw) -> ray.data.Dataset:
+        return ds.map_batches(timed(name, fn, progress, before), batch_format="pyarrow", **kw)
 
-    # Cheap stages (weight-free annotators, variant expansion) run inside the CPU actor stage after them:
-    # Ray Data fuses a task stage into the actor stage that follows when both claim the same resources.
-    # That spares a process each, and their rows no longer wait for a whole free CPU (what a task claims)
-    # on a laptop whose actors hold all but one. CPU work stays out of GPU actors.
+    # Cheap stages (weight-free annotators) run inside the CPU actor stage after them: Ray Data fuses a task
+    # stage into the actor stage that follows when both claim the same resources. That spares a process each,
+    # and their rows no longer wait for a whole free CPU (what a task claims) on a laptop whose actors hold all
+    # but one. CPU work stays out of GPU actors. (Variant expansion runs in the generator's actors: see there.)
     cheap: list[tuple[str, Any, dict]] = []
 
-    def actor(ds: ray.data.Dataset, name: str, cls, kwargs: dict, pool, batch_size: int, resources: dict):
+    def actor(ds: ray.data.Dataset, name: str, cls, kwargs: dict, pool, batch_size: int, resources: dict, before=None):
         for cheap_name, fn, kw in cheap:
             ds = stage(ds, cheap_name, fn, **kw, **({} if "num_gpus" in resources else resources))
         cheap.clear()
-        return stage(ds, name, cls, fn_constructor_kwargs=kwargs, compute=pool, batch_size=batch_size, **resources)
+        return stage(ds, name, cls, before, fn_constructor_kwargs=kwargs, compute=pool, batch_size=batch_size,
+                     **resources)
 
     def claim(section, key: str) -> dict:
         return {"num_gpus": section.num_gpus} if on_gpu(section, gpus) else {"num_cpus": cpu_share[key]}
@@ -209,21 +210,27 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
                        ray.data.ActorPoolStrategy(min_size=1, max_size=a.actors), a.batch_size, claim(a, a.key))
     image_prompts = ray.put(load_prompt_file(gen.prompt, cfg.source.storage_options)) if gen and gen.prompt.file else None
     source_written = (skip.source_done if skip else _nothing_written) if cfg.output.layout == "normalized" else None
-    cheap.append(("expand", ExpandVariants(cfg.seed, variants, gen.prompt if gen else None,
-                                           skip.variant_done if skip else None, image_prompts, source_written),
-                  {"batch_size": 1}))
+    expand = ExpandVariants(cfg.seed, variants, gen.prompt if gen else None, skip.variant_done if skip else None,
+                            image_prompts, source_written)
     if gen is None:
-        for cheap_name, fn, kw in cheap:
+        for cheap_name, fn, kw in [*cheap, ("expand", expand, {"batch_size": 1})]:
             ds = stage(ds, cheap_name, fn, **kw)
         return ds
-    # two batches in each generator actor at once: its lanes take their pipeline calls in turn (one at a time on
+    # The generator's batches are inputs, each expanded into its variants in the actor first (row bookkeeping:
+    # ids, seeds, prompts; timed as its own stage): as many inputs as make one pipeline call's samples. Fused in
+    # front as a task stage, expansion made Ray Data hand the actor a call's worth of *inputs* per task (it
+    # bundles a fused stage's input by the largest batch size in it), so the first call waited for `variants`
+    # times the annotated inputs it needed (a mid-size CPU job: the generator idle ~2 s at its start, the run
+    # ~5% longer).
+    # Two batches in each generator actor at once: its lanes take their pipeline calls in turn (one at a time on
     # a GPU), so no lane waits for the other at the end of a batch, and a batch's rows are read and its images
-    # encoded while the other generates
+    # encoded while the other generates.
+    samples = gen.calls_of("cuda" if on_gpu(gen, gpus) else "cpu")
     ds = actor(ds, "generate", generator_class(gen.family),
                {"gen": gen, "models": models.generation, "progress": progress},
                ray.data.ActorPoolStrategy(min_size=1, max_size=gen.actors, max_concurrent_calls_per_actor=2,
                                           enable_true_multi_threading=True),
-               gen.calls_of("cuda" if on_gpu(gen, gpus) else "cpu"), claim(gen, "generate"))
+               max(1, samples // variants), claim(gen, "generate"), before=timed("expand", expand, progress))
     q = cfg.quality
     if q is None:
         return ds

@@ -60,6 +60,10 @@ def test_the_stage_figures_are_in_the_manifest_and_the_report(first_run, job, ph
     inputs = len(list(photos_dir.iterdir()))
     assert stages["decode"]["rows_in"] == stages["decode"]["rows_out"] == inputs
     assert stages["generate"]["rows_out"] == inputs and stages["generate"]["seconds"] > 0
+    # variants are expanded in the generator's actors, a generator batch at a time: as many inputs as make one
+    # call's samples (generation.batch_size 3, one variant each), not an input at a time ahead of it
+    assert stages["expand"]["batches"] == stages["generate"]["batches"] >= -(-inputs // 3)
+    assert stages["expand"]["rows_in"] == inputs
     text = cli("inspect", out).stdout
     assert "annotate:hed" in text and "generate" in text
 

@@ -217,25 +217,35 @@ def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(ray_addres
 
 def test_cheap_stages_run_inside_the_cpu_actor_stage_after_them(ray_session, tiny_models, inputs, tmp_path, capsys,
                                                                 monkeypatch):
-    """canny (weight-free) runs in the hed actors and variant expansion in the generator actors (Ray Data
-    fuses them: same resources); read and decode stay tasks, dedupe runs in the decode tasks (asking the
-    Progress actor), and nothing is fused into a GPU actor."""
+    """canny (weight-free) runs in the hed actors (Ray Data fuses them: same resources); read and decode stay
+    tasks, dedupe runs in the decode tasks (asking the Progress actor), and nothing is fused into a GPU actor.
+    Variant expansion is no stage of Ray Data's: the generator's actors expand each batch of inputs first, and
+    a batch is as many inputs as make one call's samples (on a GPU too)."""
     from pipeline.job import build_dataset, resolve_models
 
-    cfg = load_config(data=job_dict(str(inputs), str(tmp_path / "out"), tiny_models))
+    def inputs_per_batch(ds) -> int:  # of the generator's stage, the last of the plan
+        assert ds._logical_plan.dag.name == "MapBatches(generate)"
+        return ds._logical_plan.dag.min_rows_per_bundled_input
+
+    cfg = load_config(data=job_dict(str(inputs), str(tmp_path / "out"), tiny_models, batch_size=8))
     models = resolve_models(cfg)
-    build_dataset(cfg, models).explain()
+    ds = build_dataset(cfg, models)
+    assert inputs_per_batch(ds) == 4  # 8 samples a call, 2 variants each
+    ds.explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    assert "ActorPoolMapOperator[MapBatches(expand)->MapBatches(generate)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(generate)]" in optimized and "expand" not in optimized
     assert "ActorPoolMapOperator[MapBatches(annotate:canny)->MapBatches(annotate:hed)]" in optimized
     assert "MapBatches(decode)->MapBatches(dedupe)]" in optimized and "ActorPoolMapOperator[MapBatches(dedupe)" not in optimized
-    on_gpu = job_dict(str(inputs), str(tmp_path / "out"), tiny_models, num_gpus=1)
+    on_gpu = job_dict(str(inputs), str(tmp_path / "out"), tiny_models, num_gpus=1, batch_size="auto",
+                      variants_per_image=3)
     on_gpu["annotators"][1]["num_gpus"] = 1
     # a GPU node, as the plan sees it (nothing runs)
     monkeypatch.setattr("pipeline.job.ray.cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
-    build_dataset(load_config(data=on_gpu), models).explain()
+    ds = build_dataset(load_config(data=on_gpu), models)
+    assert inputs_per_batch(ds) == 5  # auto: 16 samples a call on a GPU; 5 inputs of 3 variants fit in one
+    ds.explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    assert "ActorPoolMapOperator[MapBatches(generate)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(generate)]" in optimized and "expand" not in optimized
     assert "ActorPoolMapOperator[MapBatches(annotate:hed)]" in optimized
 
 
