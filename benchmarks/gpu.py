@@ -1,6 +1,7 @@
-"""Generation throughput through Ray on one GPU: SD 1.5 + one ControlNet, end to end, against the FLOP floor.
+"""Generation throughput through Ray on one GPU: a base model + one ControlNet, end to end, against the FLOP floor.
 
     python benchmarks/gpu.py                                  # full-size SD 1.5 + ControlNet, random weights
+    python benchmarks/gpu.py --family sdxl --batches 4        # sdxl, sdxl_union, sd3 or flux at 1024 px
     python benchmarks/gpu.py --base DIR --controlnet DIR      # real weights (local directories or hub ids)
     python benchmarks/gpu.py --batches 8,16 --inputs 64 --size 512 --steps 20 [--window 0.6] [--compile]
     python benchmarks/gpu.py --script                         # and the hand-written loop on the same GPU
@@ -11,13 +12,14 @@ Each batch size is one `python -m pipeline run` (a fresh local Ray instance, can
 variant per photo, the run's own stage figures from its manifest). Printed per run: images/s of the
 generate stage (its own seconds of work, compilation excluded: what the GPU sustains) and end to end
 (the run on Ray: actors starting and loading their models included, Ray's own start-up not), and the
-fraction of the FLOP floor: 46 TFLOP per image at 512 px and 20 steps with classifier-free guidance
-(scaled by steps and pixels; a ControlNet window shorter than the steps does less work than that)
-over the card's dense fp16 peak. Random full-size weights cost the same FLOPs as real ones (their images are
-noise); they are written once under /tmp/gpu-bench-models from diffusers' and transformers' configs.
+fraction of the FLOP floor (an image's denoiser and ControlNet steps, both guidance halves where the family
+guides, and its VAE decode, counted by `benchmarks/full_size.py` on the meta device: SD 1.5 at 512 px and 20
+steps 46.0 TFLOP, SDXL at 1024 px 402, SD3 461, Flux 1637; a ControlNet window shorter than the steps does
+less work than that) over the card's dense fp16/bf16 peak. Random full-size weights cost the same FLOPs as
+real ones (their images are noise); they are written once under /tmp/gpu-bench-models (full_size.py).
 The photos are square (crops of the bundled ones), so every image has the floor's pixels.
 
-With `--script`, the script a user would write for the same job runs too, as a fresh process on the same
+With `--script` (SD 1.5), the script a user would write for the same job runs too, as a fresh process on the same
 GPU: diffusers' StableDiffusionControlNetPipeline in fp16, cv2's Canny, one photo per call, one Parquet
 file. Both are timed whole from outside (process start to exit: imports, Ray, model loads, writing),
 and the ratio printed is pipeline / script (below 1: the pipeline is faster).
@@ -38,44 +40,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from full_size import FAMILIES, image_flops, write  # noqa: E402
 from vs_script import photos, png  # noqa: E402
 
-FLOP_FLOOR_512_20 = 46e12  # per image: SD 1.5 UNet + one ControlNet, 20 steps, both guidance halves
-# dense tensor-core fp16 by a part of torch.cuda.get_device_name(), the first that matches (longer names first)
+# dense tensor-core fp16 (bf16 the same) by a part of torch.cuda.get_device_name(), the first that matches (longer names first)
 PEAK_FP16 = [("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L40", 181e12), ("L4", 121e12), ("4090", 165e12)]
-
-
-def write_sd15(directory: Path) -> dict[str, str]:
-    """Full-size SD 1.5 and a ControlNet of the same structure, random weights, saved as safetensors."""
-    done = directory / "done.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    import torch
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from pipeline.testing import make_tiny
-
-    torch.manual_seed(0)
-    tiny = make_tiny(directory / "tiny", conditions=("canny",), annotators=(), captioners=())  # tokenizer, scheduler
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512)
-    tokenizer = CLIPTokenizer.from_pretrained(tiny["base_model"], subfolder="tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                num_attention_heads=12, max_position_embeddings=77,
-                                                vocab_size=max(49408, len(tokenizer))))
-    scheduler = DDIMScheduler.from_pretrained(tiny["base_model"], subfolder="scheduler")
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                            ).save_pretrained(directory / "stable-diffusion", safe_serialization=True)
-    ControlNetModel.from_unet(unet).save_pretrained(directory / "controlnet-canny", safe_serialization=True)
-    models = {"base_model": str(directory / "stable-diffusion"), "controlnet": str(directory / "controlnet-canny")}
-    done.write_text(json.dumps(models))
-    return models
 
 
 def square_photos(directory: Path, n: int) -> Path:
@@ -131,9 +101,8 @@ def timed(command: list[str], env: dict) -> float:
 
 
 def job(base: str, controlnet: str, photos_dir: Path, out: Path, args, batch: int) -> dict:
-    gen = {"base_model": base, "controlnets": [{"condition": "canny", "model": controlnet,
-                                                "guidance_end": args.window}],
-           "scheduler": "unipc", "steps": args.steps, "guidance_scale": 7.5, "variants_per_image": 1,
+    gen = {"family": args.family, "base_model": base,
+           "controlnets": [{"condition": "canny", "model": controlnet, "guidance_end": args.window}], "steps": args.steps, "guidance_scale": 7.5, "variants_per_image": 1,
            "prompt": {"prompts": ["a photo"], "negative": "lowres"}, "batch_size": batch, "compile": args.compile,
            "dtype": args.dtype, "num_gpus": 0 if args.device == "cpu" else 1}
     gen |= {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.gen)}
@@ -155,9 +124,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="base model (directory or hub id); default: full-size random SD 1.5")
     p.add_argument("--controlnet", help="ControlNet (directory or hub id); default: random, SD 1.5's structure")
+    p.add_argument("--family", default="sd15", choices=list(FAMILIES), help="the generator family (generation.family)")
     p.add_argument("--tiny", action="store_true", help="the test models instead (a smoke run on CPU)")
     p.add_argument("--inputs", type=int, default=64)
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, help="image side, px (default: the family's own, 512 for sd15, else 1024)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batches", default="8,16")
     p.add_argument("--window", type=float, default=1.0, help="the ControlNet's guidance_end (0.6: skipped after)")
@@ -173,24 +143,29 @@ def main() -> None:
     if args.hand_written:
         return hand_written(json.loads(Path(args.hand_written).read_text()))
 
+    if args.script and args.family != "sd15":
+        p.error("--script: the hand-written script is SD 1.5's")
+    args.size = args.size or FAMILIES[args.family].size
     cache = Path(tempfile.gettempdir()) / "gpu-bench-models"
     if args.tiny:
         from pipeline.testing import make_tiny
 
-        tiny = make_tiny(cache / "tiny", conditions=("canny",), annotators=(), captioners=())
-        base, controlnet = tiny["base_model"], tiny["controlnet/canny"]
+        tiny = make_tiny(cache / "tiny", conditions=("canny",), annotators=(), captioners=(), families=(args.family,))
+        family = "" if args.family == "sd15" else f"{args.family}/"
+        base = tiny[FAMILIES[args.family].tiny_key]
+        controlnet = tiny["sdxl_union/controlnet" if args.family == "sdxl_union" else f"{family}controlnet/canny"]
     elif args.base or args.controlnet:
         if not (args.base and args.controlnet):
             p.error("--base and --controlnet go together")
         base, controlnet = args.base, args.controlnet
     else:
-        models = write_sd15(cache / "sd15")
+        models = write(args.family, cache / args.family, args.device)
         base, controlnet = models["base_model"], models["controlnet"]
     device, peak = peak_flops(args.device, args.peak_tflops * 1e12 if args.peak_tflops else None)
-    floor = FLOP_FLOOR_512_20 * (args.steps / 20) * (args.size / 512) ** 2  # the whole window's work
+    floor = image_flops(args.family, args.size, args.steps)  # the whole window's work, full-size models
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     photos_dir = square_photos(work / "photos", args.inputs)
-    print(f"# {device}; {args.inputs} inputs, {args.size} px, {args.steps} steps, ControlNet window 0-{args.window}; "
+    print(f"# {device}; {args.family}, {args.inputs} inputs, {args.size} px, {args.steps} steps, ControlNet window 0-{args.window}; "
           f"floor {floor / 1e12:.1f} TFLOP per image", flush=True)
     env = dict(os.environ, RAY_ADDRESS="", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     script_s = None
