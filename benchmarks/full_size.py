@@ -18,10 +18,12 @@ runs it in, written, and freed before the next.
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "projection_dim": 768, "hidden_act": "quick_gelu"}
@@ -100,7 +102,9 @@ def text_encoders(family: str, tokenizers: list) -> dict[str, Any]:
                                 pad_token_id=tokenizer.pad_token_id)
         return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
-    t5 = lambda: T5EncoderModel(T5Config(**T5_XXL, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))  # noqa: E731
+    def t5():
+        return T5EncoderModel(T5Config(**T5_XXL, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
     if family == "sd15":
         return {"text_encoder": clip(CLIP_L, False, tokenizers[0])}
     if family in ("sdxl", "sdxl_union"):
@@ -150,15 +154,18 @@ def write(family: str, directory: Path, device: str) -> dict[str, str]:
             finally:
                 torch.set_default_dtype(torch.float32)
 
-    net = built(lambda: denoiser(family))
-    built(lambda: controlnet(family, net)).save_pretrained(paths["controlnet"], safe_serialization=True)
-    tokenizers = [tiny.tokenizer, getattr(tiny, "tokenizer_2", None)]
-    components = {**tiny.components, "vae": built(lambda: vae(family)),
-                  ("unet" if family in ("sd15", "sdxl", "sdxl_union") else "transformer"): net,
-                  **built(lambda: text_encoders(family, tokenizers))}
-    type(tiny)(**components).save_pretrained(paths["base_model"], safe_serialization=True)
-    del net, components
-    if device == "cuda":
+    def build_and_save() -> None:
+        net = built(lambda: denoiser(family))
+        built(lambda: controlnet(family, net)).save_pretrained(paths["controlnet"], safe_serialization=True)
+        tokenizers = [tiny.tokenizer, getattr(tiny, "tokenizer_2", None)]
+        components = {**tiny.components, "vae": built(lambda: vae(family)),
+                      ("unet" if family in ("sd15", "sdxl", "sdxl_union") else "transformer"): net,
+                      **built(lambda: text_encoders(family, tokenizers))}
+        type(tiny)(**components).save_pretrained(paths["base_model"], safe_serialization=True)
+
+    build_and_save()
+    if device == "cuda":  # the models went with build_and_save: give their memory back for the runs
+        gc.collect()
         torch.cuda.empty_cache()
     done.write_text(json.dumps(paths))
     return paths

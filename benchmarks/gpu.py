@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from full_size import FAMILIES, image_flops, write  # noqa: E402
 from vs_script import photos, png  # noqa: E402
 
-# dense tensor-core fp16 (bf16 the same) by a part of torch.cuda.get_device_name(), the first that matches (longer names first)
+# dense tensor-core fp16 (bf16 the same) by a part of torch.cuda.get_device_name(), the first that matches
+# (longer names first)
 PEAK_FP16 = [("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L40", 181e12), ("L4", 121e12), ("4090", 165e12)]
 
@@ -102,7 +103,8 @@ def timed(command: list[str], env: dict) -> float:
 
 def job(base: str, controlnet: str, photos_dir: Path, out: Path, args, batch: int) -> dict:
     gen = {"family": args.family, "base_model": base,
-           "controlnets": [{"condition": "canny", "model": controlnet, "guidance_end": args.window}], "steps": args.steps, "guidance_scale": 7.5, "variants_per_image": 1,
+           "controlnets": [{"condition": "canny", "model": controlnet, "guidance_end": args.window}],
+           "steps": args.steps, "guidance_scale": 7.5, "variants_per_image": 1,
            "prompt": {"prompts": ["a photo"], "negative": "lowres"}, "batch_size": batch, "compile": args.compile,
            "dtype": args.dtype, "num_gpus": 0 if args.device == "cpu" else 1}
     gen |= {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.gen)}
@@ -122,8 +124,8 @@ def peak_flops(device: str, override: float | None) -> tuple[str, float | None]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", help="base model (directory or hub id); default: full-size random SD 1.5")
-    p.add_argument("--controlnet", help="ControlNet (directory or hub id); default: random, SD 1.5's structure")
+    p.add_argument("--base", help="base model (directory or hub id); default: the family's, full-size, random")
+    p.add_argument("--controlnet", help="ControlNet (directory or hub id); default: the family's, full-size, random")
     p.add_argument("--family", default="sd15", choices=list(FAMILIES), help="the generator family (generation.family)")
     p.add_argument("--tiny", action="store_true", help="the test models instead (a smoke run on CPU)")
     p.add_argument("--inputs", type=int, default=64)
@@ -165,8 +167,8 @@ def main() -> None:
     floor = image_flops(args.family, args.size, args.steps)  # the whole window's work, full-size models
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     photos_dir = square_photos(work / "photos", args.inputs)
-    print(f"# {device}; {args.family}, {args.inputs} inputs, {args.size} px, {args.steps} steps, ControlNet window 0-{args.window}; "
-          f"floor {floor / 1e12:.1f} TFLOP per image", flush=True)
+    print(f"# {device}; {args.family}, {args.inputs} inputs, {args.size} px, {args.steps} steps, ControlNet window "
+          f"0-{args.window}; floor {floor / 1e12:.1f} TFLOP per image", flush=True)
     env = dict(os.environ, RAY_ADDRESS="", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     script_s = None
     if args.script:
