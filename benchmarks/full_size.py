@@ -45,8 +45,8 @@ SD3_NET = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "attention_he
 FLUX_NET = {"patch_size": 1, "in_channels": 64, "attention_head_dim": 128, "num_attention_heads": 24,
             "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
             "axes_dims_rope": (16, 56, 56)}
-VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4,
-       "up_block_types": ("UpDecoderBlock2D",) * 4}
+VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+       "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
 FLOW_VAE = {**VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
 
 
@@ -191,14 +191,18 @@ def image_flops(family: str, size: int, steps: int) -> float:
                 text = torch.randn(batch, 77, net.config.cross_attention_dim)
                 extra = {}
                 if family != "sd15":  # SDXL's micro-conditioning: pooled text and the six size numbers
-                    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280), "time_ids": torch.randn(batch, 6)}}
-                union = {"control_type": torch.zeros(batch, 6), "control_type_idx": [3]} if family == "sdxl_union" else {}
+                    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280),
+                                                   "time_ids": torch.randn(batch, 6)}}
+                union = {}
+                if family == "sdxl_union":  # one condition (Canny: xinsir's type 3) of the six
+                    union = {"control_type": torch.zeros(batch, 6), "control_type_idx": [3]}
                 down, mid = cn(x, t, text, [cond] if union else cond, return_dict=False, **union, **extra)
                 net(x, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra)
             elif family == "sd3":  # 77 CLIP + 256 T5 tokens
-                x, text, pooled = torch.randn(batch, 16, side, side), torch.randn(batch, 333, 4096), torch.randn(batch, 2048)
-                blocks = cn(x, torch.randn(batch, 16, side, side), encoder_hidden_states=text, pooled_projections=pooled,
-                            timestep=t, return_dict=False)[0]
+                x, cond = torch.randn(batch, 16, side, side), torch.randn(batch, 16, side, side)
+                text, pooled = torch.randn(batch, 333, 4096), torch.randn(batch, 2048)
+                blocks = cn(x, cond, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                            return_dict=False)[0]
                 net(x, text, pooled, t, block_controlnet_hidden_states=blocks)
             else:  # Flux: 2x2 latent patches as tokens, 512 T5 tokens
                 tokens = (side // 2) ** 2

@@ -134,7 +134,8 @@ def main() -> None:
     p.add_argument("--batches", default="8,16")
     p.add_argument("--window", type=float, default=1.0, help="the ControlNet's guidance_end (0.6: skipped after)")
     p.add_argument("--compile", action="store_true", help="generation.compile (its seconds are reported)")
-    p.add_argument("--dtype", default="auto", help="generation.dtype (auto: float16 on a GPU)")
+    p.add_argument("--dtype", default="auto",
+                   help="generation.dtype (auto: float16 on a GPU, bfloat16 for sd3 and flux)")
     p.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
                    help="another generation setting, its value read as YAML (e.g. channels_last=false)")
     p.add_argument("--script", action="store_true", help="also time the hand-written script (see above)")
@@ -182,7 +183,8 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         out = work / f"out-{batch}"
         (work / f"job-{batch}.yaml").write_text(yaml.safe_dump(job(base, controlnet, photos_dir, out, args, batch)))
-        wall = timed([sys.executable, "-m", "pipeline", "run", str(work / f"job-{batch}.yaml"), "-q"], env)
+        command = [sys.executable, "-m", "pipeline", "run", str(work / f"job-{batch}.yaml"), "-q", "--address", "local"]
+        wall = timed(command, env)
         manifest = json.loads((out / "manifest.json").read_text())
         gen, samples = manifest["stages"]["generate"], manifest["counts"]["samples"]
         compile_s = manifest["stages"].get("generate:compile", {}).get("seconds", 0.0)

@@ -83,7 +83,8 @@ def run_size(n: int, models: dict[str, str], work: Path) -> dict:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(work / f"job-{n}.yaml")], cwd=ROOT, env=env,
+    command = [sys.executable, "-m", "pipeline", "run", str(work / f"job-{n}.yaml"), "--address", "local"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peaks, stop = {"driver": 0, "worker": 0, "total": 0}, threading.Event()
     sampler = threading.Thread(target=sample_tree, args=(psutil.Process(proc.pid), peaks, stop), daemon=True)

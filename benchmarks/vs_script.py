@@ -254,7 +254,8 @@ def layout_bytes(job: dict, work: Path) -> dict:
         config = pipeline_config({**job, "output": str(work / f"out-{layout}")})
         config["output"]["layout"] = layout
         (work / f"{layout}.yaml").write_text(yaml.safe_dump(config))
-        measure([sys.executable, "-m", "pipeline", "run", str(work / f"{layout}.yaml"), "-q"], run_env())
+        command = [sys.executable, "-m", "pipeline", "run", str(work / f"{layout}.yaml"), "-q", "--address", "local"]
+        measure(command, run_env())
         sizes[f"{layout}_bytes"] = parquet_bytes(work / f"out-{layout}")
     return sizes | {"saved": round(1 - sizes["normalized_bytes"] / sizes["flat_bytes"], 3)}
 
@@ -277,7 +278,7 @@ def run_pair(job: dict, order: tuple[str, str], work: Path, memory: bool = False
             import yaml
 
             (work / "job.yaml").write_text(yaml.safe_dump(pipeline_config(spec)))
-            command = [sys.executable, "-m", "pipeline", "run", str(work / "job.yaml"), "-q"]
+            command = [sys.executable, "-m", "pipeline", "run", str(work / "job.yaml"), "-q", "--address", "local"]
         results[kind] = measure(command, env, memory)
     return results
 

@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "this machine, else a new local one; 'local' always starts a new one)")
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and progress bars")
-    loud.add_argument("-q", "--quiet", action="store_true", help="print only the summary line and errors (for scripts)")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="print only the summary line (with its count of errors) and what stops the run")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("train", help="train a ControlNet on run outputs or exports with Ray Train")
