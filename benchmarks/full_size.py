@@ -10,8 +10,9 @@
     sd3          stable-diffusion-3-medium           InstantX/SD3-Controlnet-Canny                  1024
     flux         FLUX.1-dev                          InstantX/FLUX.1-dev-Controlnet-Canny           1024
 
-Tokenizers and schedulers come from the test kit's tiny models of the same family (`pipeline.testing`): the
-tokenizers are small, so the text encoders see short prompts, whose cost is nothing next to the denoiser's.
+Tokenizers and schedulers come from the test kit's tiny models of the same family (`pipeline.testing`): their
+vocabularies are small, but the pipelines pad prompts to the real lengths (77 CLIP tokens, 256 or 512 T5
+tokens), so the text encoders do the real models' work too.
 Each model is built on `device` (a GPU builds Flux's 12 B parameters in seconds) in the dtype the pipeline
 runs it in, written, and freed before the next.
 """
