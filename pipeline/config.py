@@ -503,7 +503,7 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
         return node[_index(node, part, path)]
     if not isinstance(node, dict):
         raise ConfigError(f"--set: {path} is not a mapping")
-    if part not in node and create:
+    if create and node.get(part) is None:  # absent, or null as a manifest writes an unused section
         node[part] = {}
     return node[part]
 

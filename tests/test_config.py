@@ -98,14 +98,16 @@ def test_invalid_config_is_rejected_naming_the_key(mutation, message):
 
 def test_set_overrides_any_key(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(config()))
+    path.write_text(yaml.safe_dump(config() | {"image": None}))  # a null section takes keys as an absent one
     cfg = load_config(path, ["generation.steps=9", "generation.controlnets.1.conditioning_scale=0.25",
-                             "output.path=s3://bucket/run", "generation.prompt.prompts=[a, b, c]", "seed=3"])
+                             "output.path=s3://bucket/run", "generation.prompt.prompts=[a, b, c]", "seed=3",
+                             "image.max_pixels=4096"])
     assert cfg.generation.steps == 9
     assert cfg.generation.controlnets[1].conditioning_scale == 0.25
     assert cfg.output.path == "s3://bucket/run"
     assert cfg.generation.prompt.prompts == ["a", "b", "c"]
     assert cfg.seed == 3
+    assert cfg.image.max_pixels == 4096
 
 
 @pytest.mark.parametrize("text, message", [pytest.param(None, "cannot read config", id="missing-file"),
