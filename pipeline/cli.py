@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", help="annotator id of the conditioning image (needed when the run has several)")
     p.add_argument("--image", choices=["generated", "image"],
                    help="target image column (default: generated if the run generated images, else image)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DEST")
+    p.add_argument("--overwrite", action="store_true", help="replace what an export writes in DEST "
+                                                                "(train/, export.json, README.md)")
     p.add_argument("--require-text", action="store_true", help="fail (exit 2, nothing written) if any row's text "
                                                                 "is empty, instead of warning")
     p.set_defaults(fn=cmd_export)

@@ -67,11 +67,14 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
         raise ExportError(empty_text_message(empty, text))
 
     export = RunOutput(dest, storage_options)
-    if export.exists("train") and not overwrite:
-        raise ExportError(f"{dest} already holds an export (train/); choose another path or pass --overwrite")
-    for name in ("train", "export.json", "README.md") if overwrite else ():
-        if export.exists(name):
-            export.fs.rm(export.path(name), recursive=True)
+    if type(export.fs) is type(out.fs) and (export.root + "/").startswith(out.root.rstrip("/") + "/"):
+        raise ExportError(f"{dest} is inside the output {src}: export to a directory of its own")
+    held = [name for name in EXPORT_NAMES if export.exists(name)]
+    if held and not overwrite:  # an earlier export, or a user's own files of those names
+        raise ExportError(f"{dest} already holds {', '.join(held)} (an export writes these); choose another path or "
+                          f"pass --overwrite")
+    for name in held:
+        export.fs.rm(export.path(name), recursive=True)
     export.fs.makedirs(export.path("train"), exist_ok=True)
     files, rows = [], 0
     for i, path in enumerate(sources):
@@ -91,6 +94,7 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
     return record
 
 
+EXPORT_NAMES = ("train", "export.json", "README.md")  # what an export writes in its directory
 CARD = """---
 configs:
 - config_name: default

@@ -81,9 +81,19 @@ def test_export_controlnet_train_from_an_annotate_only_run(annotate_only, tmp_pa
         np.testing.assert_array_equal(np.asarray(row["image"]), pixels(want["image"]))
         np.testing.assert_array_equal(np.asarray(row["conditioning_image"]), pixels(want["control_hed"]))
 
-    with pytest.raises(ExportError, match="already holds an export"):
+    with pytest.raises(ExportError, match="already holds train, export.json, README.md"):
         export_controlnet_train(str(out), str(tmp_path / "train"), control="hed")
     assert export_controlnet_train(str(out), str(tmp_path / "train"), control="canny", overwrite=True)["rows"] == len(photos)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    with pytest.raises(ExportError, match="already holds README.md"):  # a user's own file is not replaced
+        export_controlnet_train(str(out), str(mine), control="hed")
+    assert (mine / "README.md").read_text() == "my notes" and not (mine / "train").exists()
+    for inside in (out, out / "samples"):
+        with pytest.raises(ExportError, match="inside the output"):
+            export_controlnet_train(str(out), str(inside), control="hed")
+    assert not (out / "train").exists() and not (out / "export.json").exists()
 
 
 def test_export_from_a_generation_run_pairs_generated_images_with_prompts(ray_session, tiny_models, photos_dir, tmp_path):
