@@ -244,3 +244,21 @@ def test_an_actor_killed_mid_batch_is_replaced_and_its_batch_redone(ray_session,
     assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
     assert result.errors == len(bad)  # the killed batch was redone, not turned into errors
     check_exactly_once(out, directory, good, bad)
+
+
+@pytest.mark.parametrize("text", ["{\"run_id\": ", "[]"])
+def test_a_damaged_manifest_is_one_line_naming_it_for_a_run_and_for_inspect(tmp_path, text, capsys):
+    from pipeline.cli import main
+    from pipeline.io.resume import open_output
+    from tests.helpers import canny_job
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    cfg = load_config(data=canny_job(str(tmp_path / "photos"), str(out)))
+    with pytest.raises(OutputExists, match=r"manifest\.json is damaged .*choose another path or set output\.overwrite"):
+        open_output(cfg, {}, dry_run=True)
+    assert main(["inspect", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out / 'manifest.json'} is damaged" in err[0]
+    assert (out / "manifest.json").read_text() == text  # nothing replaced without output.overwrite

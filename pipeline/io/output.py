@@ -164,7 +164,18 @@ class RunOutput:
             return f.read()
 
     def read_manifest(self) -> dict[str, Any] | None:
-        return json.loads(self.read_text("manifest.json")) if self.exists("manifest.json") else None
+        """The run's manifest; None where there is none; NotARunOutput where it is damaged."""
+        if not self.exists("manifest.json"):
+            return None
+        try:
+            manifest = json.loads(self.read_text("manifest.json"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise NotARunOutput(f"{self.path('manifest.json')} is damaged ({type(e).__name__}: {e}): "
+                                f"not a run's manifest") from None
+        if not isinstance(manifest, dict):
+            raise NotARunOutput(f"{self.path('manifest.json')} is damaged (a JSON {type(manifest).__name__}, not an "
+                                f"object): not a run's manifest")
+        return manifest
 
     def manifest(self) -> dict[str, Any]:
         manifest = self.read_manifest()

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
 from pipeline.ids import sample_ids
-from pipeline.io.output import RunOutput, Written
+from pipeline.io.output import NotARunOutput, RunOutput, Written
 from pipeline.rows import map_rows
 
 # Settings that change how fast a job runs or where it reads credentials, not what it writes;
@@ -106,7 +106,10 @@ def open_output(cfg: JobConfig, identity: dict[str, Any], dry_run: bool = False)
         if not dry_run:
             target.fs.makedirs(target.root, exist_ok=True)
         return Output(out.path, None, Written())
-    manifest = target.read_manifest()
+    try:
+        manifest, damaged = target.read_manifest(), None
+    except NotARunOutput as e:
+        manifest, damaged = None, e
     if manifest and manifest.get("job_fingerprint") == fingerprint(identity):
         if not dry_run:
             target.remove_temporaries()
@@ -119,6 +122,8 @@ def open_output(cfg: JobConfig, identity: dict[str, Any], dry_run: bool = False)
                 return open_output(candidate, identity, dry_run)
             except OutputExists:
                 n += 1
+    if damaged is not None:
+        raise OutputExists(f"output.path {out.path}: {damaged}; choose another path or set output.overwrite=true")
     if manifest is None:
         raise OutputExists(f"output.path {out.path} holds files ({', '.join(existing)}) but no manifest.json; "
                            f"choose another path or set output.overwrite=true")
