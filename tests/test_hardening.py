@@ -62,6 +62,9 @@ def hostile(ray_session, tmp_path_factory):
         f.write(jpeg("coffee"))
     os.mkfifo(d / "pipe.jpg")  # a read would block forever
     (d / "zero.jpg").symlink_to("/dev/zero")  # a read would never end
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "linked.jpg"
+    elsewhere.write_bytes(jpeg("coffee", size=(80, 64)))
+    (d / "link.jpg").symlink_to(elsewhere)  # a link to a regular file: read as that file
     (d / "pair").write_bytes(b"not the image")
     (d / "pair::c.jpg").write_bytes(jpeg("chelsea"))  # must not be read as the URL chain pair -> c.jpg
     (d / "copy-a.jpg").write_bytes(jpeg("rocket"))
@@ -93,10 +96,12 @@ def test_a_file_name_that_is_not_utf8_is_read_and_its_uri_round_trips(hostile):
         assert hashlib.sha256(f.read()).hexdigest() == row["source_sha256"]
 
 
-def test_fifos_and_devices_are_never_read(hostile):
+def test_fifos_and_devices_are_never_read_and_links_to_files_are(hostile):
     names = set(by_name(hostile["samples"])) | set(by_name(hostile["errors"]))
     assert not {"pipe.jpg", "zero.jpg"} & names  # not listed: the run ended instead of hanging
     assert hostile["result"].inputs == len(names)
+    linked = by_name(hostile["samples"])["link.jpg"]
+    assert linked["source_sha256"] == hashlib.sha256((hostile["dir"] / "link.jpg").resolve().read_bytes()).hexdigest()
 
 
 def test_double_colon_names_are_files_not_url_chains(hostile):

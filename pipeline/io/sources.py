@@ -78,7 +78,7 @@ class Listing:
 
     uris: list[str]
     digest: str
-    skipped: int = 0  # entries that are not regular files (FIFOs, devices, broken links): never read
+    skipped: int = 0  # entries that are not regular files (FIFOs, devices, links to them): never read
 
     def limited(self, limit: int | None) -> list[str]:
         """The files read under `source.limit` (for image folders, where a file is an input)."""
@@ -103,6 +103,11 @@ def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
         for p, info in candidates.items():
             if posixpath.splitext(p)[1].lower() not in extensions:
                 continue
+            if info.get("islink") and info.get("type") != "file":  # find() describes a link itself: see its target
+                try:
+                    info = {**fs.info(p), "islink": True}
+                except FileNotFoundError:
+                    pass
             dangling = info.get("islink") and not fs.exists(p)  # listed: its read fails, an error row says so
             if info.get("type") != "file" and not dangling:  # a FIFO, a device or a link to one: a read would hang
                 skipped += 1
