@@ -220,10 +220,11 @@ def failure_reason(e: BaseException) -> str:
     """The root cause of a failed run in one line (Ray errors carry the remote traceback as text)."""
     import re
 
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours its process names
+    lines = [line.strip() for line in text.splitlines()]
     causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:", line)]
     reason = causes[-1] if causes else (lines[0] if lines else type(e).__name__)
-    where = re.search(r"ray::(\S+)", str(e))
+    where = re.search(r"ray::(\S+)", text)
     if where is None:
         return reason
     # a Ray Data worker is named by its stages, "MapWorker(MapBatches(annotate:canny)->MapBatches(annotate:hed))":

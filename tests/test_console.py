@@ -276,3 +276,15 @@ def test_a_local_models_revision_covers_the_files_its_loader_reads_and_big_diges
     assert file_sha256(big) == "remembered"  # not hashed again
     big.write_bytes(b"\2" * (2 << 20))  # same size, new content and mtime
     assert file_sha256(big) not in ("remembered", real)
+
+
+def test_a_failure_is_one_line_naming_the_stage_without_rays_colours():
+    from pipeline.cli import failure_reason
+
+    read = RuntimeError("\x1b[36mray::ReadWebDataset->SplitBlocks(2)()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+                        "Traceback (most recent call last):\n  File \"tarfile.py\", line 1\n"
+                        "tarfile.ReadError: unexpected end of data")
+    assert failure_reason(read) == "ReadWebDataset->SplitBlocks(2)() failed: tarfile.ReadError: unexpected end of data"
+    stage = RuntimeError("\x1b[36mray::MapWorker(MapBatches(annotate:canny)->MapBatches(annotate:hed))\x1b[39m\n"
+                         "ValueError: bad weights")
+    assert failure_reason(stage) == "stage annotate:hed failed: ValueError: bad weights"
