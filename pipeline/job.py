@@ -29,7 +29,7 @@ from pipeline.io.output import RunOutput, Written
 from pipeline.io.lock import RunLock
 from pipeline.io.resume import FirstCopy, Output, OutputExists, SkipWritten, fingerprint, job_identity, open_output
 from pipeline.io.sink import SplitParquetSink
-from pipeline.io.sources import Listing, list_inputs, read_source, source_extensions
+from pipeline.io.sources import Listing, check_columns, list_inputs, read_source, source_extensions
 from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
 from pipeline.provenance import code_version, library_versions, new_run_id, redacted
 from pipeline.schema import samples_schema
@@ -283,6 +283,7 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False)
     `dry_run`: decide the same without locking, deleting or creating anything."""
     models = models or resolve_models(cfg)
     listing = list_inputs(cfg.source, source_extensions(cfg.source))  # SourceError: nothing is touched
+    check_columns(cfg.source, listing)
     prompts = None
     if cfg.generation and cfg.generation.prompt.file:  # a prompts file that cannot be used: also nothing
         prompts = load_prompt_file(cfg.generation.prompt, cfg.source.storage_options)

@@ -116,3 +116,26 @@ def test_hugging_face_datasets_parquet_export(ray_session, photos, tmp_path):
     assert samples[f"{export}#chelsea.png"]["source_sha256"] == hashlib.sha256(photos["chelsea.png"]).hexdigest()
     (error,) = read_parquet_dir(tmp_path / "out" / "errors").to_pylist()
     assert error["source_uri"] == f"{export}#broken.jpg" and error["stage"] == "decode"
+
+
+def test_parquet_columns_are_checked_in_every_file_before_any_work(photos, tmp_path):
+    import pyarrow as pa
+
+    from pipeline.job import prepare
+
+    pq.write_table(pa.table({"image": [photos["coffee.jpg"]], "text": ["a cup"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"image": [photos["rocket.jpg"]]}), tmp_path / "b.parquet")
+
+    def refused(**source) -> str:
+        data = canny_job(str(tmp_path), str(tmp_path / "out"))
+        data["source"] = {"type": "parquet", "path": str(tmp_path / "*.parquet"), **source}
+        with pytest.raises(SourceError) as e:
+            prepare(load_config(data=data), dry_run=True)
+        assert not (tmp_path / "out").exists()
+        return str(e.value)
+
+    assert "a.parquet has no column for source.image_column 'img'; its columns: ['image', 'text']" in \
+        refused(image_column="img")
+    assert "b.parquet has no column for source.caption_column 'text'" in refused(caption_column="text")
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
+    assert "c.parquet is not a readable Parquet file" in refused()

@@ -166,6 +166,28 @@ def read_source(cfg: SourceConfig, listing: Listing | None = None) -> ray.data.D
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
+def check_columns(cfg: SourceConfig, listing: Listing) -> None:
+    """Parquet: every listed file is Parquet and has the configured columns, read from the footers before any
+    work (SourceError naming the file and the key). Otherwise a typo in `image_column` failed the run midway
+    with Ray's "UDF failed", and a file without `caption_column` stopped it without naming the file."""
+    if cfg.type != "parquet":
+        return
+    import pyarrow.parquet as pq
+
+    fs, paths, _ = _arrow_files(cfg, listing)
+    wanted = {"image_column": cfg.image_column, "caption_column": cfg.caption_column,
+              "prompt_column": cfg.prompt_column, "mask_column": cfg.mask_column}
+    for uri, path in zip(listing.uris, paths):
+        try:
+            with fs.open(path, "rb") as f:
+                names = pq.read_schema(f).names
+        except (OSError, pa.ArrowException) as e:
+            raise SourceError(f"{uri} is not a readable Parquet file ({type(e).__name__}: {e})") from None
+        missing = [f"source.{key} {column!r}" for key, column in wanted.items() if column and column not in names]
+        if missing:
+            raise SourceError(f"{uri} has no column for {', '.join(missing)}; its columns: {names}")
+
+
 def _arrow_files(cfg: SourceConfig, listing: Listing) -> tuple[fsspec.AbstractFileSystem, list[str], pafs.FileSystem]:
     """The listed files as paths within one filesystem, plus that filesystem wrapped for Ray's readers."""
     fs, _ = filesystem(cfg.paths[0], cfg.storage_options)
