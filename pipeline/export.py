@@ -67,6 +67,8 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
         raise ExportError(empty_text_message(empty, text))
 
     export = RunOutput(dest, storage_options)
+    if (blocking := export.file_in_the_way()) is not None:
+        raise ExportError(f"{dest}: {blocking} is a file, not a directory")
     if type(export.fs) is type(out.fs) and (export.root + "/").startswith(out.root.rstrip("/") + "/"):
         raise ExportError(f"{dest} is inside the output {src}: export to a directory of its own")
     held = [name for name in EXPORT_NAMES if export.exists(name)]

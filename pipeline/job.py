@@ -288,8 +288,8 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False)
     if cfg.generation and cfg.generation.prompt.file:  # a prompts file that cannot be used: also nothing
         prompts = load_prompt_file(cfg.generation.prompt, cfg.source.storage_options)
     output = RunOutput(cfg.output.path, cfg.output.storage_options)
-    if output.fs.isfile(output.root):
-        raise OutputExists(f"output.path {cfg.output.path} is a file, not a directory")
+    if (blocking := output.file_in_the_way()) is not None:
+        raise OutputExists(f"output.path {cfg.output.path}: {blocking} is a file, not a directory")
     identity = redacted(job_identity(cfg, models.provenance()))  # credentials may change between runs
     if prompts is not None:  # the file's prompts decide the samples as much as the config does
         identity["prompts_file_sha256"] = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()

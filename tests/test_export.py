@@ -90,6 +90,9 @@ def test_export_controlnet_train_from_an_annotate_only_run(annotate_only, tmp_pa
     with pytest.raises(ExportError, match="already holds README.md"):  # a user's own file is not replaced
         export_controlnet_train(str(out), str(mine), control="hed")
     assert (mine / "README.md").read_text() == "my notes" and not (mine / "train").exists()
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ExportError, match="notes.txt is a file, not a directory"):
+        export_controlnet_train(str(out), str(tmp_path / "notes.txt" / "train"), control="hed")
     for inside in (out, out / "samples"):
         with pytest.raises(ExportError, match="inside the output"):
             export_controlnet_train(str(out), str(inside), control="hed")

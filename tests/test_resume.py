@@ -262,3 +262,16 @@ def test_a_damaged_manifest_is_one_line_naming_it_for_a_run_and_for_inspect(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{out / 'manifest.json'} is damaged" in err[0]
     assert (out / "manifest.json").read_text() == text  # nothing replaced without output.overwrite
+
+
+def test_an_output_path_under_a_file_is_refused_naming_the_file(tmp_path):
+    from pipeline.job import prepare
+    from tests.helpers import canny_job
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "a.png")
+    (tmp_path / "notes.yaml").write_text("a file")
+    for path in (tmp_path / "notes.yaml", tmp_path / "notes.yaml" / "sub" / "out"):
+        with pytest.raises(OutputExists, match=f"{tmp_path / 'notes.yaml'} is a file, not a directory"):
+            prepare(load_config(data=canny_job(str(photos), str(path))), dry_run=True)

@@ -132,6 +132,18 @@ class RunOutput:
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name)
 
+    def file_in_the_way(self) -> str | None:
+        """The path itself or the nearest existing folder above it, where that is a file (nothing can be
+        written under it); None otherwise."""
+        path = self.root
+        while path and not self.fs.isdir(path):
+            if self.fs.isfile(path):
+                return path
+            if posixpath.dirname(path) == path:
+                break
+            path = posixpath.dirname(path)
+        return None
+
     def exists(self, name: str) -> bool:
         return self.fs.exists(self.path(name))
 
