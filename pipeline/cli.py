@@ -233,6 +233,13 @@ def failure_reason(e: BaseException) -> str:
     return f"stage {stages[-1]} failed: {reason}" if stages else f"{where.group(1)} failed: {reason}"
 
 
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from pipeline.testing import make_tiny
 
@@ -414,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("report", help="(re)write report.html, README.md and croissant.json of a run's output")
     p.add_argument("output", help="the run's output.path (local path or fsspec URL)")
-    p.add_argument("--max-sources", type=int, default=200, help="sources shown in the gallery (default 200)")
+    p.add_argument("--max-sources", type=_not_negative, default=200, help="sources shown in the gallery (default 200)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("inspect", help="print a run's counts, errors, throughput and models")

@@ -304,7 +304,7 @@ class QualityConfig(Strict):
 
 
 class OutputConfig(Strict):
-    path: str = Field(description="Output directory; local path or fsspec URL.")
+    path: str = Field(min_length=1, description="Output directory; local path or fsspec URL.")
     overwrite: bool = Field(False, description="Replace what an earlier run wrote under path.")
     new_version: bool = Field(
         False, description="If path holds a run of another config, write to path-v2 (-v3, ...) instead of refusing."
