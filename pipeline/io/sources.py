@@ -103,12 +103,12 @@ def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
         for p, info in candidates.items():
             if posixpath.splitext(p)[1].lower() not in extensions:
                 continue
-            if info.get("islink") and info.get("type") != "file":  # find() describes a link itself: see its target
+            dangling = False
+            if info.get("islink"):  # find() describes a link itself, info() its target
                 try:
-                    info = {**fs.info(p), "islink": True}
+                    info = fs.info(p)
                 except FileNotFoundError:
-                    pass
-            dangling = info.get("islink") and not fs.exists(p)  # listed: its read fails, an error row says so
+                    dangling = True  # listed: its read fails, an error row says so
             if info.get("type") != "file" and not dangling:  # a FIFO, a device or a link to one: a read would hang
                 skipped += 1
                 continue
