@@ -14,7 +14,7 @@ Tokenizers and schedulers come from the test kit's tiny models of the same famil
 vocabularies are small, but the pipelines pad prompts to the real lengths (77 CLIP tokens, 256 or 512 T5
 tokens), so the text encoders do the real models' work too.
 Each model is built on `device` (a GPU builds Flux's 12 B parameters in seconds) in the dtype the pipeline
-runs it in, written, and freed before the next.
+runs it in on a GPU (the family's `auto_gpu_dtype`), written, and freed before the next.
 """
 
 from __future__ import annotations
@@ -54,17 +54,17 @@ FLOW_VAE = {**VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_qua
 @dataclass(frozen=True)
 class Family:
     size: int  # the base model's native image side, px
-    dtype: str  # what the pipeline's `dtype: auto` runs on a GPU (pipeline/generators)
     guided: bool  # classifier-free guidance: the denoiser sees each latent twice (Flux: a distilled guidance input)
     tiny_key: str  # make_tiny's key of the same family's base model (tokenizers, scheduler)
+    tiny_controlnet: str  # and of its Canny (or Union) ControlNet
 
 
 FAMILIES = {
-    "sd15": Family(512, "float16", True, "base_model"),
-    "sdxl": Family(1024, "float16", True, "sdxl/base_model"),
-    "sdxl_union": Family(1024, "float16", True, "sdxl_union/base_model"),
-    "sd3": Family(1024, "bfloat16", True, "sd3/base_model"),
-    "flux": Family(1024, "bfloat16", False, "flux/base_model"),
+    "sd15": Family(512, True, "base_model", "controlnet/canny"),
+    "sdxl": Family(1024, True, "sdxl/base_model", "sdxl/controlnet/canny"),
+    "sdxl_union": Family(1024, True, "sdxl_union/base_model", "sdxl_union/controlnet"),
+    "sd3": Family(1024, True, "sd3/base_model", "sd3/controlnet/canny"),
+    "flux": Family(1024, False, "flux/base_model", "flux/controlnet/canny"),
 }
 
 
@@ -137,9 +137,11 @@ def write(family: str, directory: Path, device: str) -> dict[str, str]:
     import diffusers
     import torch
 
+    from pipeline.generators import generator_class
     from pipeline.testing import make_tiny
 
     spec = FAMILIES[family]
+    dtype = getattr(torch, generator_class(family).auto_gpu_dtype)  # what the pipeline's `dtype: auto` runs
     tiny_dir = Path(make_tiny(directory / "tiny", conditions=("canny",), annotators=(), captioners=(),
                               families=(family,))[spec.tiny_key])
     base_class = json.loads((tiny_dir / "model_index.json").read_text())["_class_name"]
@@ -149,7 +151,7 @@ def write(family: str, directory: Path, device: str) -> dict[str, str]:
 
     def built(make: Callable[[], Any]):
         with torch.device(device):
-            torch.set_default_dtype(getattr(torch, spec.dtype))
+            torch.set_default_dtype(dtype)
             try:
                 return make()
             finally:

@@ -154,9 +154,7 @@ def main() -> None:
         from pipeline.testing import make_tiny
 
         tiny = make_tiny(cache / "tiny", conditions=("canny",), annotators=(), captioners=(), families=(args.family,))
-        family = "" if args.family == "sd15" else f"{args.family}/"
-        base = tiny[FAMILIES[args.family].tiny_key]
-        controlnet = tiny["sdxl_union/controlnet" if args.family == "sdxl_union" else f"{family}controlnet/canny"]
+        base, controlnet = tiny[FAMILIES[args.family].tiny_key], tiny[FAMILIES[args.family].tiny_controlnet]
     elif args.base or args.controlnet:
         if not (args.base and args.controlnet):
             p.error("--base and --controlnet go together")
