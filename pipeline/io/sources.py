@@ -175,17 +175,22 @@ def check_columns(cfg: SourceConfig, listing: Listing) -> None:
     import pyarrow.parquet as pq
 
     fs, paths, _ = _arrow_files(cfg, listing)
-    wanted = {"image_column": cfg.image_column, "caption_column": cfg.caption_column,
-              "prompt_column": cfg.prompt_column, "mask_column": cfg.mask_column}
+    wanted = _parquet_columns(cfg)
     for uri, path in zip(listing.uris, paths):
         try:
             with fs.open(path, "rb") as f:
                 names = pq.read_schema(f).names
         except (OSError, pa.ArrowException) as e:
             raise SourceError(f"{uri} is not a readable Parquet file ({type(e).__name__}: {e})") from None
-        missing = [f"source.{key} {column!r}" for key, column in wanted.items() if column and column not in names]
+        missing = [f"source.{key} {column!r}" for key, column in wanted.items() if column not in names]
         if missing:
             raise SourceError(f"{uri} has no column for {', '.join(missing)}; its columns: {names}")
+
+
+def _parquet_columns(cfg: SourceConfig) -> dict[str, str]:
+    """The Parquet columns a source reads, by their setting's name."""
+    keys = ("image_column", "caption_column", "prompt_column", "mask_column")
+    return {key: getattr(cfg, key) for key in keys if getattr(cfg, key)}
 
 
 def _arrow_files(cfg: SourceConfig, listing: Listing) -> tuple[fsspec.AbstractFileSystem, list[str], pafs.FileSystem]:
@@ -213,8 +218,8 @@ def read_parquet_files(paths: list[str], **kwargs) -> ray.data.Dataset:
 
 def _read_parquet(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
     fs, paths, arrow_fs = _arrow_files(cfg, listing)
-    columns = [cfg.image_column] + [c for c in (cfg.caption_column, cfg.prompt_column, cfg.mask_column) if c]
-    ds = read_parquet_files(paths, columns=list(dict.fromkeys(columns)), include_paths=True, filesystem=arrow_fs)
+    columns = list(dict.fromkeys(_parquet_columns(cfg).values()))
+    ds = read_parquet_files(paths, columns=columns, include_paths=True, filesystem=arrow_fs)
     image_col, caption_col, prompt_col, mask_col = cfg.image_column, cfg.caption_column, cfg.prompt_column, cfg.mask_column
     # source_prompt: the image's own prompt (source.prompt_column), for variant expansion
     schema = SOURCE_SCHEMA.append(pa.field("source_prompt", pa.string())) if prompt_col else SOURCE_SCHEMA
