@@ -88,16 +88,44 @@ def test_webdataset_members_and_captions(ray_session, photos, tmp_path):
     assert sorted(r["source_uri"].split("#")[1] for r in read_source(only_jpg_png).take_all()) == ["a", "dir/d"]
 
 
+def test_a_damaged_shard_is_an_error_row_naming_it(ray_session, photos, tmp_path):
+    """A shard cut short keeps the samples before the cut, a file that is not a tar archive is one error row, the
+    members of a key that comes back after another key are one too; the read goes on (the decode stage makes
+    these rows error rows of the job, as for any `source_error`)."""
+    write_tar(tmp_path / "a.tar", [("astronaut.jpg", photos["astronaut.jpg"]), ("astronaut.txt", b"an astronaut")])
+    cut = write_tar(tmp_path / "b.tar", [("coffee.jpg", photos["coffee.jpg"]), ("chelsea.png", photos["chelsea.png"])])
+    coffee_end = 512 + -(-len(photos["coffee.jpg"]) // 512) * 512  # its header, its data in 512-byte blocks
+    cut.write_bytes(cut.read_bytes()[: coffee_end + 512 + 100])  # cut inside chelsea.png's data
+    (tmp_path / "c.tar").write_bytes(b"not a tar archive\n" * 100)
+    write_tar(tmp_path / "d.tar", [("rocket.jpg", photos["rocket.jpg"]), ("x.jpg", photos["coffee.jpg"]),
+                                   ("rocket.txt", b"a late caption")])
+    read = read_source(SourceConfig(type="webdataset", path=str(tmp_path))).take_all()
+    rows = {(r["source_uri"].removeprefix(str(tmp_path) + "/"), r["source_error"] is None): r for r in read}
+
+    assert len(read) == len(rows) and sorted(rows) == [
+        ("a.tar#astronaut", True), ("b.tar", False), ("b.tar#coffee", True), ("c.tar", False),
+        ("d.tar#rocket", False), ("d.tar#rocket", True), ("d.tar#x", True)]
+    assert rows["a.tar#astronaut", True]["caption"] == "an astronaut"
+    assert rows["b.tar#coffee", True]["source_bytes"] == photos["coffee.jpg"]
+    assert rows["b.tar", False]["source_error"] == "not a readable tar shard: unexpected end of data; samples read before it: 1"
+    assert rows["c.tar", False]["source_error"].startswith("not a readable tar shard: ")
+    assert rows["d.tar#rocket", False]["source_error"] == (
+        "the members of 'rocket' are not adjacent in the shard (WebDataset keeps a sample's files together)")
+    assert rows["d.tar#rocket", True]["caption"] is None  # the caption that came back is not the sample's
+
+
 def test_hugging_face_datasets_parquet_export(ray_session, photos, tmp_path):
-    """The Image feature is a {bytes, path} struct: embedded bytes, or a path to the file."""
+    """The Image feature is a {bytes, path} struct: embedded bytes, or a path to the file; a null cell is an
+    error row saying so (not a file that was looked for and not found)."""
     import datasets
 
     (tmp_path / "coffee.jpg").write_bytes(photos["coffee.jpg"])
     images = [{"bytes": photos["astronaut.jpg"], "path": "astronaut.jpg"},
               {"bytes": photos["chelsea.png"], "path": "chelsea.png"},
               {"bytes": None, "path": str(tmp_path / "coffee.jpg")},
-              {"bytes": b"not an image", "path": "broken.jpg"}]
-    ds = datasets.Dataset.from_dict({"image": images, "text": ["an astronaut", "a cat", "a cup", "nothing"]})
+              {"bytes": b"not an image", "path": "broken.jpg"},
+              None]
+    ds = datasets.Dataset.from_dict({"image": images, "text": ["an astronaut", "a cat", "a cup", "nothing", "null"]})
     export = tmp_path / "train-00000-of-00001.parquet"
     ds.cast_column("image", datasets.Image()).to_parquet(str(export))
     assert json.loads(pq.read_schema(export).metadata[b"huggingface"])["info"]["features"]["image"]["_type"] == "Image"
@@ -106,7 +134,7 @@ def test_hugging_face_datasets_parquet_export(ray_session, photos, tmp_path):
     data["source"] = {"type": "parquet", "path": str(export), "caption_column": "text"}
     result = run(load_config(data=data), echo=lambda _: None)
 
-    assert (result.inputs, result.samples, result.errors) == (4, 3, 1)
+    assert (result.inputs, result.samples, result.errors) == (5, 3, 2)
     samples = {r["source_uri"]: r for r in read_parquet_dir(tmp_path / "out" / "samples").to_pylist()}
     assert {uri: r["caption"] for uri, r in samples.items()} == {
         f"{export}#astronaut.jpg": "an astronaut",
@@ -114,8 +142,10 @@ def test_hugging_face_datasets_parquet_export(ray_session, photos, tmp_path):
         str(tmp_path / "coffee.jpg"): "a cup",
     }
     assert samples[f"{export}#chelsea.png"]["source_sha256"] == hashlib.sha256(photos["chelsea.png"]).hexdigest()
-    (error,) = read_parquet_dir(tmp_path / "out" / "errors").to_pylist()
-    assert error["source_uri"] == f"{export}#broken.jpg" and error["stage"] == "decode"
+    broken, null = sorted(read_parquet_dir(tmp_path / "out" / "errors").to_pylist(), key=lambda r: r["source_uri"])
+    assert broken["source_uri"] == f"{export}#broken.jpg" and broken["stage"] == "decode"
+    assert null["source_uri"].startswith(f"{export}#sha256=") and null["stage"] == "decode"
+    assert "its image cell holds no image (null)" in null["error_message"], null
 
 
 def test_parquet_columns_are_checked_in_every_file_before_any_work(photos, tmp_path):

@@ -11,13 +11,12 @@ through undecoded, so an undecodable image becomes an error row in the decode st
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import posixpath
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 import fsspec
@@ -26,9 +25,6 @@ import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import SourceConfig
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +240,8 @@ def _read_parquet(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
                     error = f"path {uri!r} is outside source.allowed_roots {roots}"
             else:
                 uri = f"{parquet_uri}#{name or 'sha256=' + hashlib.sha256(data or b'').hexdigest()[:16]}"
+                if data is None:  # a null cell (or a struct with neither bytes nor path): nothing to read
+                    error = f"its {image_col} cell holds no image (null)"
             rows.append({"source_uri": uri, "source_bytes": data, "caption": row.get(caption_col) if caption_col else None,
                          "source_error": error} | ({"source_prompt": row.get(prompt_col)} if prompt_col else {})
                         | ({"source_mask": _mask_bytes(row.get(mask_col))} if mask_col else {}))
@@ -282,43 +280,10 @@ def _read_webdataset(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
     member, else `caption_key` in the `.json` member. Samples without an image member are not
     inputs (as non-image files in a folder are not). source_uri is `<shard URI>#<key>`.
     """
+    from pipeline.io.shards import Shards
+
     fs, paths, arrow_fs = _arrow_files(cfg, listing)
-    image_exts = list(dict.fromkeys(e.lower().lstrip(".") for e in cfg.extensions))
-    wanted = set(image_exts) | {"txt", "json"}
-    ds = ray.data.read_webdataset(
-        paths,
-        filesystem=arrow_fs,
-        decoder=None,  # raw bytes: decoding (and rejecting) images is the decode stage's job
-        suffixes=lambda suffix: suffix.lower() in wanted,
-    )
-    caption_key = cfg.caption_key
-
-    def normalize(batch: pd.DataFrame) -> pa.Table:
-        rows = []
-        for sample in batch.to_dict("records"):  # a member missing from this sample reads as NaN
-            members = {k.lower(): v for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes)}
-            image = next((members[e] for e in image_exts if e in members), None)
-            if image is not None:
-                uri = f"{full_uri(fs, sample['__url__'])}#{sample['__key__']}"
-                caption = _webdataset_caption(members, caption_key)
-                rows.append({"source_uri": uri, "source_bytes": image, "caption": caption, "source_error": None})
-        return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
-
-    # The reader yields pandas blocks whose columns are the members found in the shard; batch_size=None
-    # takes one block per batch, so shards with different members are never concatenated.
-    return ds.map_batches(normalize, batch_format="pandas", batch_size=None)
-
-
-def _webdataset_caption(members: dict[str, bytes], json_key: str) -> str | None:
-    if "txt" in members:
-        return members["txt"].decode("utf-8", errors="replace").strip()
-    if "json" in members:
-        try:
-            value = json.loads(members["json"]).get(json_key)
-        except (ValueError, AttributeError):  # not JSON, or not a JSON object
-            return None
-        return value if isinstance(value, str) else None
-    return None
+    return ray.data.read_datasource(Shards(paths, fs, cfg.extensions, cfg.caption_key, filesystem=arrow_fs))
 
 
 # source_error: why a row cannot be read at all (e.g. a path outside source.allowed_roots); decode rejects it

@@ -1,0 +1,91 @@
+"""WebDataset tar shards as source rows, a damaged shard as an error row (`pipeline.io.sources` reads with it)."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow as pa
+from ray.data.datasource import FileBasedDatasource
+
+from pipeline.io.sources import SOURCE_SCHEMA, full_uri
+
+ROWS_PER_BLOCK = 64  # samples a block (their images' bytes): a shard of thousands is not one block
+
+
+class Shards(FileBasedDatasource):
+    """Ray Data's WebDataset reader, tolerant of a damaged shard: a file that is not a tar archive, or one that
+    breaks off partway, is one error row naming the shard (what it held before the damage is read), where
+    `ray.data.read_webdataset` stopped the whole job with tarfile's message and no file name. Members are read in
+    tarfile's stream mode, one at a time, and grouped by key as WebDataset defines it (the path up to the first
+    dot of the file name; a sample's members are adjacent): members of a key that comes back after another key
+    are an error row of their own. I/O errors are not caught here: Ray Data retries the read as it retries any
+    other."""
+
+    def __init__(self, paths: list[str], fs: fsspec.AbstractFileSystem, extensions: list[str], caption_key: str,
+                 **kwargs):
+        super().__init__(paths, **kwargs)
+        self.fs, self.caption_key = fs, caption_key
+        self.image_exts = list(dict.fromkeys(e.lower().lstrip(".") for e in extensions))
+        self.wanted = set(self.image_exts) | {"txt", "json"}
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        shard, rows, samples, seen = full_uri(self.fs, path), [], 0, set()
+        key, members, apart = None, {}, False  # the sample being read: key, wanted members, whether its key came back
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|*")  # noqa: SIM115 - closed with `f`, which Ray Data opened
+            for member in tar:
+                stem, dot, ext = posixpath.basename(member.name).partition(".")
+                if not member.isreg() or not stem or not dot:
+                    continue
+                name = posixpath.join(posixpath.dirname(member.name), stem)
+                if name != key:
+                    rows += [] if apart else self.sample(shard, key, members)
+                    seen.add(key)
+                    key, members, apart = name, {}, name in seen
+                    if apart:
+                        rows.append(error_row(f"{shard}#{name}", f"the members of {name!r} are not adjacent in the "
+                                                                 f"shard (WebDataset keeps a sample's files together)"))
+                if not apart and ext.lower() in self.wanted and ext.lower() not in members:
+                    members[ext.lower()] = tar.extractfile(member).read()
+                if len(rows) >= ROWS_PER_BLOCK:
+                    samples += sum(1 for r in rows if r["source_error"] is None)
+                    yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+                    rows = []
+        except tarfile.TarError as e:  # not a tar archive, a damaged header, data cut short
+            rows += [] if apart else self.sample(shard, key, members)
+            read = samples + sum(1 for r in rows if r["source_error"] is None)
+            rows.append(error_row(shard, f"not a readable tar shard: {e}; samples read before it: {read}"))
+        else:
+            rows += [] if apart else self.sample(shard, key, members)
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+
+    def sample(self, shard: str, key: str | None, members: dict[str, bytes]) -> list[dict]:
+        """The sample's row; none for a sample without an image member (not an input)."""
+        image = next((members[e] for e in self.image_exts if e in members), None)
+        if key is None or image is None:
+            return []
+        return [{"source_uri": f"{shard}#{key}", "source_bytes": image,
+                 "caption": caption(members, self.caption_key), "source_error": None}]
+
+
+def error_row(uri: str, reason: str) -> dict:
+    """A row the decode stage rejects with `reason`."""
+    return {"source_uri": uri, "source_bytes": None, "caption": None, "source_error": reason}
+
+
+def caption(members: dict[str, bytes], json_key: str) -> str | None:
+    """The `.txt` member, else `json_key` of the `.json` member (not JSON, or not a string: no caption)."""
+    if "txt" in members:
+        return members["txt"].decode("utf-8", errors="replace").strip()
+    if "json" in members:
+        try:
+            value = json.loads(members["json"]).get(json_key)
+        except (ValueError, AttributeError):  # not JSON, or not a JSON object
+            return None
+        return value if isinstance(value, str) else None
+    return None
