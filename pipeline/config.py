@@ -146,6 +146,16 @@ class PromptConfig(Strict):
                 raise ValueError(f"template field {{{field}}} may not carry a format spec or conversion")
         return template
 
+    def unused_prompts(self, prompt_column: str | None = None) -> str | None:
+        """The prompts given (`prompts`, `file` or the source's `prompt_column`) that a template without {prompt}
+        would leave unused, named as the config names them; None when the template uses them or none is given."""
+        if any(field == "prompt" for _, field, _, _ in string.Formatter().parse(self.template)):
+            return None
+        given = [name for name, value in (("generation.prompt.prompts", "prompts" in self.model_fields_set),
+                                          ("generation.prompt.file", self.file), ("source.prompt_column", prompt_column))
+                 if value]
+        return " and ".join(given) or None
+
 
 PROMPT_FIELDS = frozenset({"prompt", "caption", "variant"})
 
@@ -358,6 +368,9 @@ class JobConfig(Strict):
             raise ValueError("source.prompt_column: prompts need a generation section")
         if self.source.prompt_column and self.generation and self.generation.prompt.file:
             raise ValueError("set at most one of source.prompt_column and generation.prompt.file")
+        if self.generation and (given := self.generation.prompt.unused_prompts(self.source.prompt_column)):
+            raise ValueError(f"generation.prompt.template {self.generation.prompt.template!r} has no {{prompt}} field: "
+                             f"{given} would not be used; add {{prompt}} to the template, or remove {given}")
         for i, cn in enumerate(self.generation.controlnets if self.generation else []):
             if cn.condition not in keys:
                 raise ValueError(f"generation.controlnets.{i}.condition: {cn.condition!r} is not an annotator id {keys}")

@@ -24,6 +24,15 @@ def test_valid_config_loads_with_defaults():
     assert [a.key for a in cfg.annotators] == ["canny", "hed"]
 
 
+def test_a_template_without_prompt_is_the_prompt_when_no_prompts_are_given():
+    data = config()
+    data["generation"]["prompt"] = {"template": "{caption}"}  # the README's "or {caption} alone"
+    assert load_config(data=data).generation.prompt.template == "{caption}"
+    data["source"].update(type="parquet", prompt_column="text")  # the column's prompts would go unused
+    with pytest.raises(ConfigError, match=re.escape("has no {prompt} field: source.prompt_column would not be used")):
+        load_config(data=data)
+
+
 class SetArgs(tuple):
     """A mutation given as `--set KEY=VALUE` arguments to load_config."""
 
@@ -69,6 +78,13 @@ CONFIG_ERRORS = [
      r"generation\.scheduler: Input should be 'unipc', 'dpmpp_2m', 'ddim', 'euler_a' or 'flow_match_euler'"),
     *[(f"template-{template}", {"generation.prompt.template": template},
        re.escape(f"generation.prompt.template: {error}")) for template, error in TEMPLATE_ERRORS],
+    # a template without {prompt}: prompts given anywhere would be left unused, silently
+    ("template-without-prompt", {"generation.prompt.template": "{caption}, variant {variant}"},
+     re.escape("generation.prompt.template '{caption}, variant {variant}' has no {prompt} field: "
+               "generation.prompt.prompts would not be used")),
+    ("template-without-prompt-file",
+     lambda data: data["generation"]["prompt"].update(template="{caption}", file="prompts.jsonl"),
+     re.escape("generation.prompt.prompts and generation.prompt.file would not be used")),
     ("guidance-window-reversed",
      lambda data: data["generation"]["controlnets"][0].update(guidance_start=0.9, guidance_end=0.2),
      r"generation\.controlnets\.0: guidance_start must be smaller"),
