@@ -35,7 +35,8 @@ def empty_text_message(empty: int, text: str) -> str:
     return (f"{empty} rows have an empty {text} (text), so they cannot teach the prompt; add captions: a "
             f"`captioner` section in the job config (e.g. kind: blip, model: Salesforce/blip-image-captioning-base; "
             f"or kind: florence2) writes them for uncaptioned images, or give the source captions "
-            f"(caption_column, .txt members), then run the job again")
+            f"(caption_column, .txt members), then run the job again with output.new_version=true (either change "
+            f"makes it another job, written next to this output)")
 
 
 def export_controlnet_train(src: str, dest: str, control: str | None = None, target: str | None = None,

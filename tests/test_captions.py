@@ -157,6 +157,7 @@ def test_uncaptioned_photos_become_training_pairs_with_text(ray_session, tiny_mo
     assert main(["export", str(tmp_path / "plain"), str(tmp_path / "plain-train"), "--format", "controlnet-train"]) == 0
     err = capsys.readouterr().err
     assert "warning: 5 rows have an empty caption (text)" in err and "`captioner` section" in err
+    assert "run the job again with output.new_version=true" in err  # into the same path it is refused as changed
     assert "--require-text makes this an error" in err and len(err.strip().splitlines()) == 1
     assert main(["export", str(tmp_path / "plain"), str(tmp_path / "refused"), "--format", "controlnet-train",
                  "--require-text"]) == 2
