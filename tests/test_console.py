@@ -170,6 +170,34 @@ def test_a_command_stops_the_ray_it_started_however_it_ends():
     assert proc.stdout.split() == ["0", "False", "True", "True", "boom", "False"], proc.stderr
 
 
+def test_an_interrupt_waits_for_ray_datas_scheduling_thread_before_ray_stops(ray_session, monkeypatch):
+    """On an interrupt Ray Data asks its scheduling thread to stop and waits 2 s for it; on a loaded machine the
+    thread outlasted that, called into Ray after `ray.shutdown`, and Ray ended the process with exit code 1 instead
+    of 130. Here the thread lingers 3 s after its loop (what a slow last step does); `_settle_ray_data`, which the
+    commands call on an interrupt, waits for it."""
+    import _thread
+    import threading
+    import time
+
+    import ray
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    from pipeline.cli import _settle_ray_data
+
+    loop = StreamingExecutor.run
+    monkeypatch.setattr(StreamingExecutor, "run", lambda self: (loop(self), time.sleep(3)))
+    ds = ray.data.range(40, override_num_blocks=20).map_batches(lambda batch: (time.sleep(0.2), batch)[1])
+    started = threading.Event()
+    threading.Thread(target=lambda: started.wait() and _thread.interrupt_main(), daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in ds.iter_batches(batch_size=1):
+            started.set()  # interrupted while the dataset streams, as a Ctrl-C during a run
+    scheduling = [t for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
+    assert scheduling and all(t.is_alive() for t in scheduling)  # Ray Data's own wait has returned
+    _settle_ray_data()
+    assert not any(t.is_alive() for t in scheduling)
+
+
 def test_run_imports_ray_data_and_starts_ray_with_the_collector_paused(job, tmp_path):
     # no full collection over what the driver imports (Ray Data, pyarrow, pandas) and what Ray's start makes;
     # the collector is on again for the run, with those objects frozen out of it (pipeline.cpus.loading)
