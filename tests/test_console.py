@@ -175,7 +175,6 @@ def test_an_interrupt_waits_for_ray_datas_scheduling_thread_before_ray_stops(ray
     thread outlasted that, called into Ray after `ray.shutdown`, and Ray ended the process with exit code 1 instead
     of 130. Here the thread lingers 3 s after its loop (what a slow last step does); `_settle_ray_data`, which the
     commands call on an interrupt, waits for it."""
-    import _thread
     import threading
     import time
 
@@ -187,12 +186,11 @@ def test_an_interrupt_waits_for_ray_datas_scheduling_thread_before_ray_stops(ray
     loop = StreamingExecutor.run
     monkeypatch.setattr(StreamingExecutor, "run", lambda self: (loop(self), time.sleep(3)))
     ds = ray.data.range(40, override_num_blocks=20).map_batches(lambda batch: (time.sleep(0.2), batch)[1])
-    started = threading.Event()
-    threading.Thread(target=lambda: started.wait() and _thread.interrupt_main(), daemon=True).start()
+    before = set(threading.enumerate())
     with pytest.raises(KeyboardInterrupt):
         for _ in ds.iter_batches(batch_size=1):
-            started.set()  # interrupted while the dataset streams, as a Ctrl-C during a run
-    scheduling = [t for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
+            raise KeyboardInterrupt  # a Ctrl-C while the dataset streams
+    scheduling = [t for t in set(threading.enumerate()) - before if t.name.startswith("StreamingExecutor-")]
     assert scheduling and all(t.is_alive() for t in scheduling)  # Ray Data's own wait has returned
     _settle_ray_data()
     assert not any(t.is_alive() for t in scheduling)

@@ -33,8 +33,8 @@ class Shards(FileBasedDatasource):
         self.wanted = set(self.image_exts) | {"txt", "json"}
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        shard, rows, samples, seen = full_uri(self.fs, path), [], 0, set()
-        key, members, apart = None, {}, False  # the sample being read: key, wanted members, whether its key came back
+        shard, rows, read, seen, damage = full_uri(self.fs, path), [], 0, set(), None
+        key, members = None, {}  # the sample being read: its key and wanted members (None: its key came back)
         try:
             tar = tarfile.open(fileobj=f, mode="r|*")  # noqa: SIM115 - closed with `f`, which Ray Data opened
             for member in tar:
@@ -43,30 +43,30 @@ class Shards(FileBasedDatasource):
                     continue
                 name = posixpath.join(posixpath.dirname(member.name), stem)
                 if name != key:
-                    rows += [] if apart else self.sample(shard, key, members)
+                    rows += self.sample(shard, key, members)
                     seen.add(key)
-                    key, members, apart = name, {}, name in seen
-                    if apart:
+                    key, members = name, (None if name in seen else {})
+                    if members is None:
                         rows.append(error_row(f"{shard}#{name}", f"the members of {name!r} are not adjacent in the "
                                                                  f"shard (WebDataset keeps a sample's files together)"))
-                if not apart and ext.lower() in self.wanted and ext.lower() not in members:
+                if members is not None and ext.lower() in self.wanted and ext.lower() not in members:
                     members[ext.lower()] = tar.extractfile(member).read()
                 if len(rows) >= ROWS_PER_BLOCK:
-                    samples += sum(1 for r in rows if r["source_error"] is None)
+                    read += sum(1 for r in rows if r["source_error"] is None)
                     yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
                     rows = []
         except tarfile.TarError as e:  # not a tar archive, a damaged header, data cut short
-            rows += [] if apart else self.sample(shard, key, members)
-            read = samples + sum(1 for r in rows if r["source_error"] is None)
-            rows.append(error_row(shard, f"not a readable tar shard: {e}; samples read before it: {read}"))
-        else:
-            rows += [] if apart else self.sample(shard, key, members)
+            damage = e
+        rows += self.sample(shard, key, members)
+        if damage is not None:
+            read += sum(1 for r in rows if r["source_error"] is None)
+            rows.append(error_row(shard, f"not a readable tar shard: {damage}; samples read before it: {read}"))
         if rows:
             yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
-    def sample(self, shard: str, key: str | None, members: dict[str, bytes]) -> list[dict]:
-        """The sample's row; none for a sample without an image member (not an input)."""
-        image = next((members[e] for e in self.image_exts if e in members), None)
+    def sample(self, shard: str, key: str | None, members: dict[str, bytes] | None) -> list[dict]:
+        """The sample's row; none for a sample without an image member (not an input), or whose key came back."""
+        image = next((members[e] for e in self.image_exts if e in members), None) if members else None
         if key is None or image is None:
             return []
         return [{"source_uri": f"{shard}#{key}", "source_bytes": image,
