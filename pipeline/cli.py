@@ -46,16 +46,18 @@ def _stop_ray() -> None:
         import ray
 
         if ray.is_initialized():
+            _settle_ray_data()
             _kill_autoscaler_monitor()
             ray.shutdown()
 
 
 def _settle_ray_data(timeout: float = 10.0) -> None:
-    """After an interrupt: wait for Ray Data's scheduling thread (and the thread that fetches its blocks' metadata)
-    to end before Ray is stopped. On an interrupt Ray Data asks that thread to stop and waits 2 s for it; on a loaded
-    machine its step outlasted that, it called into Ray after `ray.shutdown`, and Ray ended the process with exit
-    code 1 and no message (7 of 7 interrupted runs beside two busy processes) instead of the interrupt's 130. The
-    threads go by the names Ray Data gives them; if those change, nothing waits, as before."""
+    """Before Ray is stopped: wait for Ray Data's scheduling thread (and the thread that fetches its blocks'
+    metadata) to end. When a run is interrupted or fails, Ray Data asks that thread to stop and waits 2 s for it; on
+    a loaded machine its step outlasted that, it called into Ray after `ray.shutdown`, and Ray ended the process with
+    exit code 1 and no message (7 of 7 interrupted runs beside two busy processes) instead of the interrupt's 130.
+    After a run that finished, the thread has ended already. The threads go by the names Ray Data gives them; if
+    those change, nothing waits, as before."""
     import threading
     import time
 
@@ -121,7 +123,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _settle_ray_data()
         print("interrupted: what was written is kept; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - e.g. a model that cannot load in its actor: one readable line
@@ -223,7 +224,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _settle_ray_data()
         print("interrupted: the checkpoints are kept; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one readable line; the checkpoints are kept

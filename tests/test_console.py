@@ -173,8 +173,8 @@ def test_a_command_stops_the_ray_it_started_however_it_ends():
 def test_an_interrupt_waits_for_ray_datas_scheduling_thread_before_ray_stops(ray_session, monkeypatch):
     """On an interrupt Ray Data asks its scheduling thread to stop and waits 2 s for it; on a loaded machine the
     thread outlasted that, called into Ray after `ray.shutdown`, and Ray ended the process with exit code 1 instead
-    of 130. Here the thread lingers 3 s after its loop (what a slow last step does); `_settle_ray_data`, which the
-    commands call on an interrupt, waits for it."""
+    of 130. Here the thread lingers 3 s after its loop (what a slow last step does); `_settle_ray_data`, which a
+    command calls before it stops Ray, waits for it."""
     import threading
     import time
 

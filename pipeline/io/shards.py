@@ -67,7 +67,7 @@ class Shards(FileBasedDatasource):
     def sample(self, shard: str, key: str | None, members: dict[str, bytes] | None) -> list[dict]:
         """The sample's row; none for a sample without an image member (not an input), or whose key came back."""
         image = next((members[e] for e in self.image_exts if e in members), None) if members else None
-        if key is None or image is None:
+        if image is None:
             return []
         return [{"source_uri": f"{shard}#{key}", "source_bytes": image,
                  "caption": caption(members, self.caption_key), "source_error": None}]
