@@ -67,7 +67,7 @@ def load_prompt_file(cfg: PromptConfig, storage_options: dict[str, Any] | None =
     path, key = cfg.file, cfg.key
     fs, local = filesystem(path, storage_options or {})
     try:
-        with fs.open(local, "rt", encoding="utf-8") as f:
+        with fs.open(local, "rt", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's "CSV UTF-8") is not text
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise PromptFileError(f"generation.prompt.file {path}: cannot read it: {e}") from None
@@ -90,6 +90,8 @@ def load_prompt_file(cfg: PromptConfig, storage_options: dict[str, Any] | None =
         value = record["prompt"]
         if not (isinstance(value, str) or isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
             raise PromptFileError(f"generation.prompt.file {path} {at}: 'prompt' must be a string or a list of strings")
+        if not all(v.strip() for v in ([value] if isinstance(value, str) else value)):
+            raise PromptFileError(f"generation.prompt.file {path} {at}: 'prompt' is empty")
         name = str(record[key]).strip().lower() if key == "sha256" else str(record[key])
         if prompts.get(name, value) != value:
             raise PromptFileError(f"generation.prompt.file {path} {at}: {name!r} has two different prompts")

@@ -124,6 +124,15 @@ def test_a_broken_prompts_file_is_one_line_naming_the_line(tmp_path):
         load_prompt_file(PromptConfig(file=str(tmp_path / "p.jsonl")))
     with pytest.raises(PromptFileError, match="cannot read it"):
         load_prompt_file(PromptConfig(file=str(tmp_path / "nothing.csv")))
+    (tmp_path / "e.csv").write_text("name,prompt\na.jpg,a cat\nb.jpg,  \n")  # an empty prompt is not a prompt
+    with pytest.raises(PromptFileError, match=r"e.csv row 3: 'prompt' is empty"):
+        load_prompt_file(PromptConfig(file=str(tmp_path / "e.csv")))
+
+
+def test_a_csv_prompts_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Excel's "CSV UTF-8" begins with a byte-order mark, which must not become part of the first column's name."""
+    (tmp_path / "p.csv").write_bytes("\ufeffname,prompt\nphoto-0000.jpg,a cat\n".encode("utf-8"))
+    assert load_prompt_file(PromptConfig(file=str(tmp_path / "p.csv"))) == {"photo-0000.jpg": "a cat"}
 
 
 def test_prompt_column_needs_parquet_and_generation(tiny_models, tmp_path):
