@@ -188,7 +188,7 @@ def build_dataset(cfg: JobConfig, models: Models, written: Written | None = None
     def claim(section, key: str) -> dict:
         return {"num_gpus": section.num_gpus} if on_gpu(section, gpus) else {"num_cpus": cpu_share[key]}
 
-    ds = read_source(cfg.source, listing)
+    ds = read_source(cfg.source, listing, cfg.image.max_bytes)
     if skip is not None:
         ds = stage(ds, "skip-written", SkipWritten(done, cfg.seed, variants, after_decode=False))
     # small blocks: an actor stage hands a block on when all of its rows are done (a block of 16 inputs held

@@ -90,7 +90,8 @@ def test_webdataset_members_and_captions(ray_session, photos, tmp_path):
 
 def test_a_damaged_shard_is_an_error_row_naming_it(ray_session, photos, tmp_path):
     """A shard cut short keeps the samples before the cut, a file that is not a tar archive is one error row, the
-    members of a key that comes back after another key are one too; the read goes on (the decode stage makes
+    members of a key that comes back after another key are one too, and so is a sample with a member over
+    image.max_bytes, which is not read; the read goes on (the decode stage makes
     these rows error rows of the job, as for any `source_error`)."""
     write_tar(tmp_path / "a.tar", [("astronaut.jpg", photos["astronaut.jpg"]), ("astronaut.txt", b"an astronaut")])
     cut = write_tar(tmp_path / "b.tar", [("coffee.jpg", photos["coffee.jpg"]), ("chelsea.png", photos["chelsea.png"])])
@@ -104,14 +105,24 @@ def test_a_damaged_shard_is_an_error_row_naming_it(ray_session, photos, tmp_path
 
     assert len(read) == len(rows) and sorted(rows) == [
         ("a.tar#astronaut", True), ("b.tar", False), ("b.tar#coffee", True), ("c.tar", False),
-        ("d.tar#rocket", False), ("d.tar#rocket", True), ("d.tar#x", True)]
+        ("d.tar#rocket", True), ("d.tar#rocket.txt", False), ("d.tar#x", True)]
     assert rows["a.tar#astronaut", True]["caption"] == "an astronaut"
     assert rows["b.tar#coffee", True]["source_bytes"] == photos["coffee.jpg"]
     assert rows["b.tar", False]["source_error"] == "not a readable tar shard: unexpected end of data; samples read before it: 1"
     assert rows["c.tar", False]["source_error"].startswith("not a readable tar shard: ")
-    assert rows["d.tar#rocket", False]["source_error"] == (
+    assert rows["d.tar#rocket.txt", False]["source_error"] == (  # named by its member: one row per URI
         "the members of 'rocket' are not adjacent in the shard (WebDataset keeps a sample's files together)")
     assert rows["d.tar#rocket", True]["caption"] is None  # the caption that came back is not the sample's
+
+    # image.max_bytes: a member over it is not read, and its sample is an error row; the others are read
+    rocket, coffee = len(photos["rocket.jpg"]), len(photos["coffee.jpg"])
+    limit = (rocket + coffee) // 2  # between the two
+    read = read_source(SourceConfig(type="webdataset", path=str(tmp_path / "d.tar")), max_bytes=limit).take_all()
+    rows = {r["source_uri"].removeprefix(str(tmp_path) + "/"): r for r in read}
+    big, small = ("d.tar#rocket", "d.tar#x") if rocket > coffee else ("d.tar#x", "d.tar#rocket")
+    assert rows[big]["source_bytes"] is None and rows[big]["source_error"] == (
+        f"its .jpg member is {max(rocket, coffee)} bytes, over image.max_bytes={limit} (not read)")
+    assert rows[small]["source_bytes"] is not None and rows[small]["source_error"] is None
 
 
 def test_hugging_face_datasets_parquet_export(ray_session, photos, tmp_path):

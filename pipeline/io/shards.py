@@ -22,13 +22,13 @@ class Shards(FileBasedDatasource):
     `ray.data.read_webdataset` stopped the whole job with tarfile's message and no file name. Members are read in
     tarfile's stream mode, one at a time, and grouped by key as WebDataset defines it (the path up to the first
     dot of the file name; a sample's members are adjacent): members of a key that comes back after another key
-    are an error row of their own. I/O errors are not caught here: Ray Data retries the read as it retries any
-    other."""
+    are an error row of their own, named `<shard>#<member>` (the key's first sample keeps `<shard>#<key>`). A member over `max_bytes` (image.max_bytes) is never read: its sample is an error
+    row. I/O errors are not caught here: Ray Data retries the read as it retries any other."""
 
     def __init__(self, paths: list[str], fs: fsspec.AbstractFileSystem, extensions: list[str], caption_key: str,
-                 **kwargs):
+                 max_bytes: int | None = None, **kwargs):
         super().__init__(paths, **kwargs)
-        self.fs, self.caption_key = fs, caption_key
+        self.fs, self.caption_key, self.max_bytes = fs, caption_key, max_bytes
         self.image_exts = list(dict.fromkeys(e.lower().lstrip(".") for e in extensions))
         self.wanted = set(self.image_exts) | {"txt", "json"}
 
@@ -46,11 +46,13 @@ class Shards(FileBasedDatasource):
                     rows += self.sample(shard, key, members)
                     seen.add(key)
                     key, members = name, (None if name in seen else {})
-                    if members is None:
-                        rows.append(error_row(f"{shard}#{name}", f"the members of {name!r} are not adjacent in the "
-                                                                 f"shard (WebDataset keeps a sample's files together)"))
+                    if members is None:  # named by its member, not its key: the key's first sample has that URI
+                        rows.append(error_row(f"{shard}#{member.name}", f"the members of {name!r} are not adjacent "
+                                                                        f"in the shard (WebDataset keeps a sample's "
+                                                                        f"files together)"))
                 if members is not None and ext.lower() in self.wanted and ext.lower() not in members:
-                    members[ext.lower()] = tar.extractfile(member).read()
+                    too_big = self.max_bytes is not None and member.size > self.max_bytes  # its size, unread
+                    members[ext.lower()] = member.size if too_big else tar.extractfile(member).read()
                 if len(rows) >= ROWS_PER_BLOCK:
                     read += sum(1 for r in rows if r["source_error"] is None)
                     yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
@@ -64,11 +66,16 @@ class Shards(FileBasedDatasource):
         if rows:
             yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
-    def sample(self, shard: str, key: str | None, members: dict[str, bytes] | None) -> list[dict]:
-        """The sample's row; none for a sample without an image member (not an input), or whose key came back."""
+    def sample(self, shard: str, key: str | None, members: dict[str, bytes | int] | None) -> list[dict]:
+        """The sample's row; none for a sample without an image member (not an input), or whose key came back. A
+        member too large to read holds its size."""
         image = next((members[e] for e in self.image_exts if e in members), None) if members else None
         if image is None:
             return []
+        for ext, value in members.items():
+            if isinstance(value, int):
+                return [error_row(f"{shard}#{key}", f"its .{ext} member is {value} bytes, over image.max_bytes="
+                                                    f"{self.max_bytes} (not read)")]
         return [{"source_uri": f"{shard}#{key}", "source_bytes": image,
                  "caption": caption(members, self.caption_key), "source_error": None}]
 

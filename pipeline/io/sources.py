@@ -149,8 +149,9 @@ def source_extensions(cfg: SourceConfig) -> list[str]:
     return {"images": cfg.extensions, "parquet": ["parquet"], "webdataset": ["tar"]}[cfg.type]
 
 
-def read_source(cfg: SourceConfig, listing: Listing | None = None) -> ray.data.Dataset:
-    """The source as rows {source_uri, source_bytes, caption}; `listing` saves listing it again."""
+def read_source(cfg: SourceConfig, listing: Listing | None = None, max_bytes: int | None = None) -> ray.data.Dataset:
+    """The source as rows {source_uri, source_bytes, caption}; `listing` saves listing it again. A shard's member
+    over `max_bytes` (image.max_bytes) is not read."""
     listing = listing or list_inputs(cfg, source_extensions(cfg))
     if cfg.type == "images":
         uris = listing.limited(cfg.limit)
@@ -158,7 +159,7 @@ def read_source(cfg: SourceConfig, listing: Listing | None = None) -> ray.data.D
             [{"source_uri": u, "source_bytes": None, "caption": None} for u in uris],
             override_num_blocks=min(len(uris), 200),
         )
-    ds = _read_webdataset(cfg, listing) if cfg.type == "webdataset" else _read_parquet(cfg, listing)
+    ds = _read_webdataset(cfg, listing, max_bytes) if cfg.type == "webdataset" else _read_parquet(cfg, listing)
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
@@ -273,7 +274,7 @@ def under_roots(uri: str, roots: list[str]) -> bool:
     return False
 
 
-def _read_webdataset(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
+def _read_webdataset(cfg: SourceConfig, listing: Listing, max_bytes: int | None) -> ray.data.Dataset:
     """WebDataset tar shards: members sharing a key (`sample01.jpg`, `sample01.txt`) form a sample.
 
     The image is the first member whose extension is in `extensions`; the caption is the `.txt`
@@ -283,7 +284,7 @@ def _read_webdataset(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
     from pipeline.io.shards import Shards
 
     fs, paths, arrow_fs = _arrow_files(cfg, listing)
-    return ray.data.read_datasource(Shards(paths, fs, cfg.extensions, cfg.caption_key, filesystem=arrow_fs))
+    return ray.data.read_datasource(Shards(paths, fs, cfg.extensions, cfg.caption_key, max_bytes, filesystem=arrow_fs))
 
 
 # source_error: why a row cannot be read at all (e.g. a path outside source.allowed_roots); decode rejects it
