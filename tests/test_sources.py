@@ -178,5 +178,9 @@ def test_parquet_columns_are_checked_in_every_file_before_any_work(photos, tmp_p
     assert "a.parquet has no column for source.image_column 'img'; its columns: ['image', 'text']" in \
         refused(image_column="img")
     assert "b.parquet has no column for source.caption_column 'text'" in refused(caption_column="text")
+    (tmp_path / "b.parquet").unlink()  # a caption column of lists (as some datasets have) is not one string
+    pq.write_table(pa.table({"image": [photos["rocket.jpg"]], "text": [["a", "rocket"]]}), tmp_path / "b.parquet")
+    assert "b.parquet: source.caption_column 'text' holds list<element: string>, not text (one string per image)" in \
+        refused(caption_column="text")
     (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
     assert "c.parquet is not a readable Parquet file" in refused()

@@ -176,12 +176,17 @@ def check_columns(cfg: SourceConfig, listing: Listing) -> None:
     for uri, path in zip(listing.uris, paths):
         try:
             with fs.open(path, "rb") as f:
-                names = pq.read_schema(f).names
+                schema = pq.read_schema(f)
         except (OSError, pa.ArrowException) as e:
             raise SourceError(f"{uri} is not a readable Parquet file ({type(e).__name__}: {e})") from None
-        missing = [f"source.{key} {column!r}" for key, column in wanted.items() if column not in names]
+        missing = [f"source.{key} {column!r}" for key, column in wanted.items() if column not in schema.names]
         if missing:
-            raise SourceError(f"{uri} has no column for {', '.join(missing)}; its columns: {names}")
+            raise SourceError(f"{uri} has no column for {', '.join(missing)}; its columns: {schema.names}")
+        for key in ("caption_column", "prompt_column"):  # read as one string per image
+            column = wanted.get(key)
+            kind = schema.field(column).type if column else None
+            if kind is not None and not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+                raise SourceError(f"{uri}: source.{key} {column!r} holds {kind}, not text (one string per image)")
 
 
 def _parquet_columns(cfg: SourceConfig) -> dict[str, str]:
