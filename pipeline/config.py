@@ -357,6 +357,8 @@ class JobConfig(Strict):
         for i, a in enumerate(self.annotators):
             if a.name not in ANNOTATORS:
                 raise ValueError(f"annotators.{i}.name: unknown annotator {a.name!r}; known: {sorted(ANNOTATORS)}")
+            if (a.model or a.revision) and not ANNOTATORS[a.name].files:
+                raise ValueError(f"annotators.{i}.model: {a.name} has no model weights to choose")
             try:
                 ANNOTATORS[a.name].Params(**a.params)
             except ValidationError as e:
@@ -419,9 +421,7 @@ def check_quality(quality: QualityConfig, annotators: dict[str, str], generates:
 
 
 def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return f"{loc}: {err['msg']}" if loc else err["msg"]
+    return format_errors(e).split("; ")[0]
 
 
 def apply_override(data: dict[str, Any], assignment: str, root: type[BaseModel] | None = None) -> None:
