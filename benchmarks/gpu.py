@@ -108,7 +108,7 @@ def job(base: str, controlnet: str, photos_dir: Path, out: Path, args, batch: in
            "prompt": {"prompts": ["a photo"], "negative": "lowres"}, "batch_size": batch, "compile": args.compile,
            "dtype": args.dtype, "num_gpus": 0 if args.device == "cpu" else 1}
     gen |= {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.gen)}
-    return {"seed": 0, "source": {"type": "images", "path": str(photos_dir)}, "image": {"resolution": args.size},
+    return {"seed": 0, "source": {"type": "images", "path": str(photos_dir)}, "image": {"resolution": args.size, "multiple_of": 16 if args.family == "flux" else 8},
             "annotators": [{"name": "canny", "params": {"low_threshold": 100, "high_threshold": 200}}],
             "generation": gen, "output": {"path": str(out), "overwrite": True}}
 

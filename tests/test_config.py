@@ -72,6 +72,8 @@ CONFIG_ERRORS = [
      r"annotators\.0\.params: low_threshold must not exceed"),  # without pydantic's "Value error, "
     ("annotator-param-unknown", {"annotators": [{"name": "canny", "params": {"sigma": 1}}]},
      r"annotators\.0\.params: sigma: unknown key"),
+    ("multiple-of-not-the-vaes", {"image.multiple_of": 12},  # sd15 would make 128-px images from 132-px maps
+     r"image\.multiple_of: sd15 generates images whose sides are multiples of 8; 12 is not one"),
     ("annotator-model-without-weights", {"annotators.0.model": "some/repo"},
      r"annotators\.0\.model: canny has no model weights to choose"),
     ("controlnet-condition-not-an-annotator", {"generation.controlnets.0.condition": "depth"},

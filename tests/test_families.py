@@ -47,7 +47,7 @@ def job(models, family: str, source="/unused", output="/unused", union=False, **
     return {
         "seed": 3,
         "source": {"type": "images", "path": source},
-        "image": {"resolution": 64},
+        "image": {"resolution": 64, "multiple_of": 16 if family == "flux" else 8},
         "annotators": [{"name": "canny"}, {"name": "scribble_xdog"}, {"name": "openpose"}],
         "generation": {
             "family": family, "base_model": base, "steps": 2, "batch_size": 4,
@@ -331,6 +331,14 @@ def test_flux_and_sd3_refusals(family_models, family, change, message):
     with pytest.raises(ConfigError) as e:
         load_config(data=job(family_models, family, **change))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_flux_needs_sides_in_multiples_of_16(family_models):
+    data = job(family_models, "flux")
+    data["image"]["multiple_of"] = 8  # the default, for the UNet families
+    with pytest.raises(ConfigError, match=r"image\.multiple_of: flux generates images whose sides are multiples of 16; "
+                                          r"8 is not one"):
+        load_config(data=data)
 
 
 def test_flow_families_default_to_their_own_scheduler(family_models):

@@ -59,6 +59,7 @@ class Generator:
     columns: ClassVar[list[Column]]  # provenance columns the family adds to every sample, in order
     schedulers: ClassVar[tuple[str, ...]] = ("unipc", "dpmpp_2m", "ddim", "euler_a")  # the first is the default
     global_random_state: ClassVar[bool] = False  # its pipeline seeds torch's global RNG: no calls side by side
+    size_multiple: ClassVar[int] = 8  # its pipelines make images whose sides are multiples of this (the VAE's scale)
 
     @classmethod
     def check(cls, cfg: Any) -> GenerationConfig:
@@ -67,6 +68,9 @@ class Generator:
         if cfg.generation.scheduler not in cls.schedulers:
             raise ValueError(f"generation.scheduler: {cfg.generation.scheduler!r} is not a {cls.family} scheduler "
                              f"{list(cls.schedulers)}")
+        if cfg.image.multiple_of % cls.size_multiple:  # else its images come out smaller than their control maps
+            raise ValueError(f"image.multiple_of: {cls.family} generates images whose sides are multiples of "
+                             f"{cls.size_multiple}; {cfg.image.multiple_of} is not one")
         return cfg.generation
 
     def __init__(self, gen: GenerationConfig, models: Models, progress=None):

@@ -29,6 +29,7 @@ class FluxControlNet(ControlNetGenerator):
     }
     schedulers = ("flow_match_euler",)
     auto_gpu_dtype = "bfloat16"  # trained in bf16; float16 overflows in their transformers
+    size_multiple = 16  # the VAE's 8, times the transformer's 2x2 patches
     controlnet_class = "FluxControlNetModel"
     multi_class = "FluxMultiControlNetModel"
     union_modes = FLUX_UNION_MODES
