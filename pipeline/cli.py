@@ -473,10 +473,14 @@ def console() -> None:
     """`python -m pipeline` and the `controlnet-pipeline` script: main(), then a quick exit. A Ray instance
     this process started is stopped, and the interpreter's teardown (torch, Ray's threads: seconds of
     every run) is skipped: everything is written and closed by then."""
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # stdout closed early (`plan CONFIG | head`): no traceback; the shell's code for SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        code = 141
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
     logging.shutdown()
-    sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)

@@ -109,6 +109,12 @@ class ControlNetConfig(Strict):
                           "a name of the family's table (openpose, depth, hed, canny, normal, segmentation, ...); "
                           "default: looked up from the condition's annotator name.")
 
+    @field_validator("control_mode", mode="before")
+    @classmethod
+    def _mode_number(cls, value: Any) -> Any:
+        """`--set ...control_mode=3` gives the text '3' (the field also takes names): the number, as in YAML."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
     @model_validator(mode="after")
     def _start_before_end(self) -> ControlNetConfig:
         if self.guidance_start >= self.guidance_end:
@@ -358,7 +364,8 @@ class JobConfig(Strict):
             if a.name not in ANNOTATORS:
                 raise ValueError(f"annotators.{i}.name: unknown annotator {a.name!r}; known: {sorted(ANNOTATORS)}")
             if (a.model or a.revision) and not ANNOTATORS[a.name].files:
-                raise ValueError(f"annotators.{i}.model: {a.name} has no model weights to choose")
+                raise ValueError(f"annotators.{i}.{'model' if a.model else 'revision'}: {a.name} has no model weights "
+                                 f"to choose")
             try:
                 ANNOTATORS[a.name].Params(**a.params)
             except ValidationError as e:
@@ -373,6 +380,11 @@ class JobConfig(Strict):
         if self.generation and (given := self.generation.prompt.unused_prompts(self.source.prompt_column)):
             raise ValueError(f"generation.prompt.template {self.generation.prompt.template!r} has no {{prompt}} field: "
                              f"{given} would not be used; add {{prompt}} to the template, or remove {given}")
+        if self.generation and "prompts" in self.generation.prompt.model_fields_set and (
+                self.generation.prompt.file or self.source.prompt_column):
+            raise ValueError(f"generation.prompt.prompts would not be used: each image's prompt comes from "
+                             f"{'generation.prompt.file' if self.generation.prompt.file else 'source.prompt_column'}; "
+                             f"remove one of them")
         for i, cn in enumerate(self.generation.controlnets if self.generation else []):
             if cn.condition not in keys:
                 raise ValueError(f"generation.controlnets.{i}.condition: {cn.condition!r} is not an annotator id {keys}")

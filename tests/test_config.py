@@ -17,6 +17,14 @@ def config(**changes) -> dict:
     return data
 
 
+def test_a_control_mode_number_given_by_set_is_a_number():
+    """--set gives '3' as text (the field also takes names such as 'canny'): the same number as YAML's 3."""
+    from pipeline.config import ControlNetConfig
+
+    assert ControlNetConfig(condition="canny", model="m", control_mode="3").control_mode == 3
+    assert ControlNetConfig(condition="canny", model="m", control_mode="canny").control_mode == "canny"
+
+
 def test_valid_config_loads_with_defaults():
     cfg = load_config(data=config())
     assert cfg.generation.scheduler == "unipc"
@@ -97,6 +105,14 @@ CONFIG_ERRORS = [
      "output: set at most one of overwrite and new_version"),
     ("aspect-ratio-below-1", {"image": {"max_aspect_ratio": 0.5}},
      r"image\.max_aspect_ratio: .*greater than or equal to 1"),
+    ("prompts-beside-a-file", {"generation.prompt.file": "prompts.jsonl"},  # the file gives every image's prompt
+     re.escape("generation.prompt.prompts would not be used: each image's prompt comes from generation.prompt.file")),
+    ("annotator-revision-without-weights", {"annotators.0.revision": "main"},
+     r"annotators\.0\.revision: canny has no model weights to choose"),
+    ("control-mode-without-union", {"generation.controlnets.0.control_mode": 3},
+     r"generation\.controlnets\.0\.control_mode: sd15 ControlNets have no control modes"),
+    ("strength-in-text2img", {"generation.strength": 0.8},  # refused even at its default value, when it is set
+     r"generation\.strength: only img2img and inpaint use it"),
     ("set-without-value", SetArgs("generation.steps"), "expected KEY=VALUE"),
     ("set-index-out-of-range", SetArgs("generation.controlnets.5.model=x"), r"list index '5' out of range"),
     ("set-unknown-key", SetArgs("generation.typo=1"), r"generation\.typo: unknown key"),

@@ -97,6 +97,20 @@ def test_plan_says_what_a_run_would_do_and_changes_nothing(first_run, job, photo
     assert changed.returncode == 2 and "changed: generation.steps" in changed.stderr
 
 
+def test_a_closed_stdout_ends_a_command_quietly(job):
+    """`plan CONFIG | head` where head has gone: the shell's code for a closed pipe, and no traceback."""
+    from tests.helpers import cli_command, cli_env
+
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: the command's first write fails
+    try:
+        done = subprocess.run(cli_command("plan", job[0]), cwd=ROOT, env=cli_env(), stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_config_errors_come_before_ray_and_torch_are_imported():
     code = ("import sys; from pipeline.cli import main; "
             f"rc = main(['run', {str(DEMO)!r}, '--set', 'generation.stepz=3']); "

@@ -125,7 +125,7 @@ class ControlNetGenerator(Generator):
         if gen.true_cfg_scale != 1.0 and not ("true_cfg_scale" in cls.knobs and gen.mode == "text2img"):
             raise ValueError(f"generation.true_cfg_scale: only flux text2img takes it (diffusers' "
                              f"{cls.pipelines[gen.mode]} has none)")
-        if gen.strength != type(gen).model_fields["strength"].default and gen.mode == "text2img":
+        if "strength" in gen.model_fields_set and gen.mode == "text2img":
             raise ValueError("generation.strength: only img2img and inpaint use it (generation.mode is text2img)")
         if gen.mode == "inpaint" and gen.mask is None:
             raise ValueError("generation.mask: inpaint needs a mask (an annotator id, with classes for seg_ade20k)")
@@ -134,6 +134,10 @@ class ControlNetGenerator(Generator):
         if cls.one_union_model and len({(cn.model, cn.revision) for cn in gen.controlnets}) > 1:
             raise ValueError(f"generation.controlnets: {cls.family} runs every condition through one Union ControlNet; "
                              f"give all of them the same model")
+        if cls.union_modes is None and (i := next((i for i, cn in enumerate(gen.controlnets) if cn.control_mode
+                                                  is not None), None)) is not None:
+            raise ValueError(f"generation.controlnets.{i}.control_mode: {cls.family} ControlNets have no control modes "
+                             f"(Union ControlNets do: sdxl_union, flux)")
         if cls.union_modes is not None:
             gen = gen.model_copy(update={"controlnets": [
                 cn.model_copy(update={"control_mode": cls.control_mode(cfg, i)}) for i, cn in enumerate(gen.controlnets)]})
