@@ -72,6 +72,10 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
         raise ExportError(f"{dest}: {blocking} is a file, not a directory")
     if type(export.fs) is type(out.fs) and (export.root + "/").startswith(out.root.rstrip("/") + "/"):
         raise ExportError(f"{dest} is inside the output {src}: export to a directory of its own")
+    for name in EXPORT_NAMES:  # e.g. the run copied to DEST/train: --overwrite would delete the run it reads
+        if type(export.fs) is type(out.fs) and (out.root + "/").startswith(export.path(name).rstrip("/") + "/"):
+            raise ExportError(f"the output {src} is inside {export.path(name)}, which an export replaces: export to "
+                              f"another directory")
     held = [name for name in EXPORT_NAMES if export.exists(name)]
     if held and not overwrite:  # an earlier export, or a user's own files of those names
         raise ExportError(f"{dest} already holds {', '.join(held)} (an export writes these); choose another path or "

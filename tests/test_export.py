@@ -97,6 +97,12 @@ def test_export_controlnet_train_from_an_annotate_only_run(annotate_only, tmp_pa
         with pytest.raises(ExportError, match="inside the output"):
             export_controlnet_train(str(out), str(inside), control="hed")
     assert not (out / "train").exists() and not (out / "export.json").exists()
+    import shutil
+
+    shutil.copytree(out, tmp_path / "wrap" / "train")  # the run where an export writes: never replaced by it
+    with pytest.raises(ExportError, match="wrap/train, which an export replaces"):
+        export_controlnet_train(str(tmp_path / "wrap" / "train"), str(tmp_path / "wrap"), control="hed", overwrite=True)
+    assert (tmp_path / "wrap" / "train" / "manifest.json").exists()
 
 
 def test_export_from_a_generation_run_pairs_generated_images_with_prompts(ray_session, tiny_models, photos_dir, tmp_path):

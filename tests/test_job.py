@@ -280,6 +280,10 @@ def test_normalized_layout_writes_each_source_once_and_reads_back_as_the_flat_ro
                                                                      if k != "generated"}
         pixels = [png_to_array(r["generated"]["bytes"]).astype(int) for r in (row, flat_rows[sid])]
         assert np.abs(pixels[0] - pixels[1]).max() <= 1
+    whole = RunOutput(str(out))  # every column of a samples file, as `score` reads it: its own and its source's, once
+    full = whole.read_file(whole.files("samples")[0], None)
+    assert {"image", "control_hed", "source_sha256", "generated"} <= set(full.column_names)
+    assert len(set(full.column_names)) == full.num_columns
     exports = [export_controlnet_train(str(o), str(tmp_path / f"export-{i}"), control="hed") for i, o in enumerate((flat, out))]
     assert exports[0]["rows"] == exports[1]["rows"] == 10
     pairs = [{(r["conditioning_image"]["bytes"], r["text"]): png_to_array(r["image"]["bytes"]).astype(int)

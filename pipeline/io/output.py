@@ -214,7 +214,8 @@ class RunOutput:
             f.seek(0)
             wanted = columns if columns is not None else own + [n for n in self.sources_schema().names if n not in own]
             moved = [c for c in wanted if c not in own]
-            table = read_parquet(f, path, [c for c in wanted if c in own] + (["source_sha256"] if moved else []))
+            mine = [c for c in wanted if c in own]
+            table = read_parquet(f, path, mine + (["source_sha256"] if moved and "source_sha256" not in mine else []))
         if not moved:
             return table
         shas = table.column("source_sha256")
