@@ -205,3 +205,17 @@ def test_croissant_validates_and_reads_the_samples(output):
     sizes = {r["sample_id"]: (r["width"], r["height"]) for r in samples(output, ["sample_id", "width", "height"])}
     assert all(r["samples/generated"].size == sizes[r["samples/sample_id"].decode()] for r in records)
     assert {r["samples/variant_index"] for r in records} == {0, 1}
+
+
+def test_an_unfinished_run_is_said_to_be_and_a_rate_counts_the_runs_own_samples():
+    """inspect, the report and the card: no "finished None" for a stopped run; after `score` dropped samples, the
+    rate still divides the samples the run wrote (not what is left) by its time."""
+    from pipeline.docs.stats import finished, throughput
+
+    done = {"completed": True, "finished_at": "2026-11-28T10:00:00+00:00", "counts": {"samples": 4},
+            "this_run": {"samples": 16}, "timings": {"total_s": 8.0, "samples_per_s": 2.0}}
+    assert finished(done) == "2026-11-28T10:00:00+00:00"
+    assert throughput(done) == "16 samples written by the last run in 8.00 s = 2.0 samples/s"
+    stopped = {"completed": False, "run_id": "r", "started_at": "2026-11-28T09:00:00+00:00"}
+    assert finished(stopped).startswith("not completed: ") and "resumes" in finished(stopped)
+    assert throughput(stopped) == "not measured: the run has not completed"

@@ -11,10 +11,12 @@ import yaml
 
 from pipeline.docs.stats import (
     annotator_rows,
+    finished,
     generation_params,
     model_rows,
     run_family,
     run_layout,
+    throughput,
 )
 from pipeline.docs.scores import card_markdown
 from pipeline.generators import generator_class
@@ -51,7 +53,7 @@ def dataset_card(manifest: dict[str, Any], url: str) -> str:
     layout = run_layout(manifest)
     if layout == "normalized":  # a second table: the sources, once each
         front["configs"].append({"config_name": "sources", "data_files": [{"split": "train", "path": "sources/*.parquet"}]})
-    counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
+    counts = manifest.get("counts", {})
     models = "\n".join(f"| {md_cell(r['role'])} | {md_code(r['model']) if r['model'] else '— (no weights)'} "
                        f"| {md_cell(r['revision'] or '—')} | {md_code(r['commit']) if r['commit'] else '—'} |"
                        for r in model_rows(manifest))
@@ -80,8 +82,8 @@ The license depends on the source images and the models used.
 
 - run id: {md_code(manifest.get("run_id"))}
 - code version: {md_code(manifest.get("code_version"))}
-- finished: {md_cell(manifest.get("finished_at"))}
-- wall time: {md_cell(timings.get("total_s"))} s ({md_cell(timings.get("samples_per_s"))} samples/s)
+- finished: {md_cell(finished(manifest))}
+- throughput: {md_cell(throughput(manifest))}
 
 ## Usage
 

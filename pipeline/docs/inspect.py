@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from pipeline.docs.stats import error_groups, fmt_rate, fmt_seconds, model_rows, stage_rows
+from pipeline.docs.stats import error_groups, finished, fmt_rate, fmt_seconds, model_rows, stage_rows, throughput
 from pipeline.docs.scores import inspect_lines as quality_lines
 from pipeline.io.output import RunOutput
 
@@ -14,11 +14,12 @@ def inspect_text(url: str, storage_options: dict[str, Any] | None = None) -> str
     """A plain-text summary of a run's output: counts, errors, throughput, models."""
     out = RunOutput(url, storage_options)
     manifest = out.manifest()
-    counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
+    counts = manifest.get("counts", {})
     sources = out.read("samples", ["source_uri"])
-    lines = [f"run {manifest.get('run_id')}  code {manifest.get('code_version')}  finished {manifest.get('finished_at')}",
+    lines = [f"run {manifest.get('run_id')}  code {manifest.get('code_version')}  finished: {finished(manifest)}",
              f"output: {url}", "", "counts (manifest):"]
-    lines += [f"  {k.replace('_', ' ')}: {v}" for k, v in counts.items() if k != "errors_by_stage"]
+    lines += [f"  {k.replace('_', ' ')}: {v}" for k, v in counts.items() if k != "errors_by_stage"] or [
+        "  (written when the run completes; the Parquet counts below are what is written so far)"]
     lines += ["counts (parquet):",
               f"  samples: {out.num_rows('samples')} rows in {len(out.files('samples'))} files, "
               f"{len(set(sources.column('source_uri').to_pylist())) if sources is not None else 0} sources",
@@ -35,9 +36,7 @@ def inspect_text(url: str, storage_options: dict[str, Any] | None = None) -> str
         lines += [f"    {g['count']} x {g['type']}: {g['message']}" for g in groups]
     if not errors:
         lines.append("  none")
-    lines += ["", "throughput:",
-              f"  {counts.get('samples', 0)} samples in {fmt_seconds(timings.get('total_s'))} "
-              f"= {timings.get('samples_per_s')} samples/s"]
+    lines += ["", "throughput:", f"  {throughput(manifest)}"]
     lines += [f"  {st['name']}: {fmt_seconds(st['seconds'])} ({st['share']}), {st['rows']} rows, "
               f"{fmt_rate(st['rows_per_s'])}" for st in stage_rows(manifest)]
     lines += ["", "models:"]

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline.docs.stats import annotator_rows, error_groups, fmt_rate, fmt_seconds, model_rows, stage_rows
+from pipeline.docs.stats import (annotator_rows, error_groups, finished, fmt_rate, fmt_seconds, model_rows, stage_rows,
+                                  throughput)
 from pipeline.docs.scores import report_section
 from pipeline.io.output import RunOutput
 
@@ -140,11 +141,11 @@ TEMPLATE = """<!doctype html>
 {%- endmacro %}
 <h1>ControlNet dataset · run {{ run_id }}</h1>
 {{ table([], [["output", url], ["code version", manifest.code_version], ["started", manifest.started_at],
-              ["finished", manifest.finished_at]]) }}
+              ["finished", finished]]) }}
 <h2>Counts</h2>
 {{ table([], counts) }}
 <h2>Throughput</h2>
-<p>{{ samples }} samples in {{ total_s }} = {{ samples_per_s }} samples/s</p>
+<p>{{ throughput }}</p>
 {%- if stages %}
 {{ table(["stage", "time (its own work)", "share", "rows out", "throughput"], stages) }}
 {%- else %}
@@ -214,15 +215,14 @@ sample_id: {{ v.sample_id }}"><figcaption>#{{ v.variant_index }} · seed {{ v.se
 
 def report_html(out: RunOutput, max_sources: int = MAX_SOURCES, px: int = THUMB_PX) -> str:
     manifest = out.manifest()
-    counts, timings = manifest.get("counts", {}), manifest.get("timings", {})
+    counts = manifest.get("counts", {})
     cards, n_sources = gallery(out, max_sources, px)
     errors = error_groups(out)
     return jinja2.Environment(autoescape=True).from_string(TEMPLATE).render(
         run_id=str(manifest.get("run_id")), style=STYLE, script=SCRIPT, url=out.url, manifest=manifest,
         counts=[[k.replace("_", " "), v] for k, v in counts.items() if k != "errors_by_stage"]
                + [[f"errors at {s}", n] for s, n in counts.get("errors_by_stage", {}).items()],
-        samples=counts.get("samples", 0), total_s=fmt_seconds(timings.get("total_s")),
-        samples_per_s=timings.get("samples_per_s"),
+        finished=finished(manifest), throughput=throughput(manifest),
         stages=[[st["name"], fmt_seconds(st["seconds"]), st["share"], st["rows"], fmt_rate(st["rows_per_s"])]
                 for st in stage_rows(manifest)],
         errors=[[g["stage"], g["type"], g["message"], g["count"], "\n".join(map(str, g["examples"]))]

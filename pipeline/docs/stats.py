@@ -85,6 +85,22 @@ def fmt_seconds(s: Any) -> str:
     return f"{s:.2f} s" if isinstance(s, (int, float)) else "—"
 
 
+def finished(manifest: dict[str, Any]) -> str:
+    """When the run finished, or that it has not (stopped, or still running)."""
+    if manifest.get("completed") and manifest.get("finished_at"):
+        return str(manifest["finished_at"])
+    return "not completed: stopped before its end, or still running (running its command again resumes it)"
+
+
+def throughput(manifest: dict[str, Any]) -> str:
+    """The last run's samples, wall time and rate (its own samples: later scoring may drop some from the counts)."""
+    timings = manifest.get("timings") or {}
+    if not manifest.get("completed") or timings.get("total_s") is None:
+        return "not measured: the run has not completed"
+    done = (manifest.get("this_run") or {}).get("samples", manifest.get("counts", {}).get("samples", 0))
+    return f"{done} samples written by the last run in {fmt_seconds(timings['total_s'])} = {timings.get('samples_per_s')} samples/s"
+
+
 def fmt_rate(r: Any) -> str:
     return f"{r:.3g} rows/s" if isinstance(r, (int, float)) else "—"
 
