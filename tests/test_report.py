@@ -219,3 +219,20 @@ def test_an_unfinished_run_is_said_to_be_and_a_rate_counts_the_runs_own_samples(
     stopped = {"completed": False, "run_id": "r", "started_at": "2026-11-28T09:00:00+00:00"}
     assert finished(stopped).startswith("not completed: ") and "resumes" in finished(stopped)
     assert throughput(stopped) == "not measured: the run has not completed"
+
+
+def test_a_damaged_parquet_file_in_an_output_is_one_line_naming_it(output, tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import main
+
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    good = sorted((copy / "samples").glob("*.parquet"))[0]
+    cut = copy / "samples" / "part-zz.parquet"
+    cut.write_bytes(good.read_bytes()[:1000])  # a file cut short
+    for command in (["inspect", str(copy)], ["export", str(copy), str(tmp_path / "export"), "--format",
+                                              "controlnet-train", "--control", "hed"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {cut} is not a readable Parquet file (ArrowInvalid: ") and err.count("\n") == 1

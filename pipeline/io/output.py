@@ -33,6 +33,14 @@ class NotARunOutput(ValueError):
     """A directory without the manifest.json a run writes."""
 
 
+class DamagedParquet(NotARunOutput):
+    """A Parquet file of an output that cannot be read (cut short, overwritten): named, with what to do."""
+
+    def __init__(self, name: str, error: Exception):
+        super().__init__(f"{name} is not a readable Parquet file ({type(error).__name__}: {error}); move it out of "
+                         f"the output and run the job's command again (its inputs are done again)")
+
+
 class UnsafeParquet(ValueError):
     """A Parquet file whose columns would run code when read (Arrow extension types, e.g. pickled objects)."""
 
@@ -50,8 +58,11 @@ def check_plain_parquet(f, name: str) -> None:
 
 def read_parquet(f, name: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file's columns, after `check_plain_parquet`."""
-    check_plain_parquet(f, name)
-    return pq.read_table(f, columns=columns)
+    try:
+        check_plain_parquet(f, name)
+        return pq.read_table(f, columns=columns)
+    except pa.ArrowInvalid as e:  # not Parquet, or cut short (a missing column is a KeyError, not this)
+        raise DamagedParquet(name, e) from None
 
 
 @contextmanager
@@ -266,7 +277,10 @@ class RunOutput:
         total = 0
         for p in self.files(kind):
             with self.fs.open(p, "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
+                try:
+                    total += pq.ParquetFile(f).metadata.num_rows
+                except pa.ArrowInvalid as e:
+                    raise DamagedParquet(p, e) from None
         return total
 
     def samples_schema(self) -> pa.Schema:
