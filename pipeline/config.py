@@ -555,15 +555,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
 
 
 def format_errors(e: ValidationError) -> str:
-    """pydantic's errors as `key.path: message` lines joined by `; `."""
-    lines = []
+    """pydantic's errors as `key.path: message` lines joined by `; `. A value that fits none of a field's types
+    (`batch_size`: a number or 'auto') gets one line: the key, and what each type wanted, joined by "or"."""
+    by_key: dict[str, list[str]] = {}
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"] if not _union_member(p)) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{loc}: {msg}" if err["loc"] else msg)
-    return "; ".join(lines)
+        by_key.setdefault(loc if err["loc"] else "", []).append(msg)
+    return "; ".join(f"{loc}: {' or '.join(msgs)}" if loc else " or ".join(msgs) for loc, msgs in by_key.items())
+
+
+def _union_member(part: Any) -> bool:
+    """A part of pydantic's error location that names one type of a union (`constrained-int`, `literal['auto']`,
+    `int`), not a key: the config's keys are identifiers, and none is named after a type."""
+    return isinstance(part, str) and (not part.isidentifier() or part in {"int", "float", "str", "bool", "none"})
 
 
 def config_json_schema() -> dict[str, Any]:

@@ -113,6 +113,8 @@ CONFIG_ERRORS = [
      r"generation\.controlnets\.0\.control_mode: sd15 ControlNets have no control modes"),
     ("strength-in-text2img", {"generation.strength": 0.8},  # refused even at its default value, when it is set
      r"generation\.strength: only img2img and inpaint use it"),
+    ("batch-size-fits-no-type", {"generation.batch_size": 0},  # a number or 'auto': one line, no union internals
+     re.escape("generation.batch_size: Input should be greater than or equal to 1 or Input should be 'auto'")),
     ("set-without-value", SetArgs("generation.steps"), "expected KEY=VALUE"),
     ("set-index-out-of-range", SetArgs("generation.controlnets.5.model=x"), r"list index '5' out of range"),
     ("set-unknown-key", SetArgs("generation.typo=1"), r"generation\.typo: unknown key"),

@@ -441,6 +441,7 @@ def read_one(directory, column):
     (["--set", "generation.steps=3"], "only keys of the quality section can change when scoring"),
     (["--set", "quality.min.depth=3"], "quality.min.depth: not a scored condition"),
     (["--set", "quality.colour=1"], "quality.colour: unknown key"),
+    (["--set", "quality"], "--set 'quality': expected KEY=VALUE"),
 ])
 def test_score_command_refuses_other_settings_with_the_key(flagged, args, message, capsys):
     from pipeline.cli import main

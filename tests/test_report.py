@@ -147,6 +147,8 @@ def test_report_command_rebuilds_the_same_documents(output, tmp_path):
     assert proc.returncode == 2 and "holds no manifest.json" in proc.stderr
     proc = cli("report", str(output), "--max-sources", "-1")
     assert proc.returncode == 2 and "--max-sources: -1 is negative" in proc.stderr
+    proc = cli("report", str(output), "--max-sources", "abc")
+    assert proc.returncode == 2 and "--max-sources: 'abc' is not a whole number" in proc.stderr
 
 
 def test_inspect_prints_counts_errors_throughput_and_models(output, tiny_models):

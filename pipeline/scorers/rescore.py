@@ -58,6 +58,8 @@ def _config(manifest: dict[str, Any], overrides: list[str]) -> Scoring:
     if last:  # the output was scored: start from the thresholds it was last gated with
         data["quality"] = {**(data.get("quality") or {}), **last}
     for assignment in overrides:
+        if "=" not in assignment:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. quality.min.canny=0.3")
         if not assignment.strip().startswith("quality."):
             raise ConfigError(f"--set {assignment!r}: only keys of the quality section can change when scoring")
         apply_override(data, assignment)
