@@ -152,12 +152,18 @@ class PromptConfig(Strict):
                 raise ValueError(f"template field {{{field}}} may not carry a format spec or conversion")
         return template
 
+    @property
+    def prompts_given(self) -> bool:
+        """`prompts` other than the default. By value, not by the keys a file names: a run's manifest holds its
+        config with every default written out, and run again it is the same job."""
+        return self.prompts != type(self).model_fields["prompts"].default
+
     def unused_prompts(self, prompt_column: str | None = None) -> str | None:
         """The prompts given (`prompts`, `file` or the source's `prompt_column`) that a template without {prompt}
         would leave unused, named as the config names them; None when the template uses them or none is given."""
         if any(field == "prompt" for _, field, _, _ in string.Formatter().parse(self.template)):
             return None
-        given = [name for name, value in (("generation.prompt.prompts", "prompts" in self.model_fields_set),
+        given = [name for name, value in (("generation.prompt.prompts", self.prompts_given),
                                           ("generation.prompt.file", self.file), ("source.prompt_column", prompt_column))
                  if value]
         return " and ".join(given) or None
@@ -380,7 +386,7 @@ class JobConfig(Strict):
         if self.generation and (given := self.generation.prompt.unused_prompts(self.source.prompt_column)):
             raise ValueError(f"generation.prompt.template {self.generation.prompt.template!r} has no {{prompt}} field: "
                              f"{given} would not be used; add {{prompt}} to the template, or remove {given}")
-        if self.generation and "prompts" in self.generation.prompt.model_fields_set and (
+        if self.generation and self.generation.prompt.prompts_given and (
                 self.generation.prompt.file or self.source.prompt_column):
             raise ValueError(f"generation.prompt.prompts would not be used: each image's prompt comes from "
                              f"{'generation.prompt.file' if self.generation.prompt.file else 'source.prompt_column'}; "

@@ -111,8 +111,6 @@ CONFIG_ERRORS = [
      r"annotators\.0\.revision: canny has no model weights to choose"),
     ("control-mode-without-union", {"generation.controlnets.0.control_mode": 3},
      r"generation\.controlnets\.0\.control_mode: sd15 ControlNets have no control modes"),
-    ("strength-in-text2img", {"generation.strength": 0.8},  # refused even at its default value, when it is set
-     r"generation\.strength: only img2img and inpaint use it"),
     ("batch-size-fits-no-type", {"generation.batch_size": 0},  # a number or 'auto': one line, no union internals
      re.escape("generation.batch_size: Input should be greater than or equal to 1 or Input should be 'auto'")),
     ("set-without-value", SetArgs("generation.steps"), "expected KEY=VALUE"),
@@ -165,3 +163,15 @@ def test_annotate_only_jobs_and_pickle_off_by_default():
     cfg = load_config(data=data)
     assert cfg.generation is None and [a.key for a in cfg.annotators] == ["canny", "hed"]
     assert load_config(data=config()).generation.allow_pickle is False
+
+
+@pytest.mark.parametrize("prompt", [{"template": "{caption}"}, {"file": "prompts.jsonl"}])
+def test_a_config_with_every_default_written_out_loads_as_the_same_job(prompt):
+    """A run's manifest holds its config with every default written out (`model_dump`); loaded again it is the
+    same job, not one that sets defaults the checks would refuse (prompts beside a file, unused by a template)."""
+    data = config()
+    data["generation"]["prompt"] = prompt
+    cfg = load_config(data=data)
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["generation"]["prompt"]["prompts"] and dumped["generation"]["strength"]  # the defaults, written out
+    assert load_config(data=dumped).model_dump(mode="json") == dumped

@@ -125,7 +125,7 @@ class ControlNetGenerator(Generator):
         if gen.true_cfg_scale != 1.0 and not ("true_cfg_scale" in cls.knobs and gen.mode == "text2img"):
             raise ValueError(f"generation.true_cfg_scale: only flux text2img takes it (diffusers' "
                              f"{cls.pipelines[gen.mode]} has none)")
-        if "strength" in gen.model_fields_set and gen.mode == "text2img":
+        if gen.strength != type(gen).model_fields["strength"].default and gen.mode == "text2img":
             raise ValueError("generation.strength: only img2img and inpaint use it (generation.mode is text2img)")
         if gen.mode == "inpaint" and gen.mask is None:
             raise ValueError("generation.mask: inpaint needs a mask (an annotator id, with classes for seg_ade20k)")
