@@ -482,6 +482,9 @@ def console() -> None:
     except BrokenPipeError:  # stdout closed early (`plan CONFIG | head`): no traceback; the shell's code for SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
         code = 141
+    except KeyboardInterrupt:  # outside a command's own handler: e.g. while Ray stops after a run that finished
+        print("interrupted", file=sys.stderr)
+        code = 130
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
     logging.shutdown()

@@ -111,6 +111,17 @@ def test_a_closed_stdout_ends_a_command_quietly(job):
     assert (done.returncode, done.stderr) == (141, "")
 
 
+def test_an_interrupt_outside_a_commands_handler_is_one_line():
+    """A Ctrl-C in the second after a run finished lands in `ray.shutdown` (the command's `finally`), outside the
+    command's own handler: one line and 130, not a traceback."""
+    code = ("import pipeline.cli as cli\n"
+            "def main():\n    raise KeyboardInterrupt\n"
+            "cli.main = main\ncli.console()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n")
+
+
 def test_config_errors_come_before_ray_and_torch_are_imported():
     code = ("import sys; from pipeline.cli import main; "
             f"rc = main(['run', {str(DEMO)!r}, '--set', 'generation.stepz=3']); "

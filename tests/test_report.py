@@ -230,11 +230,10 @@ def test_a_damaged_parquet_file_in_an_output_is_one_line_naming_it(output, tmp_p
 
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
-    good = min((copy / "samples").glob("*.parquet"))
-    cut = copy / "samples" / "part-zz.parquet"
-    cut.write_bytes(good.read_bytes()[:1000])  # a file cut short
-    for command in (["inspect", str(copy)], ["export", str(copy), str(tmp_path / "export"), "--format",
-                                              "controlnet-train", "--control", "hed"]):
+    cut = min((copy / "samples").glob("*.parquet"))  # the first: the one whose footer gives the columns
+    cut.write_bytes(cut.read_bytes()[:1000])  # a file cut short
+    for command in (["inspect", str(copy)], ["report", str(copy)],
+                    ["export", str(copy), str(tmp_path / "export"), "--format", "controlnet-train", "--control", "hed"]):
         assert main(command) == 2, command
         err = capsys.readouterr().err
         assert err.startswith(f"error: {cut} is not a readable Parquet file (ArrowInvalid: ") and err.count("\n") == 1

@@ -49,7 +49,10 @@ def check_plain_parquet(f, name: str) -> None:
     """Refuse a Parquet file that declares Arrow extension types. Reading those can unpickle data
     (Ray's `arrow_pickled_object`), so a crafted file in a shared bucket could run code. The check reads
     the footer's key-value metadata only, without deserialising the Arrow schema stored there."""
-    metadata = pq.read_metadata(f).metadata or {}
+    try:
+        metadata = pq.read_metadata(f).metadata or {}
+    except pa.ArrowInvalid as e:  # not Parquet, or cut short
+        raise DamagedParquet(name, e) from None
     if b"ARROW:extension:name" in base64.b64decode(metadata.get(b"ARROW:schema", b"")):
         raise UnsafeParquet(f"{name} declares Arrow extension columns; refusing to read it (only plain Parquet "
                             f"as this pipeline writes it is read back)")

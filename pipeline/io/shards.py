@@ -22,8 +22,9 @@ class Shards(FileBasedDatasource):
     `ray.data.read_webdataset` stopped the whole job with tarfile's message and no file name. Members are read in
     tarfile's stream mode, one at a time, and grouped by key as WebDataset defines it (the path up to the first
     dot of the file name; a sample's members are adjacent): members of a key that comes back after another key
-    are an error row of their own, named `<shard>#<member>` (the key's first sample keeps `<shard>#<key>`). A member over `max_bytes` (image.max_bytes) is never read: its sample is an error
-    row. I/O errors are not caught here: Ray Data retries the read as it retries any other."""
+    are an error row of their own, named `<shard>#<member>` (the key's first sample keeps `<shard>#<key>`). A
+    member over `max_bytes` (image.max_bytes) is never read: its sample is an error row. I/O errors are not caught
+    here: Ray Data retries the read as it retries any other."""
 
     def __init__(self, paths: list[str], fs: fsspec.AbstractFileSystem, extensions: list[str], caption_key: str,
                  max_bytes: int | None = None, **kwargs):
