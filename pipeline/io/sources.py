@@ -185,7 +185,8 @@ def check_columns(cfg: SourceConfig, listing: Listing) -> None:
         for key in ("caption_column", "prompt_column"):  # read as one string per image
             column = wanted.get(key)
             kind = schema.field(column).type if column else None
-            if kind is not None and not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            text = kind is None or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            if not text:
                 raise SourceError(f"{uri}: source.{key} {column!r} holds {kind}, not text (one string per image)")
 
 
