@@ -472,10 +472,29 @@ def main(argv: list[str] | None = None) -> int:
     return args.fn(args)
 
 
+def interrupt(signum: int, frame) -> None:
+    """Ctrl-C: KeyboardInterrupt, as Python's own handler raises, except where it would land in the import system's
+    own code. There it can fall between importlib taking its global import lock and the `try` that releases it,
+    inside a weakref callback whose exceptions Python drops: the Ctrl-C was lost, the run went on, and the lock stayed
+    held, so that every other thread's import waited forever (a run's gallery thumbnails, decoded on threads, hung
+    at PIL's first import). There the interrupt is sent again a moment later, until it lands outside."""
+    if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+        import _thread
+        import threading
+
+        threading.Timer(0.01, _thread.interrupt_main).start()
+        return
+    raise KeyboardInterrupt
+
+
 def console() -> None:
     """`python -m pipeline` and the `controlnet-pipeline` script: main(), then a quick exit. A Ray instance
     this process started is stopped, and the interpreter's teardown (torch, Ray's threads: seconds of
     every run) is skipped: everything is written and closed by then."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (`nohup`, `&`)
+        signal.signal(signal.SIGINT, interrupt)
     try:
         code = main()
         sys.stdout.flush()

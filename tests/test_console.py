@@ -339,3 +339,20 @@ def test_a_failure_is_one_line_naming_the_stage_without_rays_colours():
     stage = RuntimeError("\x1b[36mray::MapWorker(MapBatches(annotate:canny)->MapBatches(annotate:hed))\x1b[39m\n"
                          "ValueError: bad weights")
     assert failure_reason(stage) == "stage annotate:hed failed: ValueError: bad weights"
+
+
+def test_ctrl_c_inside_the_import_systems_own_code_is_sent_again_outside_it():
+    """An interrupt that lands in importlib's code (where it could leave the global import lock held and be dropped)
+    is not raised there but sent again; anywhere else it is the KeyboardInterrupt Python raises."""
+    import threading
+    import types
+
+    from pipeline.cli import interrupt
+
+    here = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename=__file__))
+    with pytest.raises(KeyboardInterrupt):
+        interrupt(2, here)
+    in_importlib = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename="<frozen importlib._bootstrap>"))
+    interrupt(2, in_importlib)  # returns: nothing raised inside importlib
+    with pytest.raises(KeyboardInterrupt):  # sent again by `_thread.interrupt_main`: raised here, in the main thread
+        threading.Event().wait(60)  # the interrupt ends this wait (60 s only bounds a failure)
