@@ -439,7 +439,7 @@ def check_quality(quality: QualityConfig, annotators: dict[str, str], generates:
 
 
 def _first_error(e: ValidationError) -> str:
-    return format_errors(e).split("; ")[0]
+    return error_lines(e)[0]
 
 
 def apply_override(data: dict[str, Any], assignment: str, root: type[BaseModel] | None = None) -> None:
@@ -561,16 +561,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
 
 
 def format_errors(e: ValidationError) -> str:
-    """pydantic's errors as `key.path: message` lines joined by `; `. A value that fits none of a field's types
-    (`batch_size`: a number or 'auto') gets one line: the key, and what each type wanted, joined by "or"."""
+    """pydantic's errors as `key.path: message` lines joined by `; `."""
+    return "; ".join(error_lines(e))
+
+
+def error_lines(e: ValidationError, prefix: str = "") -> list[str]:
+    """pydantic's errors as `key.path: message` lines, the key after `prefix` (a section validated on its own). A
+    value that fits none of a field's types (`batch_size`: a number or 'auto') gets one line: the key, and what each
+    type wanted, joined by "or"."""
     by_key: dict[str, list[str]] = {}
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if not _union_member(p)) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        by_key.setdefault(loc if err["loc"] else "", []).append(msg)
-    return "; ".join(f"{loc}: {' or '.join(msgs)}" if loc else " or ".join(msgs) for loc, msgs in by_key.items())
+        by_key.setdefault(prefix + loc if err["loc"] else "", []).append(msg)
+    return [f"{loc}: {' or '.join(msgs)}" if loc else " or ".join(msgs) for loc, msgs in by_key.items()]
 
 
 def _union_member(part: Any) -> bool:

@@ -70,10 +70,11 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
     export = RunOutput(dest, storage_options)
     if (blocking := export.file_in_the_way()) is not None:
         raise ExportError(f"{dest}: {blocking} is a file, not a directory")
-    if type(export.fs) is type(out.fs) and (export.root + "/").startswith(out.root.rstrip("/") + "/"):
+    same_fs = type(export.fs) is type(out.fs)
+    if same_fs and (export.root + "/").startswith(out.root.rstrip("/") + "/"):
         raise ExportError(f"{dest} is inside the output {src}: export to a directory of its own")
     for name in EXPORT_NAMES:  # e.g. the run copied to DEST/train: --overwrite would delete the run it reads
-        if type(export.fs) is type(out.fs) and (out.root + "/").startswith(export.path(name).rstrip("/") + "/"):
+        if same_fs and (out.root + "/").startswith(export.path(name).rstrip("/") + "/"):
             raise ExportError(f"the output {src} is inside {export.path(name)}, which an export replaces: export to "
                               f"another directory")
     held = [name for name in EXPORT_NAMES if export.exists(name)]

@@ -98,7 +98,8 @@ def throughput(manifest: dict[str, Any]) -> str:
     if not manifest.get("completed") or timings.get("total_s") is None:
         return "not measured: the run has not completed"
     done = (manifest.get("this_run") or {}).get("samples", manifest.get("counts", {}).get("samples", 0))
-    return f"{done} samples written by the last run in {fmt_seconds(timings['total_s'])} = {timings.get('samples_per_s')} samples/s"
+    return (f"{done} samples written by the last run in {fmt_seconds(timings['total_s'])} = "
+            f"{timings.get('samples_per_s')} samples/s")
 
 
 def fmt_rate(r: Any) -> str:

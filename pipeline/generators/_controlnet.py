@@ -134,10 +134,10 @@ class ControlNetGenerator(Generator):
         if cls.one_union_model and len({(cn.model, cn.revision) for cn in gen.controlnets}) > 1:
             raise ValueError(f"generation.controlnets: {cls.family} runs every condition through one Union ControlNet; "
                              f"give all of them the same model")
-        if cls.union_modes is None and (i := next((i for i, cn in enumerate(gen.controlnets) if cn.control_mode
-                                                  is not None), None)) is not None:
-            raise ValueError(f"generation.controlnets.{i}.control_mode: {cls.family} ControlNets have no control modes "
-                             f"(Union ControlNets do: sdxl_union, flux)")
+        with_mode = [i for i, cn in enumerate(gen.controlnets) if cn.control_mode is not None]
+        if cls.union_modes is None and with_mode:
+            raise ValueError(f"generation.controlnets.{with_mode[0]}.control_mode: {cls.family} ControlNets have no "
+                             f"control modes (Union ControlNets do: sdxl_union, flux)")
         if cls.union_modes is not None:
             gen = gen.model_copy(update={"controlnets": [
                 cn.model_copy(update={"control_mode": cls.control_mode(cfg, i)}) for i, cn in enumerate(gen.controlnets)]})

@@ -49,22 +49,27 @@ def check_plain_parquet(f, name: str) -> None:
     """Refuse a Parquet file that declares Arrow extension types. Reading those can unpickle data
     (Ray's `arrow_pickled_object`), so a crafted file in a shared bucket could run code. The check reads
     the footer's key-value metadata only, without deserialising the Arrow schema stored there."""
-    try:
-        metadata = pq.read_metadata(f).metadata or {}
-    except pa.ArrowInvalid as e:  # not Parquet, or cut short
-        raise DamagedParquet(name, e) from None
+    metadata = footer(f, name).metadata or {}
     if b"ARROW:extension:name" in base64.b64decode(metadata.get(b"ARROW:schema", b"")):
         raise UnsafeParquet(f"{name} declares Arrow extension columns; refusing to read it (only plain Parquet "
                             f"as this pipeline writes it is read back)")
     f.seek(0)
 
 
+def footer(f, name: str) -> pq.FileMetaData:
+    """A Parquet file's footer; DamagedParquet naming the file where it is not Parquet or is cut short."""
+    try:
+        return pq.read_metadata(f)
+    except pa.ArrowInvalid as e:
+        raise DamagedParquet(name, e) from None
+
+
 def read_parquet(f, name: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file's columns, after `check_plain_parquet`."""
+    check_plain_parquet(f, name)
     try:
-        check_plain_parquet(f, name)
         return pq.read_table(f, columns=columns)
-    except pa.ArrowInvalid as e:  # not Parquet, or cut short (a missing column is a KeyError, not this)
+    except pa.ArrowInvalid as e:  # a footer that reads, over data that does not (a missing column is a KeyError)
         raise DamagedParquet(name, e) from None
 
 
@@ -280,10 +285,7 @@ class RunOutput:
         total = 0
         for p in self.files(kind):
             with self.fs.open(p, "rb") as f:
-                try:
-                    total += pq.ParquetFile(f).metadata.num_rows
-                except pa.ArrowInvalid as e:
-                    raise DamagedParquet(p, e) from None
+                total += footer(f, p).num_rows
         return total
 
     def samples_schema(self) -> pa.Schema:

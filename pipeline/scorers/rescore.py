@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import AnnotatorConfig, ConfigError, QualityConfig, apply_override, check_quality
+from pipeline.config import AnnotatorConfig, ConfigError, QualityConfig, apply_override, check_quality, error_lines
 from pipeline.generators import DEFAULT_FAMILY
 from pipeline.io.output import RunOutput, write_parquet
 from pipeline.models import ModelUnavailable, ResolvedModel, resolve_model
@@ -71,10 +71,7 @@ def _config(manifest: dict[str, Any], overrides: list[str]) -> Scoring:
         quality = QualityConfig.model_validate(data["quality"])
         check_quality(quality, {a.key: a.name for a in annotators}, True)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"invalid quality settings: {'quality.' + loc + ': ' if loc else ''}{msg}") from None
+        raise ConfigError(f"invalid quality settings: {error_lines(e, 'quality.')[0]}") from None
     except ValueError as e:
         raise ConfigError(f"invalid quality settings: {e}") from None
     return Scoring(Gate(quality, annotators), generation.get("family") or DEFAULT_FAMILY,
