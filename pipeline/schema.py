@@ -41,7 +41,8 @@ KEYPOINTS_DOC = ("Keypoints of a pose annotator with this id, OpenPose JSON: {pe
 # also have the variant columns, the generated image and its generator family's columns.
 HEAD_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("sample_id", pa.string(), "Deterministic id from (job seed, source sha256, variant index)."),
-    ("source_uri", pa.string(), "Where the source image was read from."),
+    ("source_uri", pa.string(), ("Where the source image was read from: a file, `<parquet file>#row=<i>[/<path>]` "
+                                 "or `<tar shard>#<key>`.")),
     ("source_sha256", pa.string(), "sha256 of the source file's bytes."),
     ("caption", pa.string(), "Caption from the source, or written by the captioner (see `captioner`), if any."),
     ("variant_index", pa.int32(), "Index of this variant among the source's variants."),

@@ -21,7 +21,7 @@ from pipeline.io.resume import OutputExists
 from pipeline.io.sources import read_source
 from pipeline.job import resolve_models, run
 from pipeline.models import resolve_model
-from pipeline.variants import ExpandVariants, PromptFileError, load_prompt_file, render_prompt
+from pipeline.variants import ExpandVariants, PromptFileError, load_prompt_file, render_prompt, source_name
 from tests.helpers import canny_job, job_dict, photo, read_parquet_dir
 
 NAMES = ("astronaut", "chelsea", "coffee", "camera")
@@ -183,7 +183,7 @@ def test_prompts_from_a_parquet_column_reach_their_rows(ray_session, photos_dir,
     source = SourceConfig(type="parquet", path=str(tmp_path / "s.parquet"), image_column="jpg", prompt_column="text")
     rows = read_source(source).map_batches(Decode(ImageConfig(resolution=64), {}), batch_format="pyarrow").take_all()
     out = expand(PromptConfig(template="{prompt}, {caption}"), rows)
-    got = {r["source_uri"].rsplit("#", 1)[1]: r for r in out}
+    got = {source_name(r["source_uri"]): r for r in out}  # <file>#row=<i>/<name>
     assert {n: r["prompt"] for n, r in got.items() if not r.get("error_stage")} == {
         p.name: f"a drawing of {p.stem}" for p in photos[:-1]}
     assert (got[photos[-1].name]["error_type"], got[photos[-1].name]["error_message"]) == (

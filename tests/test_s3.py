@@ -120,12 +120,12 @@ def test_parquet_source_on_s3(ray_session, s3, photos):
                        storage_options=s3.storage_options)
     rows = {r["caption"]: r for r in read_source(cfg).take_all()}
     assert set(rows) == {"a rocket", "a coffee"}
-    assert rows["a rocket"]["source_uri"].startswith(s3.url("parquet", "shard-0.parquet") + "#sha256=")
+    assert rows["a rocket"]["source_uri"] == s3.url("parquet", "shard-0.parquet") + "#row=0"
     assert rows["a rocket"]["source_bytes"] == photos["rocket.jpg"]
     # a path is resolved to an s3:// URI; the decode stage fetches it with the source's storage_options
-    assert rows["a coffee"]["source_uri"] == s3.url("parquet", "coffee.jpg")
-    assert rows["a coffee"]["source_bytes"] is None
-    assert read_bytes(rows["a coffee"]["source_uri"], s3.storage_options) == photos["coffee.jpg"]
+    assert rows["a coffee"]["source_uri"] == s3.url("parquet", "shard-0.parquet") + "#row=1/coffee.jpg"
+    assert (rows["a coffee"]["source_bytes"], rows["a coffee"]["source_path"]) == (None, s3.url("parquet", "coffee.jpg"))
+    assert read_bytes(rows["a coffee"]["source_path"], s3.storage_options) == photos["coffee.jpg"]
 
 
 def test_webdataset_source_on_s3(ray_session, s3, photos):

@@ -100,4 +100,4 @@ def test_output_names_cannot_be_steered_by_input_names(ray_session, photos_dir, 
         assert OUTPUT_NAMES.match(str(Path(*rel.parts[1:]))), f"unexpected output file name: {rel}"
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
     uris = sorted(r["source_uri"] for f in out.glob("samples/*.parquet") for r in pq.read_table(f, columns=["source_uri"]).to_pylist())
-    assert uris == sorted(f"{source}#{name}" for name in HOSTILE)  # names kept as data, verbatim
+    assert uris == sorted(f"{source}#row={i}/{name}" for i, name in enumerate(HOSTILE))  # names kept as data, verbatim

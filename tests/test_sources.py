@@ -127,16 +127,21 @@ def test_a_damaged_shard_is_an_error_row_naming_it(ray_session, photos, tmp_path
 
 def test_hugging_face_datasets_parquet_export(ray_session, photos, tmp_path):
     """The Image feature is a {bytes, path} struct: embedded bytes, or a path to the file; a null cell is an
-    error row saying so (not a file that was looked for and not found)."""
+    error row saying so (not a file that was looked for and not found). Each table row is one input, named by
+    its row number: a row repeating another's bytes, or its path, is a duplicate naming the first."""
     import datasets
 
-    (tmp_path / "coffee.jpg").write_bytes(photos["coffee.jpg"])
+    coffee = tmp_path / "coffee.jpg"
+    coffee.write_bytes(photos["coffee.jpg"])
     images = [{"bytes": photos["astronaut.jpg"], "path": "astronaut.jpg"},
               {"bytes": photos["chelsea.png"], "path": "chelsea.png"},
-              {"bytes": None, "path": str(tmp_path / "coffee.jpg")},
+              {"bytes": None, "path": str(coffee)},
               {"bytes": b"not an image", "path": "broken.jpg"},
-              None]
-    ds = datasets.Dataset.from_dict({"image": images, "text": ["an astronaut", "a cat", "a cup", "nothing", "null"]})
+              None,
+              {"bytes": photos["astronaut.jpg"], "path": None},
+              {"bytes": None, "path": str(coffee)}]
+    text = ["an astronaut", "a cat", "a cup", "nothing", "null", "the astronaut again", "the cup again"]
+    ds = datasets.Dataset.from_dict({"image": images, "text": text})
     export = tmp_path / "train-00000-of-00001.parquet"
     ds.cast_column("image", datasets.Image()).to_parquet(str(export))
     assert json.loads(pq.read_schema(export).metadata[b"huggingface"])["info"]["features"]["image"]["_type"] == "Image"
@@ -145,18 +150,20 @@ def test_hugging_face_datasets_parquet_export(ray_session, photos, tmp_path):
     data["source"] = {"type": "parquet", "path": str(export), "caption_column": "text"}
     result = run(load_config(data=data), echo=lambda _: None)
 
-    assert (result.inputs, result.samples, result.errors) == (5, 3, 2)
+    assert (result.inputs, result.samples, result.errors) == (7, 3, 4)
     samples = {r["source_uri"]: r for r in read_parquet_dir(tmp_path / "out" / "samples").to_pylist()}
     assert {uri: r["caption"] for uri, r in samples.items()} == {
-        f"{export}#astronaut.jpg": "an astronaut",
-        f"{export}#chelsea.png": "a cat",
-        str(tmp_path / "coffee.jpg"): "a cup",
+        f"{export}#row=0/astronaut.jpg": "an astronaut",
+        f"{export}#row=1/chelsea.png": "a cat",
+        f"{export}#row=2/{coffee}": "a cup",
     }
-    assert samples[f"{export}#chelsea.png"]["source_sha256"] == hashlib.sha256(photos["chelsea.png"]).hexdigest()
-    broken, null = sorted(read_parquet_dir(tmp_path / "out" / "errors").to_pylist(), key=lambda r: r["source_uri"])
-    assert broken["source_uri"] == f"{export}#broken.jpg" and broken["stage"] == "decode"
-    assert null["source_uri"].startswith(f"{export}#sha256=") and null["stage"] == "decode"
-    assert "its image cell holds no image (null)" in null["error_message"], null
+    assert samples[f"{export}#row=1/chelsea.png"]["source_sha256"] == hashlib.sha256(photos["chelsea.png"]).hexdigest()
+    errors = {r["source_uri"].removeprefix(f"{export}#"): r for r in read_parquet_dir(tmp_path / "out" / "errors").to_pylist()}
+    assert sorted(errors) == ["row=3/broken.jpg", "row=4", "row=5", f"row=6/{coffee}"]
+    assert errors["row=3/broken.jpg"]["stage"] == "decode"
+    assert errors["row=4"]["stage"] == "decode" and "its image cell holds no image (null)" in errors["row=4"]["error_message"]
+    assert errors["row=5"]["error_message"] == f"same content as {export}#row=0/astronaut.jpg"
+    assert errors[f"row=6/{coffee}"]["error_message"] == f"same content as {export}#row=2/{coffee}"
 
 
 def test_parquet_columns_are_checked_in_every_file_before_any_work(photos, tmp_path):

@@ -184,11 +184,11 @@ class Decode:
         return map_rows("decode", batch, self.decode)
 
     def decode(self, row: Row) -> list[Row]:
-        data = row.pop("source_bytes")
+        data, path = row.pop("source_bytes"), row.pop("source_path", None)  # path: a Parquet path cell's file
         if error := row.pop("source_error", None):
             raise RejectedImage(error)
         if data is None:
-            data = read_bytes(row["source_uri"], self.storage_options, self.policy.max_bytes)
+            data = read_bytes(path or row["source_uri"], self.storage_options, self.policy.max_bytes)
         elif len(data) > self.policy.max_bytes:
             raise InputTooLarge(f"{len(data)} bytes is over image.max_bytes={self.policy.max_bytes}")
         row["source_sha256"] = hashlib.sha256(data).hexdigest()

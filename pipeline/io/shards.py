@@ -11,9 +11,7 @@ import fsspec
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from pipeline.io.sources import SOURCE_SCHEMA, full_uri
-
-ROWS_PER_BLOCK = 64  # samples a block (their images' bytes): a shard of thousands is not one block
+from pipeline.io.sources import ROWS_PER_BLOCK, SOURCE_SCHEMA, full_uri
 
 
 class Shards(FileBasedDatasource):

@@ -4,8 +4,9 @@ Paths go through fsspec, so local paths, globs and s3:// URLs take the same code
 (e.g. s3fs's endpoint_url, key, secret) reach the driver and, pickled with the filesystem, the
 workers. For image folders the driver lists the files and the bytes are fetched inside the decode
 task: a file that cannot be read then becomes an error row instead of failing the read of its whole
-block. Parquet and WebDataset shards are read by Ray Data's readers; their image bytes are passed
-through undecoded, so an undecodable image becomes an error row in the decode stage.
+block. Parquet files and WebDataset shards are read by Ray Data datasources of ours (`tables`, `shards`);
+their image bytes are passed through undecoded, so an undecodable image becomes an error row in the decode
+stage.
 """
 
 from __future__ import annotations
@@ -220,47 +221,10 @@ def read_parquet_files(paths: list[str], **kwargs) -> ray.data.Dataset:
 
 
 def _read_parquet(cfg: SourceConfig, listing: Listing) -> ray.data.Dataset:
+    from pipeline.io.tables import TableRows
+
     fs, paths, arrow_fs = _arrow_files(cfg, listing)
-    columns = list(dict.fromkeys(_parquet_columns(cfg).values()))
-    ds = read_parquet_files(paths, columns=columns, include_paths=True, filesystem=arrow_fs)
-    image_col, caption_col, prompt_col, mask_col = cfg.image_column, cfg.caption_column, cfg.prompt_column, cfg.mask_column
-    # source_prompt: the image's own prompt (source.prompt_column), for variant expansion
-    schema = SOURCE_SCHEMA.append(pa.field("source_prompt", pa.string())) if prompt_col else SOURCE_SCHEMA
-    # source_mask: the image's inpaint mask (source.mask_column), bytes only; decoded with the image
-    schema = schema.append(pa.field("source_mask", pa.binary())) if mask_col else schema
-
-    def normalize(batch: pa.Table) -> pa.Table:
-        rows = []
-        for row in batch.to_pylist():
-            value = row[image_col]
-            data, name = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-            if isinstance(data, str):
-                data, name = None, data
-            parquet_uri = full_uri(fs, row["path"])
-            error = None
-            if name and data is None:
-                # a path column: relative paths are relative to the Parquet file, and every path must lie
-                # under source.allowed_roots (default: the Parquet file's own directory)
-                uri = name if "://" in name or name.startswith("/") else posixpath.join(posixpath.dirname(parquet_uri), name)
-                roots = cfg.allowed_roots or [posixpath.dirname(parquet_uri)]
-                if not under_roots(uri, roots):
-                    error = f"path {uri!r} is outside source.allowed_roots {roots}"
-            else:
-                uri = f"{parquet_uri}#{name or 'sha256=' + hashlib.sha256(data or b'').hexdigest()[:16]}"
-                if data is None:  # a null cell (or a struct with neither bytes nor path): nothing to read
-                    error = f"its {image_col} cell holds no image (null)"
-            rows.append({"source_uri": uri, "source_bytes": data, "caption": row.get(caption_col) if caption_col else None,
-                         "source_error": error} | ({"source_prompt": row.get(prompt_col)} if prompt_col else {})
-                        | ({"source_mask": _mask_bytes(row.get(mask_col))} if mask_col else {}))
-        return pa.Table.from_pylist(rows, schema=schema)
-
-    return ds.map_batches(normalize, batch_format="pyarrow")
-
-
-def _mask_bytes(value) -> bytes | None:
-    """A mask cell's image bytes (bytes, or an {bytes, path} struct); None when it holds none."""
-    data = value.get("bytes") if isinstance(value, dict) else value
-    return data if isinstance(data, bytes) else None
+    return ray.data.read_datasource(TableRows(paths, fs, _parquet_columns(cfg), cfg.allowed_roots, filesystem=arrow_fs))
 
 
 def _normalized(uri: str) -> str:
@@ -293,6 +257,7 @@ def _read_webdataset(cfg: SourceConfig, listing: Listing, max_bytes: int | None)
     return ray.data.read_datasource(Shards(paths, fs, cfg.extensions, cfg.caption_key, max_bytes, filesystem=arrow_fs))
 
 
+ROWS_PER_BLOCK = 64  # inputs a block read from a shard or a Parquet file (their images' bytes)
 # source_error: why a row cannot be read at all (e.g. a path outside source.allowed_roots); decode rejects it
 SOURCE_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_bytes", pa.binary()), ("caption", pa.string()),
                            ("source_error", pa.string())])
