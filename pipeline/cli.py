@@ -24,8 +24,8 @@ def _init_ray(address: str | None, verbose: bool = False) -> None:
     from pipeline.console import quiet_ray
 
     options = {} if verbose else quiet_ray()
+    join = joins_cluster(address)
     address = address or os.environ.get("RAY_ADDRESS") or None
-    join = address not in (None, "local")
     try:
         if join:
             ray.init(address=address, **options)
@@ -38,6 +38,11 @@ def _init_ray(address: str | None, verbose: bool = False) -> None:
     except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
         raise RayUnavailable(f"could not {'join Ray at ' + address if join else 'start a local Ray instance'}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def joins_cluster(address: str | None) -> bool:
+    """Whether `--address` (else RAY_ADDRESS) names a running cluster to join; otherwise a local instance starts."""
+    return (address or os.environ.get("RAY_ADDRESS") or None) not in (None, "local")
 
 
 def _stop_ray() -> None:
@@ -215,12 +220,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pipeline.models import ModelUnavailable
-    from pipeline.train import NotEnoughCPUs, TrainDataError, run_training
+    from pipeline.train import NotEnoughResources, TrainDataError, run_training
 
     try:
         _init_ray(args.address, args.verbose)
-        run_training(cfg)
-    except (ModelUnavailable, NotEnoughCPUs, TrainDataError, RayUnavailable) as e:
+        run_training(cfg, cluster_grows=joins_cluster(args.address))
+    except (ModelUnavailable, NotEnoughResources, TrainDataError, RayUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.export import TRAIN_SCHEMA
 from pipeline.job import run
 from pipeline.models import ModelUnavailable
-from pipeline.train import POLL_INTERVAL, NotEnoughCPUs, TrainDataError, load_train_config, run_training
+from pipeline.train import POLL_INTERVAL, NotEnoughResources, TrainDataError, load_train_config, run_training
 from pipeline.train.data import inspect_source, training_dataset
 from pipeline.train.loop import diffusion_loss, first_batch_fetched_meanwhile, load_models
 from tests.helpers import ROOT, cli_command, cli_env, job_dict, kill_tree, read_parquet_dir
@@ -216,8 +216,11 @@ def test_a_bad_training_config_names_the_key(tiny_models, tmp_path, change, mess
 
 
 def test_training_refuses_to_start_where_it_could_not_finish(ray_session, tiny_models, circles, tmp_path):
-    with pytest.raises(NotEnoughCPUs, match="claim 2 of the cluster's 2 CPUs; Ray Data needs at least 1 more"):
+    with pytest.raises(NotEnoughResources, match="claim 2 of the cluster's 2 CPUs; Ray Data needs at least 1 more"):
         run_training(load_train_config(data=train_dict(tiny_models, circles, tmp_path / "a", cpus_per_worker=1)))
+    gpu = train_dict(tiny_models, circles, tmp_path / "a", num_workers=1, use_gpu=True)  # the test instance has none
+    with pytest.raises(NotEnoughResources, match="claim a GPU each and this Ray instance has 0: set use_gpu: false"):
+        run_training(load_train_config(data=gpu))
     with pytest.raises(ModelUnavailable, match="model directory .*/missing does not exist"):
         run_training(load_train_config(data=train_dict({"base_model": str(tmp_path / "missing")}, circles, tmp_path)))
     with pytest.raises(TrainDataError, match="has no samples/.*parquet .* or train/.*parquet"):

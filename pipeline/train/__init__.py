@@ -20,10 +20,11 @@ from pipeline.models import ResolvedModel, resolve_model
 from pipeline.train.config import TrainConfig, load_train_config
 from pipeline.train.data import Source, TrainDataError, inspect_source, training_dataset
 
-__all__ = ["NotEnoughCPUs", "TrainConfig", "TrainDataError", "TrainResult", "load_train_config", "run_training"]
+__all__ = ["NotEnoughResources", "TrainConfig", "TrainDataError", "TrainResult", "load_train_config", "run_training"]
 
-class NotEnoughCPUs(ValueError):
-    """The training workers would leave Ray Data no CPU to prepare their pairs with."""
+class NotEnoughResources(ValueError):
+    """The training workers would leave Ray Data no CPU to prepare their pairs with, or claim GPUs that a Ray
+    instance of fixed size does not have."""
 
 
 RUN_NAME = "train"  # Ray Train's run directory under the output path; the same name resumes
@@ -42,7 +43,8 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
+def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print, cluster_grows: bool = False) -> TrainResult:
+    """`cluster_grows`: Ray was joined, not started here, so an autoscaler may add the GPUs the workers claim."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -51,7 +53,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
 
     base, cfg = resolved(cfg)  # ModelUnavailable before anything starts
     sources = [inspect_source(p, cfg) for p in cfg.data.paths]  # and TrainDataError
-    check_cpus(cfg)  # and NotEnoughCPUs
+    check_resources(cfg, cluster_grows, echo)  # and NotEnoughResources
     out = RunOutput(cfg.output.path, cfg.output.storage_options)
     out.fs.makedirs(out.root, exist_ok=True)
     echo(f"training on {sum(s.rows for s in sources)} pairs from {len(sources)} path(s) with {cfg.num_workers} "
@@ -96,16 +98,26 @@ def resolved(cfg: TrainConfig) -> tuple[ResolvedModel, TrainConfig]:
     })
 
 
-def check_cpus(cfg: TrainConfig) -> None:
-    """Ray Data needs a whole CPU beside the training workers (listing the files claims one): without
-    it the workers would wait for pairs forever."""
+def check_resources(cfg: TrainConfig, cluster_grows: bool, echo: Callable[[str], None]) -> None:
+    """Ray Data needs a whole CPU beside the training workers (listing the files claims one): without it the
+    workers would wait for pairs forever. With use_gpu each worker claims a GPU: on a Ray instance started here
+    (a laptop, `--address local`) that has fewer, Ray Train would wait for them forever; a cluster that was joined
+    may add them (an autoscaler), so the wait is said."""
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 0)
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     claimed = cfg.num_workers * cfg.cpus_per_worker
     if cpus - claimed < 1:
-        raise NotEnoughCPUs(f"the training workers claim {claimed:g} of the cluster's {cpus:g} CPUs; Ray Data needs at "
-                             f"least 1 more to read and prepare the pairs: lower cpus_per_worker or num_workers")
+        raise NotEnoughResources(f"the training workers claim {claimed:g} of the cluster's {cpus:g} CPUs; Ray Data "
+                                 f"needs at least 1 more to read and prepare the pairs: lower cpus_per_worker or "
+                                 f"num_workers")
+    if cfg.use_gpu and gpus < cfg.num_workers:
+        if not cluster_grows:
+            raise NotEnoughResources(f"use_gpu: the {cfg.num_workers} training worker(s) claim a GPU each and this Ray "
+                                     f"instance has {gpus:g}: set use_gpu: false, lower num_workers, or join a cluster "
+                                     f"with GPUs (--address)")
+        echo(f"waiting for {cfg.num_workers} GPU(s), one per training worker: the cluster has {gpus:g} now")
 
 
 def ray_storage(cfg: TrainConfig) -> dict[str, Any]:
