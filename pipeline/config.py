@@ -26,6 +26,17 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_numbers(cls, value: Any, info) -> Any:
+        """YAML reads yes/no/true/false as booleans, which pydantic takes as 1 and 0 where a number goes
+        (`steps: yes` was one step)."""
+        if isinstance(value, bool):
+            kinds = _options(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and Any not in kinds and (int in kinds or float in kinds):
+                raise ValueError(f"{str(value).lower()} is a yes/no value, not a number")
+        return value
+
 
 class SourceConfig(Strict):
     """Where the photos come from: a directory, a glob, Parquet files, or WebDataset tar shards."""
@@ -52,12 +63,18 @@ class SourceConfig(Strict):
     limit: int | None = Field(None, gt=0, description="Read at most this many inputs.")
 
     @model_validator(mode="after")
-    def _prompt_column_needs_parquet(self) -> SourceConfig:
+    def _keys_of_its_type(self) -> SourceConfig:
+        """A key of another source type is refused, not ignored (`caption_column` on an image folder read no
+        captions and said nothing). By value, not by the keys given: a run's manifest holds every key."""
         if self.prompt_column and self.type != "parquet":
             raise ValueError("prompt_column: only a parquet source has columns; use generation.prompt.file for "
                              f"a {self.type} source")
-        if self.mask_column and self.type != "parquet":
-            raise ValueError(f"mask_column: only a parquet source has columns (this one is {self.type})")
+        only = {"image_column": "parquet", "caption_column": "parquet", "mask_column": "parquet",
+                "allowed_roots": "parquet", "caption_key": "webdataset"}
+        for key in sorted(k for k, kind in only.items() if kind != self.type and getattr(self, k) !=
+                          type(self).model_fields[k].default):
+            what = "has columns" if key.endswith("_column") else f"reads {key}"
+            raise ValueError(f"{key}: only a {only[key]} source {what} (this one is {self.type})")
         return self
 
     @property
@@ -539,6 +556,25 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
     return node[part]
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (it kept the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (again on line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values, as `yaml.safe_load` reads it, except that a repeated key is an error."""
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> JobConfig:
     """Read a YAML job config, apply `--set` overrides, validate. Raises ConfigError with the key path."""
     if data is None:
@@ -547,7 +583,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

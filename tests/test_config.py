@@ -116,6 +116,14 @@ CONFIG_ERRORS = [
     ("set-without-value", SetArgs("generation.steps"), "expected KEY=VALUE"),
     ("set-index-out-of-range", SetArgs("generation.controlnets.5.model=x"), r"list index '5' out of range"),
     ("set-unknown-key", SetArgs("generation.typo=1"), r"generation\.typo: unknown key"),
+    # YAML's yes/no are booleans, which pydantic would take as 1 and 0
+    ("yes-for-a-number", SetArgs("generation.steps=yes"), r"generation\.steps: true is a yes/no value, not a number"),
+    ("no-for-an-optional-number", {"source.limit": False}, r"source\.limit: false is a yes/no value, not a number"),
+    # keys of another source type were ignored
+    ("caption-column-of-a-folder", {"source.caption_column": "text"},
+     re.escape("source: caption_column: only a parquet source has columns (this one is images)")),
+    ("caption-key-of-a-folder", {"source.caption_key": "txt"},
+     re.escape("source: caption_key: only a webdataset source reads caption_key (this one is images)")),
 ]
 
 
@@ -148,7 +156,10 @@ def test_set_overrides_any_key(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [pytest.param(None, "cannot read config", id="missing-file"),
-                                           pytest.param("source: [unclosed", "not valid YAML", id="bad-yaml")])
+                                           pytest.param("source: [unclosed", "not valid YAML", id="bad-yaml"),
+                                           pytest.param("seed: 1\nimage: {}\nseed: 2\n",
+                                                        re.escape("not valid YAML: the key 'seed' is given twice "
+                                                                  "(again on line 3)"), id="repeated-key")])
 def test_unreadable_config_file(tmp_path, text, message):
     path = tmp_path / "job.yaml"
     if text is not None:

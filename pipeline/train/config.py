@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config import ConfigError, Strict, apply_override, format_errors
+from pipeline.config import ConfigError, Strict, apply_override, format_errors, load_yaml
 
 
 class DataConfig(Strict):
@@ -76,7 +76,7 @@ class TrainConfig(Strict):
 def load_train_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> TrainConfig:
     if data is None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
         except yaml.YAMLError as e:
