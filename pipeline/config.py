@@ -423,7 +423,7 @@ class JobConfig(Strict):
 def check_quality(quality: QualityConfig, annotators: dict[str, str], generates: bool) -> None:
     """The quality section against the job's annotators (id -> name): each bound names a scored
     condition (or clip, sharpness) in the direction its metric runs."""
-    from pipeline.scorers.base import CLIP, SHARPNESS, metric_for
+    from pipeline.scorers.base import CLIP, CLIP_RANGE, SHARPNESS, metric_for
 
     if not generates:
         raise ValueError("quality: needs a generation section (it scores generated images)")
@@ -437,22 +437,27 @@ def check_quality(quality: QualityConfig, annotators: dict[str, str], generates:
         if metric_for(annotators[key]) is None:
             raise ValueError(f"quality.conditions.{i}: annotator {annotators[key]!r} has no fidelity metric")
     for bound, limits in (("min", quality.min), ("max", quality.max)):
-        for key in limits:
+        for key, threshold in limits.items():
+            hint = ""
             if key == CLIP:
                 if quality.clip_model is None:
                     raise ValueError(f"quality.{bound}.clip: set quality.clip_model to compute a CLIP score")
-                want = "min"
+                want, (low, high), hint = "min", CLIP_RANGE, " (torchmetrics' CLIPScore is 100 times this score)"
             elif key == SHARPNESS:
                 if not quality.sharpness:
                     raise ValueError(f"quality.{bound}.sharpness: set quality.sharpness=true to compute it")
-                want = "min"
+                want, low, high = "min", 0.0, float("inf")
             elif key not in scored:
                 raise ValueError(f"quality.{bound}.{key}: not a scored condition (scored: {scored}, clip, sharpness)")
             else:
-                want = metric_for(annotators[key]).bound
+                metric = metric_for(annotators[key])
+                want, low, high = metric.bound, metric.low, metric.high
             if bound != want:
                 raise ValueError(f"quality.{bound}.{key}: higher is {'better' if want == 'min' else 'worse'} for "
                                  f"this score; give its threshold under quality.{want}")
+            if not low <= threshold <= high:
+                raise ValueError(f"quality.{bound}.{key}: {threshold:g} is outside the score's range {low:g}..{high:g}"
+                                 f"{hint}, so every sample would {'fail' if (threshold > high) == (bound == 'min') else 'pass'}")
 
 
 def _first_error(e: ValidationError) -> str:
@@ -572,7 +577,7 @@ class _UniqueKeys(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """YAML text as Python values, as `yaml.safe_load` reads it, except that a repeated key is an error."""
-    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
+    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> JobConfig:

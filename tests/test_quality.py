@@ -6,6 +6,7 @@ and the documents."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -274,9 +275,14 @@ def test_a_scoring_actor_on_cpu_runs_torch_on_the_threads_of_its_config(tmp_path
     ({"min": {"sharpness": 10}}, "quality.min.sharpness: set quality.sharpness=true"),
     ({"conditions": ["nope"]}, "quality.conditions.0: 'nope' is not an annotator id"),
     ({"min": {"hed": 0.3}, "conditions": ["canny"]}, "quality.min.hed: not a scored condition"),
+    # a threshold outside its score's range passes every sample or none
+    ({"min": {"canny": 30}}, "quality.min.canny: 30 is outside the score's range 0..1, so every sample would fail"),
+    ({"min": {"clip": 25}, "clip_model": "x"}, ("quality.min.clip: 25 is outside the score's range -1..1 (torchmetrics' "
+                                                "CLIPScore is 100 times this score), so every sample would fail")),
+    ({"min": {"hed": -2}}, "quality.min.hed: -2 is outside the score's range -1..1, so every sample would pass"),
 ])
 def test_quality_config_errors_name_the_key(tmp_path, quality, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         quality_cfg(tmp_path, [{"name": "canny"}, {"name": "hed", "model": str(tmp_path)}], **quality)
 
 

@@ -22,6 +22,8 @@ class Metric:
     fn: Callable[..., Any]
     higher_is_better: bool
     description: str
+    low: float = 0.0  # the range of its scores: a threshold outside it passes every sample or none
+    high: float = 1.0
     keypoints: bool = False  # compares OpenPose JSON (keypoints_<id>) instead of control maps
 
     @property
@@ -32,13 +34,14 @@ class Metric:
 
 EDGE_F1 = Metric("edge_f1", metrics.edge_f1, True, "F1 of the edge pixels (gray >= 128), 0..1")
 SSIM = Metric("ssim", metrics.ssim_auto, True, "SSIM of the gray maps, multi-scale (MS-SSIM, 5 scales) when both sides "
-                                               f"are at least {metrics.MS_SSIM_MIN_SIDE} px, -1..1 (1: equal)")
-RMSE = Metric("rmse", metrics.rmse, False, "RMSE of the 8-bit maps, 0..255 (0: equal)")
+                                               f"are at least {metrics.MS_SSIM_MIN_SIDE} px, -1..1 (1: equal)", low=-1.0)
+RMSE = Metric("rmse", metrics.rmse, False, "RMSE of the 8-bit maps, 0..255 (0: equal)", high=255.0)
 MIOU = Metric("miou", metrics.miou, True, "mean IoU over the palette classes present in either map, 0..1")
 PCK = Metric("pck", metrics.pose_pck, True, "PCK of the body keypoints within quality.pck_alpha (0.2) of each expected person's box, people "
                                             "paired one to one and a missing or extra person scoring 0, 0..1",
              keypoints=True)
-ANGULAR = Metric("angular_error", metrics.angular_error, False, "mean angle between the normals, in degrees, 0..180")
+ANGULAR = Metric("angular_error", metrics.angular_error, False, "mean angle between the normals, in degrees, 0..180",
+                 high=180.0)
 
 # annotator name -> metric; conditions not listed here (shuffle: a random warp) have no fidelity score
 METRIC_OF: dict[str, Metric] = {
@@ -60,6 +63,7 @@ def metric_for(annotator: str) -> Metric | None:
 
 CLIP_DOC = ("CLIP score: cosine similarity of the CLIP embeddings of the prompt and the generated image, -1..1 "
             "(torchmetrics' CLIPScore is 100 * max(this, 0)).")
+CLIP_RANGE = (-1.0, 1.0)
 SHARPNESS_DOC = "sharpness: variance of the Laplacian of the generated image's gray levels (0: flat; blur lowers it)."
 
 
