@@ -366,6 +366,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (ExportError, NotARunOutput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not record["source_completed"]:
+        print(f"warning: {UNFINISHED.format(path=args.output)}: the export holds the samples it had written",
+              file=sys.stderr)
     if record["empty_text"]:
         from pipeline.export import empty_text_message
 
@@ -376,6 +379,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+UNFINISHED = "{path} is a run that has not completed (still running, or stopped; its command run again resumes it)"
 SET_HELP = ("override a config key (repeatable): KEY=VALUE sets it (YAML, or text where the schema wants text), "
             "KEY+=VALUE appends to a list")
 

@@ -43,7 +43,7 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
                             overwrite: bool = False, storage_options: dict[str, Any] | None = None,
                             require_text: bool = False) -> dict[str, Any]:
     """Write `src`'s samples as (image, conditioning_image, text) rows under `dest`; returns what was done,
-    with `empty_text`, the number of rows whose text is empty. `require_text`: refuse (ExportError, nothing
+    with `empty_text`, the number of rows whose text is empty, and `source_completed`, whether the run had ended. `require_text`: refuse (ExportError, nothing
     written) if there is any."""
     out = RunOutput(src, storage_options)
     manifest = out.manifest()
@@ -94,6 +94,7 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
         files.append(name)
         rows += train.num_rows
     record = {"format": "controlnet-train", "source": src, "source_run_id": manifest.get("run_id"),
+              "source_completed": bool(manifest.get("completed")),
               "image": target, "conditioning_image": f"control_{control}", "text": text, "rows": rows, "files": files,
               "empty_text": empty}
     export.write_json("export.json", record)

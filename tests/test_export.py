@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -97,12 +98,33 @@ def test_export_controlnet_train_from_an_annotate_only_run(annotate_only, tmp_pa
         with pytest.raises(ExportError, match="inside the output"):
             export_controlnet_train(str(out), str(inside), control="hed")
     assert not (out / "train").exists() and not (out / "export.json").exists()
-    import shutil
-
     shutil.copytree(out, tmp_path / "wrap" / "train")  # the run where an export writes: never replaced by it
     with pytest.raises(ExportError, match="wrap/train, which an export replaces"):
         export_controlnet_train(str(tmp_path / "wrap" / "train"), str(tmp_path / "wrap"), control="hed", overwrite=True)
     assert (tmp_path / "wrap" / "train" / "manifest.json").exists()
+
+
+def test_an_unfinished_run_is_exported_and_trained_on_with_a_warning(annotate_only, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.train import load_train_config
+    from pipeline.train.data import inspect_source
+
+    out = annotate_only[2]
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps(manifest | {"completed": False}))  # as a stopped run leaves it
+    assert main(["export", str(partial), str(tmp_path / "pairs"), "--format", "controlnet-train", "--control", "hed"]) == 0
+    assert f"warning: {partial} is a run that has not completed (still running, or stopped; its command run again " \
+           f"resumes it): the export holds the samples it had written" in capsys.readouterr().err
+    assert json.loads((tmp_path / "pairs" / "export.json").read_text())["source_completed"] is False
+
+    def completed(path, **data) -> bool | None:
+        cfg = load_train_config(data={"base_model": "-", "data": {"paths": [str(path)], **data}, "output": {"path": "-"}})
+        return inspect_source(str(path), cfg).provenance["completed"]
+
+    seen = {p: completed(p, control_column="control_hed") for p in (out, partial)} | {"pairs": completed(tmp_path / "pairs")}
+    assert seen == {out: True, partial: False, "pairs": False}
 
 
 def test_export_from_a_generation_run_pairs_generated_images_with_prompts(ray_session, tiny_models, photos_dir, tmp_path):

@@ -56,6 +56,10 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print, cluster_
     check_resources(cfg, cluster_grows, echo)  # and NotEnoughResources
     out = RunOutput(cfg.output.path, cfg.output.storage_options)
     out.fs.makedirs(out.root, exist_ok=True)
+    for source in sources:
+        if source.provenance.get("completed") is False:
+            echo(f"note: {source.path}: {'made from a run that' if source.provenance['kind'] == 'export' else 'a run that'}"
+                 f" has not completed (still running, or stopped): training on the pairs it holds")
     echo(f"training on {sum(s.rows for s in sources)} pairs from {len(sources)} path(s) with {cfg.num_workers} "
          f"worker(s) -> {cfg.output.path}")
     storage = ray_storage(cfg)

@@ -77,6 +77,8 @@ def inspect_source(path: str, cfg: TrainConfig) -> Source:
         with fs.open(posixpath.join(root, record), "r") as f:
             doc = json.load(f)
         provenance.update({k: doc.get(k) for k in ("run_id", "job_fingerprint", "source", "source_run_id") if doc.get(k)})
+        # whether the run (or the run an export was made from) had completed; unknown for older exports
+        provenance["completed"] = doc.get("source_completed" if export else "completed")
     return Source(path, files, image, control, text, rows, provenance)
 
 
