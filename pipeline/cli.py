@@ -220,12 +220,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pipeline.models import ModelUnavailable
-    from pipeline.train import NotEnoughResources, TrainDataError, run_training
+    from pipeline.train import NotEnoughResources, TrainDataError, TrainOutputExists, run_training
 
     try:
         _init_ray(args.address, args.verbose)
         run_training(cfg, cluster_grows=joins_cluster(args.address))
-    except (ModelUnavailable, NotEnoughResources, TrainDataError, RayUnavailable) as e:
+    except (ModelUnavailable, NotEnoughResources, TrainDataError, TrainOutputExists, RayUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,7 +21,9 @@ from pipeline.config import ConfigError, load_config
 from pipeline.export import TRAIN_SCHEMA
 from pipeline.job import run
 from pipeline.models import ModelUnavailable
-from pipeline.train import POLL_INTERVAL, NotEnoughResources, TrainDataError, load_train_config, run_training
+from pipeline.io.output import RunOutput
+from pipeline.train import (POLL_INTERVAL, NotEnoughResources, TrainDataError, TrainOutputExists, claim_output,
+                            load_train_config, resolved, run_training)
 from pipeline.train.data import inspect_source, training_dataset
 from pipeline.train.loop import diffusion_loss, first_batch_fetched_meanwhile, load_models
 from tests.helpers import ROOT, cli_command, cli_env, job_dict, kill_tree, read_parquet_dir
@@ -171,6 +173,28 @@ def test_training_changes_only_the_controlnet_and_lowers_the_loss(trained, circl
     assert any(bool(p.abs().sum() > 0) for conv in zero_convs for p in conv.parameters())  # it learned something
     before, after = mean_loss(cfg, None, circles), mean_loss(cfg, net.state_dict(), circles)
     assert after < 0.97 * before, (before, after)  # the same noise draws before and after
+
+
+def test_a_re_run_resumes_only_the_same_training(trained, tmp_path):
+    """OUTPUT/train.json holds what decides what a training learns: a re-run may train longer or on more workers
+    (it resumes), a changed config is refused before anything starts, and output.overwrite starts over."""
+    cfg, _, output = trained
+    job = cfg.model_dump(mode="json")
+    identity = json.loads((output / "train.json").read_text())
+    assert identity["learning_rate"] == cfg.learning_rate and "steps" not in identity and "output" not in identity
+    before = {p: p.stat().st_mtime_ns for p in output.rglob("*")}
+    with pytest.raises(TrainOutputExists, match=r"holds a training of another config \(changed: batch_size, "
+                                                r"learning_rate\); a re-run may change only checkpoint_every, "):
+        run_training(load_train_config(data=job | {"learning_rate": 1e-3, "batch_size": 4}))
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*")} == before  # nothing written, nothing removed
+
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    for changes in ({"steps": 48, "num_workers": 1}, {"learning_rate": 1e-3, "output": {"path": str(copy), "overwrite": True}}):
+        base, again = resolved(load_train_config(data=job | {"output": {"path": str(copy)}} | changes))
+        claim_output(again, base, RunOutput(str(copy)))
+    assert sorted(os.listdir(copy)) == ["train.json"]  # checkpoints, validation images and the ControlNet removed
+    assert json.loads((copy / "train.json").read_text())["learning_rate"] == 1e-3
 
 
 def test_checkpoints_validation_images_and_the_model_card(trained):

@@ -20,11 +20,16 @@ from pipeline.models import ResolvedModel, resolve_model
 from pipeline.train.config import TrainConfig, load_train_config
 from pipeline.train.data import Source, TrainDataError, inspect_source, training_dataset
 
-__all__ = ["NotEnoughResources", "TrainConfig", "TrainDataError", "TrainResult", "load_train_config", "run_training"]
+__all__ = ["NotEnoughResources", "TrainConfig", "TrainDataError", "TrainOutputExists", "TrainResult", "load_train_config",
+           "run_training"]
 
 class NotEnoughResources(ValueError):
     """The training workers would leave Ray Data no CPU to prepare their pairs with, or claim GPUs that a Ray
     instance of fixed size does not have."""
+
+
+class TrainOutputExists(ValueError):
+    """The output path holds a training of another config: resuming it would mix the two."""
 
 
 RUN_NAME = "train"  # Ray Train's run directory under the output path; the same name resumes
@@ -55,7 +60,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print, cluster_
     sources = [inspect_source(p, cfg) for p in cfg.data.paths]  # and TrainDataError
     check_resources(cfg, cluster_grows, echo)  # and NotEnoughResources
     out = RunOutput(cfg.output.path, cfg.output.storage_options)
-    out.fs.makedirs(out.root, exist_ok=True)
+    claim_output(cfg, base, out)  # and TrainOutputExists
     for source in sources:
         if source.provenance.get("completed") is False:
             echo(f"note: {source.path}: {'made from a run that' if source.provenance['kind'] == 'export' else 'a run that'}"
@@ -100,6 +105,45 @@ def resolved(cfg: TrainConfig) -> tuple[ResolvedModel, TrainConfig]:
         "validation": cfg.validation.model_copy(update={"control_images": [local(p) for p in cfg.validation.control_images]}),
         "output": cfg.output.model_copy(update={"path": local(cfg.output.path)}),
     })
+
+
+# What a re-run may change and still resume: how long and on what it trains, not what it learns
+RESUMABLE = {"steps", "checkpoint_every", "validation", "num_workers", "use_gpu", "cpus_per_worker", "output",
+             "storage_options"}
+TRAINING = ("train.json", RUN_NAME, "validation", "controlnet")  # what a training writes under its output path
+
+
+def training_identity(cfg: TrainConfig, base: ResolvedModel) -> dict[str, Any]:
+    """What decides what a training learns: its config without RESUMABLE keys (data paths absolute), and the
+    base model at its resolved revision."""
+    def strip(value: Any) -> Any:
+        return {k: strip(v) for k, v in value.items() if k not in RESUMABLE} if isinstance(value, dict) else value
+
+    return strip(cfg.model_dump(mode="json")) | {"base_model": base.model, "revision": base.commit}
+
+
+def claim_output(cfg: TrainConfig, base: ResolvedModel, out: RunOutput) -> None:
+    """The output path's training is this config's (OUTPUT/train.json; a re-run resumes it), or none yet. Another
+    config's is refused, naming what changed, unless output.overwrite removes it (as it removes this config's)."""
+    from pipeline.io.resume import differences
+
+    identity = training_identity(cfg, base)
+    if cfg.output.overwrite:
+        for name in TRAINING:
+            if out.exists(name):
+                out.fs.rm(out.path(name), recursive=True)
+    elif out.exists("train.json"):
+        try:
+            changed = differences(json.loads(out.read_text("train.json")), identity)
+        except ValueError:
+            changed = ["(train.json is not JSON)"]
+        if changed:
+            raise TrainOutputExists(f"output.path {cfg.output.path} holds a training of another config (changed: "
+                                    f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''}); a re-run may "
+                                    f"change only {', '.join(sorted(RESUMABLE))}. Set output.overwrite=true to start "
+                                    f"over, or choose another path")
+    out.fs.makedirs(out.root, exist_ok=True)
+    out.write_json("train.json", identity)
 
 
 def check_resources(cfg: TrainConfig, cluster_grows: bool, echo: Callable[[str], None]) -> None:

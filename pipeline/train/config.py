@@ -41,6 +41,8 @@ class ValidationConfig(Strict):
 
 class TrainOutputConfig(Strict):
     path: str = Field(description="Where checkpoints, validation images and the trained ControlNet go (local or s3://).")
+    overwrite: bool = Field(False, description="Start over: remove what an earlier training wrote under path. "
+                                               "Without it a re-run resumes, and a changed config is refused.")
     storage_options: dict[str, Any] = {}
 
 
