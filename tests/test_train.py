@@ -302,3 +302,30 @@ def test_a_killed_training_on_s3_resumes_from_its_last_checkpoint(ray_address, t
     assert f"step 8/8 · loss {metrics['loss']:.4f} · " in again.stderr  # the first worker's steps reach the driver
     assert metrics["steps_this_run"] == 8 - metrics["resumed_from"]  # no step done twice in this run
     assert fs.exists(f"{output}/controlnet/diffusion_pytorch_model.safetensors")
+
+
+def test_ctrl_c_stops_a_training_at_once_keeping_its_checkpoints(tiny_models, circles, tmp_path):
+    """Ray Train's own SIGINT handler (set when fit() runs on the main thread) let a local training go on to its
+    last step; the CLI runs fit() on a thread of its own, so Ctrl-C ends it with the interrupt's message and 130."""
+    import signal
+
+    import fsspec
+
+    job = train_dict(tiny_models, circles, tmp_path / "out", steps=200, checkpoint_every=2, validation={},
+                     num_workers=1)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(job))
+    proc = subprocess.Popen(cli_command("train", tmp_path / "train.yaml", "--address", "local"), cwd=ROOT,
+                            env=cli_env({"RAY_ADDRESS": ""}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        fs = fsspec.filesystem("file")
+        while last_checkpoint_step(fs, str(tmp_path / "out")) is None and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate()[1]
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.rstrip().endswith("interrupted: the checkpoints are kept; run the same command again to resume")
+    assert last_checkpoint_step(fs, str(tmp_path / "out")) < 200  # it stopped; 200 steps take ~50 s here

@@ -81,7 +81,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print, cluster_
         datasets={"train": training_dataset(cfg, sources)},
     )
     with TrainBar(steps, cfg.steps, cfg.checkpoint_every):
-        result = trainer.fit()
+        result = fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError("training reported no checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -90,6 +90,28 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print, cluster_
     write_validation_page(cfg, out)
     echo(f"trained {metrics['step']} steps (loss {metrics['loss']:.4f}) -> {out.path('controlnet')}")
     return TrainResult(out.path("controlnet"), metrics["step"], metrics.get("loss"), metrics)
+
+
+def fit(trainer) -> Any:
+    """`trainer.fit()` on a thread of its own, so that Ctrl-C is the caller's KeyboardInterrupt. On the main thread
+    Ray Train sets a SIGINT handler of its own that asks its controller to abort: in a local run the training went
+    on to its last step regardless. The caller stops Ray, and the training with it; its checkpoints are kept."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()  # a signal interrupts it
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def resolved(cfg: TrainConfig) -> tuple[ResolvedModel, TrainConfig]:
