@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -19,25 +20,30 @@ def _init_ray(address: str | None, verbose: bool = False) -> None:
     garbage collector paused, then freezes what that made out of later collections (`pipeline.cpus.loading`):
     full collections walking those ~280,000 objects took ~0.5 s of the driver's CPU, most of it before any
     actor started."""
-    import ray
-
-    from pipeline.console import quiet_ray
+    from pipeline.console import quiet_ray, without_log_level_line
 
     options = {} if verbose else quiet_ray()
     join = joins_cluster(address)
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
-        if join:
-            ray.init(address=address, **options)
-        else:
-            # the laptop default: a local Ray instance ('local': always a new one), without the dashboard's
-            # nine web modules (~5 CPU-s of a start on two cores). Its workers inherit this environment:
-            # OpenMP threads that sleep when idle, so stages sharing a few cores do not spin against each other
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            ray.init(address=address, include_dashboard=False, **options)
+        with contextlib.nullcontext() if verbose else without_log_level_line():
+            _start(address, join, options)
     except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
         raise RayUnavailable(f"could not {'join Ray at ' + address if join else 'start a local Ray instance'}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _start(address: str | None, join: bool, options: dict) -> None:
+    import ray
+
+    if join:
+        ray.init(address=address, **options)
+    else:
+        # the laptop default: a local Ray instance ('local': always a new one), without the dashboard's
+        # nine web modules (~5 CPU-s of a start on two cores). Its workers inherit this environment:
+        # OpenMP threads that sleep when idle, so stages sharing a few cores do not spin against each other
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        ray.init(address=address, include_dashboard=False, **options)
 
 
 def joins_cluster(address: str | None) -> bool:

@@ -12,11 +12,14 @@ actor, which the driver reads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Callable, TextIO
 
 import ray
@@ -170,6 +173,28 @@ def quiet_ray() -> dict[str, Any]:
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+@contextlib.contextmanager
+def without_log_level_line() -> Iterator[None]:
+    """Standard error (the file descriptor, which C++ writes to) held back in a temporary file while Ray starts,
+    then written out without the one line the driver's core worker prints at INFO level when it reads
+    RAY_BACKEND_LOG_LEVEL, whatever that level is ("Set ray log level from environment variable ..."): it began
+    the console output of every command."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held:
+                if b"Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL" not in line:
+                    os.write(2, line)
 
 
 def fmt_duration(seconds: float) -> str:
