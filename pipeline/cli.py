@@ -492,12 +492,14 @@ def interrupt(signum: int, frame) -> None:
     own code. There it can fall between importlib taking its global import lock and the `try` that releases it,
     inside a weakref callback whose exceptions Python drops: the Ctrl-C was lost, the run went on, and the lock stayed
     held, so that every other thread's import waited forever (a run's gallery thumbnails, decoded on threads, hung
-    at PIL's first import). There the interrupt is sent again a moment later, until it lands outside."""
+    at PIL's first import). There the interrupt is sent again a moment later, until it lands outside: as a signal
+    to the main thread, which ends a wait it is blocked in (`_thread.interrupt_main` only marks the interrupt
+    pending, raised when that wait has returned)."""
     if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
-        import _thread
+        import signal
         import threading
 
-        threading.Timer(0.01, _thread.interrupt_main).start()
+        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
         return
     raise KeyboardInterrupt
 

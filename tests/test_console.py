@@ -354,5 +354,5 @@ def test_ctrl_c_inside_the_import_systems_own_code_is_sent_again_outside_it():
         interrupt(2, here)
     in_importlib = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename="<frozen importlib._bootstrap>"))
     interrupt(2, in_importlib)  # returns: nothing raised inside importlib
-    with pytest.raises(KeyboardInterrupt):  # sent again by `_thread.interrupt_main`: raised here, in the main thread
+    with pytest.raises(KeyboardInterrupt):  # sent again as a signal to the main thread: raised here
         threading.Event().wait(60)  # the interrupt ends this wait (60 s only bounds a failure)
