@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import socket
 import struct
 import time
@@ -318,6 +319,20 @@ def test_a_second_run_into_a_locked_output_is_refused_before_writing(hostile, tm
         with pytest.raises(OutputLocked):
             run(load_config(data=annotate_only(hostile["dir"], out)))
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_score_names_the_run_still_writing_an_unfinished_output(hostile, tmp_path):
+    from pipeline.scorers.rescore import NotScorable, score_output
+
+    out = tmp_path / "out"
+    shutil.copytree(hostile["out"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(manifest | {"completed": False}))
+    with RunLock(RunOutput(str(out)), "writing"):  # a run at work: wait for it, not "run the job again"
+        with pytest.raises(OutputLocked, match="in use by run writing on "):
+            score_output(str(out))
+    with pytest.raises(NotScorable, match="the run did not finish; run the same job again to complete it"):
+        score_output(str(out))
 
 
 def test_a_finished_job_run_again_writes_nothing(hostile):

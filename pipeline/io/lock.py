@@ -82,14 +82,20 @@ class RunLock:
             held = self.holder()
             if held is None:
                 continue  # released in between
-            if not self.stale(held):
-                age = time.time() - held["heartbeat_at"] if isinstance(held.get("heartbeat_at"), (int, float)) else 0
-                raise OutputLocked(
-                    f"output.path {self.output.url} is in use by run {held.get('run_id', '?')} on {held.get('host', '?')} "
-                    f"(pid {held.get('pid', '?')}, seen {age:.0f}s ago); wait for it to end (if that run is gone, "
-                    f"its lock expires {self.stale_after:.0f}s after its last heartbeat, or delete {self.path})")
+            self.refuse_if_held(held)
             self.output.fs.rm(self.path)  # a dead run's lock
         raise OutputLocked(f"output.path {self.output.url}: another run took the lock at the same time")
+
+    def refuse_if_held(self, held: dict[str, Any] | None = None) -> None:
+        """OutputLocked naming the run that holds the lock, if a live one does."""
+        held = self.holder() if held is None else held
+        if held is None or self.stale(held):
+            return
+        age = time.time() - held["heartbeat_at"] if isinstance(held.get("heartbeat_at"), (int, float)) else 0
+        raise OutputLocked(
+            f"output.path {self.output.url} is in use by run {held.get('run_id', '?')} on {held.get('host', '?')} "
+            f"(pid {held.get('pid', '?')}, seen {age:.0f}s ago); wait for it to end (if that run is gone, "
+            f"its lock expires {self.stale_after:.0f}s after its last heartbeat, or delete {self.path})")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):

@@ -129,6 +129,8 @@ def score_output(url: str, overrides: list[str] = (), storage_options: dict[str,
 
     out = RunOutput(url, storage_options)
     manifest = out.manifest()
+    lock = RunLock(out, new_run_id())
+    lock.refuse_if_held()  # a run writing it now: not "run the job again"
     if not manifest.get("completed"):
         raise NotScorable(f"{url}: the run did not finish; run the same job again to complete it, then score it")
     cfg = _config(manifest, list(overrides))
@@ -142,7 +144,7 @@ def score_output(url: str, overrides: list[str] = (), storage_options: dict[str,
     if out.normalized:  # the rows are read with their sources' columns; written back without them
         schema = normalized(schema)[0]
 
-    with RunLock(out, new_run_id()):  # no run writes into the output meanwhile
+    with lock:  # no run writes into the output meanwhile
         names = sorted({posixpath.basename(p) for kind in ("samples", "rejected") for p in out.files(kind)})
         if q.action == "drop":
             out.fs.makedirs(out.path("rejected"), exist_ok=True)
