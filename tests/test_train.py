@@ -247,8 +247,13 @@ def test_training_refuses_to_start_where_it_could_not_finish(ray_session, tiny_m
         run_training(load_train_config(data=gpu))
     with pytest.raises(ModelUnavailable, match="model directory .*/missing does not exist"):
         run_training(load_train_config(data=train_dict({"base_model": str(tmp_path / "missing")}, circles, tmp_path)))
-    with pytest.raises(TrainDataError, match="has no samples/.*parquet .* or train/.*parquet"):
+    with pytest.raises(TrainDataError, match="has no samples/.*parquet .* or train/.*parquet .an export.$"):
         run_training(load_train_config(data=train_dict(tiny_models, tmp_path, tmp_path / "b")))
+    with pytest.raises(TrainDataError, match="it holds Parquet itself: give the folder above a run's samples/ or an "
+                                             "export's train/"):  # the export's own train/ folder
+        run_training(load_train_config(data=train_dict(tiny_models, circles / "train", tmp_path / "b")))
+    with pytest.raises(TrainDataError, match="data path .*/nowhere does not exist"):
+        run_training(load_train_config(data=train_dict(tiny_models, tmp_path / "nowhere", tmp_path / "b")))
     normalized = tmp_path / "normalized"  # output.layout normalized: the maps are in sources/
     shutil.copytree(circles / "train", normalized / "samples")
     (normalized / "sources").mkdir()

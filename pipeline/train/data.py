@@ -53,7 +53,13 @@ def inspect_source(path: str, cfg: TrainConfig) -> Source:
                              f"controlnet-train) and train on DEST")
     files = sorted(fs.glob(posixpath.join(root, "train" if export else "samples", "*.parquet")))
     if not files:
-        raise TrainDataError(f"data path {path} has no samples/*.parquet (a run output) or train/*.parquet (an export)")
+        if not fs.exists(root):
+            raise TrainDataError(f"data path {path} does not exist")
+        hint = ""
+        if fs.isfile(root) or fs.glob(posixpath.join(root, "*.parquet")):  # the samples/ or train/ folder, or a file
+            hint = "; it holds Parquet itself: give the folder above a run's samples/ or an export's train/"
+        raise TrainDataError(f"data path {path} has no samples/*.parquet (a run output) or train/*.parquet (an "
+                             f"export){hint}")
     with fs.open(files[0], "rb") as f:
         check_plain_parquet(f, files[0])
         schema = pq.read_schema(f)
