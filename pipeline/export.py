@@ -11,7 +11,9 @@ Parquet with `datasets` Image features, one per samples file, in `DEST/train/`, 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
 from typing import Any
 
 import pyarrow as pa
@@ -98,8 +100,15 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
               "image": target, "conditioning_image": f"control_{control}", "text": text, "rows": rows, "files": files,
               "empty_text": empty}
     export.write_json("export.json", record)
-    # the card tells `load_dataset(dest)` which files are data
-    export.write_text("README.md", CARD.format(source=src, run_id=manifest.get("run_id"), target=target, control=control, text=text))
+    # the card tells `load_dataset(dest)` which files are data, and its config's description what they hold: the
+    # library keys its cache by the folder's name and the card's configs, not the files, so a second export of
+    # other pairs into a folder of the same name was read from the first one's cache. The run's sample files are
+    # named by a digest of their rows; the job fingerprint tells runs of other settings apart
+    held = hashlib.sha256(json.dumps([posixpath.basename(p) for p in sources + out.files("sources")]).encode())
+    description = (f"pairs from run {manifest.get('run_id')} (job {manifest.get('job_fingerprint')}): image {target}, "
+                   f"conditioning_image control_{control}, text {text}; rows {held.hexdigest()[:16]}")
+    export.write_text("README.md", CARD.format(source=src, run_id=manifest.get("run_id"), target=target, control=control,
+                                               text=text, description=json.dumps(description)))
     return record
 
 
@@ -107,6 +116,7 @@ EXPORT_NAMES = ("train", "export.json", "README.md")  # what an export writes in
 CARD = """---
 configs:
 - config_name: default
+  description: {description}
   data_files:
   - split: train
     path: train/*.parquet

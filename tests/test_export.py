@@ -85,6 +85,10 @@ def test_export_controlnet_train_from_an_annotate_only_run(annotate_only, tmp_pa
     with pytest.raises(ExportError, match="already holds train, export.json, README.md"):
         export_controlnet_train(str(out), str(tmp_path / "train"), control="hed")
     assert export_controlnet_train(str(out), str(tmp_path / "train"), control="canny", overwrite=True)["rows"] == len(photos)
+    # read again: the canny maps now, not the hed maps from the cache of the first read (the folder's name is the same)
+    canny = {r["caption"]: pixels(r["control_canny"]) for r in read_parquet_dir(out / "samples").to_pylist()}
+    for row in load_dataset(str(tmp_path / "train"), split="train"):
+        np.testing.assert_array_equal(np.asarray(row["conditioning_image"]), canny[row["text"]])
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my notes")
