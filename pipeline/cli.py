@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = None
     try:
         models = resolve_models(cfg)  # fail fast, before a cluster is started or joined
-        plan = prepare(cfg, models)  # source and output checked, output locked: still no Ray
+        plan = prepare(cfg, models, retry_errors=args.retry_errors)  # source and output checked, output locked
         if plan.complete:
             finished(plan, say)  # says so; nothing is written
             return 0
@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a Ray instance already running on "
                                      "this machine, else a new local one; 'local' always starts a new one)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="do the inputs and samples of an earlier run's error rows again (their rows are removed)")
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and progress bars")
     loud.add_argument("-q", "--quiet", action="store_true",

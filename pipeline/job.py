@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -277,10 +277,11 @@ class Plan:
         return bool(manifest.get("completed")) and manifest.get("inputs_key") == self.inputs_key
 
 
-def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False) -> Plan:
+def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False, retry_errors: bool = False) -> Plan:
     """Check the source and the output before anything is written or deleted, take the output's lock,
     and open it (fresh, resumed, a new version, or refused). Needs no Ray. Release `plan.lock` when done.
-    `dry_run`: decide the same without locking, deleting or creating anything."""
+    `dry_run`: decide the same without locking, deleting or creating anything. `retry_errors`: the error rows of
+    the same job's earlier run are removed, so their inputs and samples are done again (see `retry`)."""
     models = models or resolve_models(cfg)
     listing = list_inputs(cfg.source, source_extensions(cfg.source))  # SourceError: nothing is touched
     check_columns(cfg.source, listing)
@@ -301,6 +302,8 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False)
         raise OutputExists(f"output.path {cfg.output.path} is not writable: {e.strerror or e}") from None
     try:
         target = open_output(cfg, identity, dry_run)
+        if retry_errors and target.resuming and target.written.errors:
+            target = retry(target, cfg.output.storage_options, dry_run)
     except BaseException:
         lock.release()
         raise
@@ -309,12 +312,26 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False)
     return Plan(cfg, models, identity, listing, target, lock)
 
 
-def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None] = print) -> RunResult:
+def retry(target: Output, storage_options: dict[str, Any], dry_run: bool) -> Output:
+    """The same job's output without its error rows (errors/ removed, under the lock), to be resumed: their inputs
+    and samples are done again, and fail again as new error rows where the cause is still there (a read that timed
+    out, a worker that ran out of memory: Ray retries those within a run, not across runs). A crash meanwhile
+    loses nothing: what has no row is what a resume does."""
+    if not dry_run:
+        output = RunOutput(target.path, storage_options)
+        output.fs.rm(output.path("errors"), recursive=True)
+        return Output(target.path, target.manifest | {"completed": False}, output.written())
+    return Output(target.path, target.manifest | {"completed": False}, replace(target.written, errors=[]))
+
+
+def run(cfg: JobConfig, models: Models | None = None, echo: Callable[[str], None] = print,
+        retry_errors: bool = False) -> RunResult:
     """Run a job on the Ray instance this process is connected to (one is started if none is).
 
     Into an output path holding an interrupted run of the same job, it resumes: what is written
-    stays, the rest is done; a run of the same job that finished on the same inputs is left as it is."""
-    plan = prepare(cfg, models)
+    stays, the rest is done; a run of the same job that finished on the same inputs is left as it is
+    (`retry_errors`: but for its error rows, done again)."""
+    plan = prepare(cfg, models, retry_errors=retry_errors)
     try:
         return finished(plan, echo) if plan.complete else execute(plan, echo)
     finally:
@@ -326,7 +343,8 @@ def finished(plan: Plan, echo: Callable[[str], None] = print) -> RunResult:
     manifest = plan.target.manifest
     counts = manifest["counts"]
     echo(f"{plan.cfg.output.path} is complete: run {manifest['run_id']} wrote this job on these inputs; "
-         f"nothing to do")
+         f"nothing to do" + (f" ({counts['errors']} error rows: --retry-errors does their inputs and samples again)"
+                             if counts["errors"] else ""))
     return RunResult(manifest["run_id"], plan.cfg.output.path, counts["inputs"], counts["samples"], counts["errors"],
                      0.0, manifest)
 

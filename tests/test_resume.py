@@ -275,3 +275,29 @@ def test_an_output_path_under_a_file_is_refused_naming_the_file(tmp_path):
     for path in (tmp_path / "notes.yaml", tmp_path / "notes.yaml" / "sub" / "out"):
         with pytest.raises(OutputExists, match=f"{tmp_path / 'notes.yaml'} is a file, not a directory"):
             prepare(load_config(data=canny_job(str(photos), str(path))), dry_run=True)
+
+
+def test_retry_errors_does_the_inputs_of_error_rows_again(ray_session, tiny_models, tmp_path):
+    """An input that failed (here: a file still being copied when the run read it) is an error row, which a re-run
+    skips; `--retry-errors` removes the error rows and does their inputs again: each input once, in the end."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(photo(PHOTOS[0])).save(inputs / "early.jpg")
+    whole = Image.fromarray(photo(PHOTOS[1]))
+    whole.save(tmp_path / "late.jpg")
+    (inputs / "late.jpg").write_bytes((tmp_path / "late.jpg").read_bytes()[:300])  # cut short
+    data = job_dict(str(inputs), str(tmp_path / "out"), tiny_models)
+    data["annotators"] = [{"name": "canny"}]
+    del data["generation"]
+    cfg = load_config(data=data)
+    first = run(cfg)
+    assert (first.samples, first.errors) == (1, 1)
+    said = []
+    run(cfg, echo=said.append)
+    assert said[0].endswith("nothing to do (1 error rows: --retry-errors does their inputs and samples again)")
+    shutil.copy(tmp_path / "late.jpg", inputs / "late.jpg")  # its copy has finished
+    again = run(cfg, retry_errors=True)
+    assert (again.samples, again.errors) == (2, 0) and again.run_id != first.run_id
+    samples = read_parquet_dir(tmp_path / "out" / "samples", columns=["source_uri"])["source_uri"].to_pylist()
+    assert sorted(Path(u).name for u in samples) == ["early.jpg", "late.jpg"]
+    assert not list((tmp_path / "out").glob("errors/*.parquet"))
