@@ -45,8 +45,8 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
                             overwrite: bool = False, storage_options: dict[str, Any] | None = None,
                             require_text: bool = False) -> dict[str, Any]:
     """Write `src`'s samples as (image, conditioning_image, text) rows under `dest`; returns what was done,
-    with `empty_text`, the number of rows whose text is empty, and `source_completed`, whether the run had ended. `require_text`: refuse (ExportError, nothing
-    written) if there is any."""
+    with `empty_text`, the number of rows whose text is empty, and `source_completed`, whether the run had ended.
+    `require_text`: refuse (ExportError, nothing written) if any row's text is empty."""
     out = RunOutput(src, storage_options)
     manifest = out.manifest()
     columns = out.samples_schema().names
