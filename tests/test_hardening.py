@@ -328,9 +328,9 @@ def test_score_names_the_run_still_writing_an_unfinished_output(hostile, tmp_pat
     shutil.copytree(hostile["out"], out)
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps(manifest | {"completed": False}))
-    with RunLock(RunOutput(str(out)), "writing"):  # a run at work: wait for it, not "run the job again"
-        with pytest.raises(OutputLocked, match="in use by run writing on "):
-            score_output(str(out))
+    # a run at work: wait for it, not "run the job again"
+    with RunLock(RunOutput(str(out)), "writing"), pytest.raises(OutputLocked, match="in use by run writing on "):
+        score_output(str(out))
     with pytest.raises(NotScorable, match="the run did not finish; run the same job again to complete it"):
         score_output(str(out))
 

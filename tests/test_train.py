@@ -19,11 +19,19 @@ from PIL import Image, ImageDraw
 
 from pipeline.config import ConfigError, load_config
 from pipeline.export import TRAIN_SCHEMA
+from pipeline.io.output import RunOutput
 from pipeline.job import run
 from pipeline.models import ModelUnavailable
-from pipeline.io.output import RunOutput
-from pipeline.train import (POLL_INTERVAL, NotEnoughResources, TrainDataError, TrainOutputExists, claim_output,
-                            load_train_config, resolved, run_training)
+from pipeline.train import (
+    POLL_INTERVAL,
+    NotEnoughResources,
+    TrainDataError,
+    TrainOutputExists,
+    claim_output,
+    load_train_config,
+    resolved,
+    run_training,
+)
 from pipeline.train.data import inspect_source, training_dataset
 from pipeline.train.loop import diffusion_loss, first_batch_fetched_meanwhile, load_models
 from tests.helpers import ROOT, cli_command, cli_env, job_dict, kill_tree, read_parquet_dir
