@@ -62,6 +62,16 @@ class SourceConfig(Strict):
                                                             "secret. Without them, the AWS_* environment variables apply.")
     limit: int | None = Field(None, gt=0, description="Read at most this many inputs.")
 
+    @field_validator("extensions")
+    @classmethod
+    def _decodable(cls, extensions: list[str]) -> list[str]:
+        """Every extension one that decode opens: the files of another (gif, heic) were listed, and each one became
+        an error row."""
+        for e in extensions:
+            if e.lower().lstrip(".") not in IMAGE_EXTENSIONS:
+                raise ValueError(f"{e!r} is not an image format the pipeline decodes ({', '.join(IMAGE_EXTENSIONS)})")
+        return extensions
+
     @model_validator(mode="after")
     def _keys_of_its_type(self) -> SourceConfig:
         """A key of another source type is refused, not ignored (`caption_column` on an image folder read no

@@ -122,6 +122,9 @@ CONFIG_ERRORS = [
     # keys of another source type were ignored
     ("caption-column-of-a-folder", {"source.caption_column": "text"},
      re.escape("source: caption_column: only a parquet source has columns (this one is images)")),
+    ("extension-not-decoded", {"source.extensions": ["JPG", ".gif"]},  # each .gif file was an error row
+     re.escape("source.extensions: '.gif' is not an image format the pipeline decodes (jpg, jpeg, png, webp, bmp, "
+               "tif, tiff)")),
     ("caption-key-of-a-folder", {"source.caption_key": "txt"},
      re.escape("source: caption_key: only a webdataset source reads caption_key (this one is images)")),
 ]
