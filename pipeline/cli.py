@@ -178,7 +178,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     try:
         models = resolve_models(cfg)
-        plan = prepare(cfg, models, dry_run=True)  # nothing locked, deleted or created
+        plan = prepare(cfg, models, dry_run=True, retry_errors=args.retry_errors)  # nothing locked, deleted or created
     except (ModelUnavailable, OutputExists, OutputLocked, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--seconds-per-image", type=float, help="measured seconds per generated image on one actor: "
                                                            "prints an estimate of the generation time")
+    p.add_argument("--retry-errors", action="store_true", help="as `run --retry-errors` would: error rows done again")
     p.set_defaults(fn=cmd_plan)
 
     models = sub.add_parser("models", help="model utilities").add_subparsers(dest="models_command", required=True)

@@ -277,7 +277,7 @@ def test_an_output_path_under_a_file_is_refused_naming_the_file(tmp_path):
             prepare(load_config(data=canny_job(str(photos), str(path))), dry_run=True)
 
 
-def test_retry_errors_does_the_inputs_of_error_rows_again(ray_session, tiny_models, tmp_path):
+def test_retry_errors_does_the_inputs_of_error_rows_again(ray_session, tiny_models, tmp_path, capsys):
     """An input that failed (here: a file still being copied when the run read it) is an error row, which a re-run
     skips; `--retry-errors` removes the error rows and does their inputs again: each input once, in the end."""
     inputs = tmp_path / "in"
@@ -296,6 +296,12 @@ def test_retry_errors_does_the_inputs_of_error_rows_again(ray_session, tiny_mode
     run(cfg, echo=said.append)
     assert said[0].endswith("nothing to do (1 error rows: --retry-errors does their inputs and samples again)")
     shutil.copy(tmp_path / "late.jpg", inputs / "late.jpg")  # its copy has finished
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path / "job.yaml"), "--retry-errors"]) == 0  # says it, changes nothing
+    assert "to do: 1 inputs -> 1 rows" in capsys.readouterr().out and (tmp_path / "out" / "errors").is_dir()
     again = run(cfg, retry_errors=True)
     assert (again.samples, again.errors) == (2, 0) and again.run_id != first.run_id
     samples = read_parquet_dir(tmp_path / "out" / "samples", columns=["source_uri"])["source_uri"].to_pylist()
