@@ -315,10 +315,12 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False,
 def retry(target: Output, storage_options: dict[str, Any], dry_run: bool) -> Output:
     """The same job's output without its error rows (errors/ removed, under the lock), to be resumed: their inputs
     and samples are done again, and fail again as new error rows where the cause is still there (a read that timed
-    out, a worker that ran out of memory: Ray retries those within a run, not across runs). A crash meanwhile
-    loses nothing: what has no row is what a resume does."""
+    out, a worker that ran out of memory: Ray retries those within a run, not across runs). The manifest says the
+    run has not completed before the rows go, so a stop meanwhile (Ray not starting, Ctrl-C) loses nothing: what
+    has no row is what the next run of the job does."""
     if not dry_run:
         output = RunOutput(target.path, storage_options)
+        output.write_json("manifest.json", target.manifest | {"completed": False})
         output.fs.rm(output.path("errors"), recursive=True)
         return Output(target.path, target.manifest | {"completed": False}, output.written())
     return Output(target.path, target.manifest | {"completed": False}, replace(target.written, errors=[]))
