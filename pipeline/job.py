@@ -302,6 +302,8 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False,
         raise OutputExists(f"output.path {cfg.output.path} is not writable: {e.strerror or e}") from None
     try:
         target = open_output(cfg, identity, dry_run)
+        if target.resuming and cfg.source.type == "parquet":
+            check_row_names(target, cfg.output.path)
         if retry_errors and target.resuming and target.written.errors:
             target = retry(target, cfg.output.storage_options, dry_run)
     except BaseException:
@@ -310,6 +312,22 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False,
     if target.path != cfg.output.path:
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": target.path})})
     return Plan(cfg, models, identity, listing, target, lock)
+
+
+def check_row_names(target: Output, path: str) -> None:
+    """A Parquet source's rows are named `<file>#row=<i>...`; an output written before were named `<file>#<name>` or
+    `<file>#sha256=...` (or by a path cell's file): resumed, each of its finished inputs would come again under its
+    new name and be a duplicate of itself. Refused (OutputExists) with what to do."""
+    import re
+
+    written = target.written
+    for row in written.samples + written.errors + written.rejected:
+        uri = row["source_uri"] or ""
+        if re.search(r"\.parquet#row=\d", uri, re.IGNORECASE):
+            continue
+        raise OutputExists(f"output.path {path} was written by an earlier version, which named Parquet rows otherwise "
+                           f"({uri}): a resume would take its inputs for new ones; set output.overwrite=true to start "
+                           f"over, or output.new_version=true to write next to it")
 
 
 def retry(target: Output, storage_options: dict[str, Any], dry_run: bool) -> Output:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.export import ExportError, export_controlnet_train
-from pipeline.job import run
+from pipeline.job import OutputExists, run
 from pipeline.schema import samples_schema
 from pipeline.ids import sample_identity
 from tests.helpers import cli, job_dict, read_parquet_dir
@@ -129,6 +129,27 @@ def test_an_unfinished_run_is_exported_and_trained_on_with_a_warning(annotate_on
 
     seen = {p: completed(p, control_column="control_hed") for p in (out, partial)} | {"pairs": completed(tmp_path / "pairs")}
     assert seen == {out: True, partial: False, "pairs": False}
+
+
+def test_an_output_with_the_earlier_names_of_parquet_rows_is_not_resumed(annotate_only, tmp_path):
+    """Before, a Parquet row was `<file>#<name>` or `<file>#sha256=...`: resumed, each finished input would come back
+    under its new name as a duplicate of itself."""
+    from pipeline.job import prepare
+
+    cfg, _, out, _ = annotate_only
+    old = tmp_path / "out"
+    shutil.copytree(out, old)
+    for f in (old / "samples").glob("*.parquet"):
+        table = pq.read_table(f)
+        uris = [u.split("#")[0] + "#sha256=0123456789abcdef" for u in table["source_uri"].to_pylist()]
+        pq.write_table(table.set_column(table.schema.get_field_index("source_uri"), "source_uri", pa.array(uris)), f)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps(manifest | {"completed": False}))
+    moved = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": str(old)})})
+    with pytest.raises(OutputExists, match="written by an earlier version, which named Parquet rows otherwise "
+                                           r"\(.*shard\.parquet#sha256=0123456789abcdef\)"):
+        prepare(moved, dry_run=True)
+    prepare(cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": str(out)})}), dry_run=True)
 
 
 def test_export_from_a_generation_run_pairs_generated_images_with_prompts(ray_session, tiny_models, photos_dir, tmp_path):
