@@ -11,9 +11,7 @@ Parquet with `datasets` Image features, one per samples file, in `DEST/train/`, 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import posixpath
 from typing import Any
 
 import pyarrow as pa
@@ -102,11 +100,9 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
     export.write_json("export.json", record)
     # the card tells `load_dataset(dest)` which files are data, and its config's description what they hold: the
     # library keys its cache by the folder's name and the card's configs, not the files, so a second export of
-    # other pairs into a folder of the same name was read from the first one's cache. The run's sample files are
-    # named by a digest of their rows; the job fingerprint tells runs of other settings apart
-    held = hashlib.sha256(json.dumps([posixpath.basename(p) for p in sources + out.files("sources")]).encode())
+    # other pairs into a folder of the same name was read from the first one's cache (see docs.card)
     description = (f"pairs from run {manifest.get('run_id')} (job {manifest.get('job_fingerprint')}): image {target}, "
-                   f"conditioning_image control_{control}, text {text}; rows {held.hexdigest()[:16]}")
+                   f"conditioning_image control_{control}, text {text}; run files {out.digest()}")
     export.write_text("README.md", CARD.format(source=src, run_id=manifest.get("run_id"), target=target, control=control,
                                                text=text, description=json.dumps(description)))
     return record

@@ -183,11 +183,10 @@ def test_dataset_card_front_matter_and_provenance(output, tiny_models):
     card = (output / "README.md").read_text()
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
-    samples = sorted(f"samples/{p.name}" for p in (output / "samples").glob("*.parquet"))
     manifest = json.loads((output / "manifest.json").read_text())
-    job = f"run {manifest['run_id']} (job {manifest['job_fingerprint']})"  # the cache of `load_dataset(DIR)`: below
-    assert meta["configs"] == [{"config_name": "default", "description": f"samples of {job}",
-                                "data_files": [{"split": "train", "path": samples}]}]
+    job = f"run {manifest['run_id']} (job {manifest['job_fingerprint']}; files {RunOutput(str(output)).digest()})"
+    assert meta["configs"] == [{"config_name": "default", "description": f"samples of {job}",  # for load_dataset: below
+                                "data_files": [{"split": "train", "path": "samples/*.parquet"}]}]
     assert meta["license"] == "unknown" and "controlnet" in meta["tags"]
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["run_id"] in body and manifest["code_version"] in body
@@ -203,8 +202,9 @@ def test_dataset_card_front_matter_and_provenance(output, tiny_models):
 
 
 def test_load_dataset_reads_each_output_not_another_of_the_same_folder_name(output, tmp_path):
-    """`load_dataset(DIR)` keys its cache by the folder's name and the card's configs: the card names its files, so an
-    output with other rows in a folder of the same name is not read from the first one's cache."""
+    """`load_dataset(DIR)` keys its cache by the folder's name and the card's configs: the card's description holds a
+    digest of the files, so an output with other rows in a folder of the same name (or this one, its rows rewritten
+    under the same file names as `score` does) is not read from the first one's cache."""
     import datasets
 
     from pipeline.docs import write_documents
@@ -212,10 +212,8 @@ def test_load_dataset_reads_each_output_not_another_of_the_same_folder_name(outp
     first, second = tmp_path / "a" / "out", tmp_path / "b" / "out"
     shutil.copytree(output, first)
     shutil.copytree(output, second)
-    table = read_parquet_dir(second / "samples")
-    for f in (second / "samples").glob("*.parquet"):  # other rows, in a file of another name (as another run writes)
-        f.unlink()
-    pq.write_table(table.slice(0, 4), second / "samples" / "part-other.parquet")
+    (kept,) = (second / "samples").glob("*.parquet")
+    pq.write_table(pq.read_table(kept).slice(0, 4), kept)  # other rows under the same name
     write_documents(str(second))
     rows = [datasets.load_dataset(str(d), split="train", cache_dir=str(tmp_path / "cache")).num_rows for d in (first, second)]
     assert rows == [10, 4]

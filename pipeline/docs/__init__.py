@@ -23,7 +23,7 @@ def write_documents(url: str, storage_options: dict[str, Any] | None = None, max
     control_ids = [c.removeprefix("control_") for c in out.control_columns()]
     return [
         out.write_text("report.html", report_html(out, max_sources)),
-        out.write_text("README.md", dataset_card(manifest, url, {kind: out.files(kind) for kind in ("samples", "sources")})),
+        out.write_text("README.md", dataset_card(manifest, url, out.digest())),
         out.write_text("croissant.json",
                        json.dumps(croissant(manifest, control_ids, out.location()), indent=2) + "\n"),
     ]

@@ -44,30 +44,22 @@ source = sources[by_sha[ds[0]["source_sha256"]]]  # image, control maps of the f
 """
 
 
-def data_files(kind: str, files: list[str] | None) -> list[str] | str:
-    """A config's files: each one by name. `load_dataset(DIR)` keys its cache by the folder's name and the card's
-    configs alone, not by the files: with a pattern (`samples/*.parquet`), a second output in a folder of the same
-    name, or this one after a resume added files, was read from the first one's cache. A sample file's name is a
-    hash of its rows' ids, so the names change when the rows do. Without the list, the pattern."""
-    return [f"{kind}/{posixpath.basename(f)}" for f in files] if files else f"{kind}/*.parquet"
-
-
-def dataset_card(manifest: dict[str, Any], url: str, files: dict[str, list[str]] | None = None) -> str:
-    """The card; `files`: the output's Parquet files by kind (samples, sources), which its configs name."""
-    files = files or {}
-    # sample files are named by a digest of their rows' ids, which a job of other settings shares: the description
-    # names the job too
-    job = f"run {manifest.get('run_id')} (job {manifest.get('job_fingerprint')})"
+def dataset_card(manifest: dict[str, Any], url: str, digest: str | None = None) -> str:
+    """The card. `digest`: of the output's data files (RunOutput.digest), in each config's description: `datasets`
+    keys the cache of `load_dataset(DIR)` by the folder's name and the card's configs, not by the files, so another
+    output in a folder of the same name, this one after a resume added rows, or after `score` rewrote them, was read
+    from an earlier cache."""
+    job = f"run {manifest.get('run_id')} (job {manifest.get('job_fingerprint')}; files {digest})"
     front = {
         "license": "unknown",
         "tags": ["controlnet", "synthetic", "image"],
         "configs": [{"config_name": "default", "description": f"samples of {job}",
-                     "data_files": [{"split": "train", "path": data_files("samples", files.get("samples"))}]}],
+                     "data_files": [{"split": "train", "path": "samples/*.parquet"}]}],
     }
     layout = run_layout(manifest)
     if layout == "normalized":  # a second table: the sources, once each
         front["configs"].append({"config_name": "sources", "description": f"sources of {job}",
-                                 "data_files": [{"split": "train", "path": data_files("sources", files.get("sources"))}]})
+                                 "data_files": [{"split": "train", "path": "sources/*.parquet"}]})
     counts = manifest.get("counts", {})
     models = "\n".join(f"| {md_cell(r['role'])} | {md_code(r['model']) if r['model'] else '— (no weights)'} "
                        f"| {md_cell(r['revision'] or '—')} | {md_code(r['commit']) if r['commit'] else '—'} |"

@@ -217,6 +217,18 @@ class RunOutput:
     def files(self, kind: str) -> list[str]:
         return sorted(self.fs.glob(self.path(f"{kind}/*.parquet")))
 
+    def digest(self, kinds: tuple[str, ...] = ("samples", "sources")) -> str:
+        """16 hex digits that change when a file of these kinds is added, removed or rewritten (names, sizes and
+        modification stamps, or ETags): what `datasets` needs told to read them again (see docs.card)."""
+        import hashlib
+
+        stamps = []
+        for path in (p for kind in kinds for p in self.files(kind)):
+            info = self.fs.info(path)
+            stamps.append([posixpath.relpath(path, self.root), info.get("size"),
+                           str(info.get("mtime") or info.get("ETag") or info.get("LastModified"))])
+        return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+
     @cached_property
     def normalized(self) -> bool:
         """The output has the normalized layout: samples' source columns are in sources/."""
