@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -175,26 +174,42 @@ def quiet_ray() -> dict[str, Any]:
     return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
+LOG_LEVEL_LINE = b"Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"
+
+
 @contextlib.contextmanager
 def without_log_level_line() -> Iterator[None]:
-    """Standard error (the file descriptor, which C++ writes to) held back in a temporary file while Ray starts,
-    then written out without the one line the driver's core worker prints at INFO level when it reads
-    RAY_BACKEND_LOG_LEVEL, whatever that level is ("Set ray log level from environment variable ..."): it began
-    the console output of every command."""
+    """While Ray starts, standard error (the file descriptor, which C++ writes to) goes through a pipe whose lines a
+    thread passes on as they come, but for the one the driver's core worker prints at INFO level when it reads
+    RAY_BACKEND_LOG_LEVEL, whatever that level is ("Set ray log level from environment variable ..."): it began the
+    console output of every command. At the end a marker line tells the thread to stop."""
+    end = b"\0 end of ray.init\n"
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            for line in held:
-                if b"Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL" not in line:
-                    os.write(2, line)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def relay() -> None:
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            for line in iter(pipe.readline, b""):
+                done = line.endswith(end)
+                line = line.removesuffix(end)
+                if line and LOG_LEVEL_LINE not in line:
+                    os.write(saved, line)
+                if done:
+                    return
+
+    thread = threading.Thread(target=relay, name="stderr-relay", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.write(2, end)
+        os.dup2(saved, 2)
+        thread.join()
+        os.close(saved)
 
 
 def fmt_duration(seconds: float) -> str:
