@@ -198,11 +198,22 @@ def test_a_re_run_resumes_only_the_same_training(trained, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(output, copy)
-    for changes in ({"steps": 48, "num_workers": 1}, {"learning_rate": 1e-3, "output": {"path": str(copy), "overwrite": True}}):
+
+    def claim(said=None, **changes):
         base, again = resolved(load_train_config(data=job | {"output": {"path": str(copy)}} | changes))
-        claim_output(again, base, RunOutput(str(copy)))
+        claim_output(again, base, RunOutput(str(copy)), echo=(said if said is not None else []).append)
+
+    claim(steps=48, num_workers=1, data=job["data"] | {"precompute": False})  # resumable changes
+    (copy / "train.json").unlink()  # as an earlier version left it: resumed, with a note
+    said = []
+    claim(said, learning_rate=2e-3)
+    assert said == [f"note: {copy} holds checkpoints of a training that did not record its config (an earlier "
+                    f"version): resumed as this config's"]
+    claim(learning_rate=1e-3, output={"path": str(copy), "overwrite": True})
     assert sorted(os.listdir(copy)) == ["train.json"]  # checkpoints, validation images and the ControlNet removed
     assert json.loads((copy / "train.json").read_text())["learning_rate"] == 1e-3
+    claim(learning_rate=5e-4)  # no checkpoint yet (a training that stopped before one): nothing to resume, replaced
+    assert json.loads((copy / "train.json").read_text())["learning_rate"] == 5e-4
 
 
 def test_checkpoints_validation_images_and_the_model_card(trained):

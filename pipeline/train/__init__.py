@@ -60,7 +60,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print, cluster_
     sources = [inspect_source(p, cfg) for p in cfg.data.paths]  # and TrainDataError
     check_resources(cfg, cluster_grows, echo)  # and NotEnoughResources
     out = RunOutput(cfg.output.path, cfg.output.storage_options)
-    claim_output(cfg, base, out)  # and TrainOutputExists
+    claim_output(cfg, base, out, echo)  # and TrainOutputExists
     for source in sources:
         if source.provenance.get("completed") is False:
             echo(f"note: {source.path}: {'made from a run that' if source.provenance['kind'] == 'export' else 'a run that'}"
@@ -131,7 +131,8 @@ def resolved(cfg: TrainConfig) -> tuple[ResolvedModel, TrainConfig]:
 
 # What a re-run may change and still resume: how long and on what it trains, not what it learns
 RESUMABLE = {"steps", "checkpoint_every", "validation", "num_workers", "use_gpu", "cpus_per_worker", "output",
-             "storage_options"}
+             "storage_options", "precompute"}
+CHECKPOINTS = f"{RUN_NAME}/checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it resumes from
 TRAINING = ("train.json", RUN_NAME, "validation", "controlnet")  # what a training writes under its output path
 
 
@@ -144,9 +145,10 @@ def training_identity(cfg: TrainConfig, base: ResolvedModel) -> dict[str, Any]:
     return strip(cfg.model_dump(mode="json")) | {"base_model": base.model, "revision": base.commit}
 
 
-def claim_output(cfg: TrainConfig, base: ResolvedModel, out: RunOutput) -> None:
+def claim_output(cfg: TrainConfig, base: ResolvedModel, out: RunOutput, echo: Callable[[str], None] = print) -> None:
     """The output path's training is this config's (OUTPUT/train.json; a re-run resumes it), or none yet. Another
-    config's is refused, naming what changed, unless output.overwrite removes it (as it removes this config's)."""
+    config's is refused, naming what changed, unless output.overwrite removes it (as it removes this config's). A
+    training that stopped before its first checkpoint has nothing to resume: another config takes its place."""
     from pipeline.io.resume import differences
 
     identity = training_identity(cfg, base)
@@ -154,7 +156,10 @@ def claim_output(cfg: TrainConfig, base: ResolvedModel, out: RunOutput) -> None:
         for name in TRAINING:
             if out.exists(name):
                 out.fs.rm(out.path(name), recursive=True)
-    elif out.exists("train.json"):
+    elif not out.exists("train.json") and out.exists(CHECKPOINTS):
+        echo(f"note: {cfg.output.path} holds checkpoints of a training that did not record its config (an earlier "
+             f"version): resumed as this config's")
+    elif out.exists("train.json") and out.exists(CHECKPOINTS):
         try:
             changed = differences(json.loads(out.read_text("train.json")), identity)
         except ValueError:
