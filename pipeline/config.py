@@ -30,12 +30,35 @@ class Strict(BaseModel):
     @classmethod
     def _no_yes_no_numbers(cls, value: Any, info) -> Any:
         """YAML reads yes/no/true/false as booleans, which pydantic takes as 1 and 0 where a number goes
-        (`steps: yes` was one step)."""
-        if isinstance(value, bool):
-            kinds = _options(cls.model_fields[info.field_name].annotation)
-            if bool not in kinds and Any not in kinds and (int in kinds or float in kinds):
-                raise ValueError(f"{str(value).lower()} is a yes/no value, not a number")
+        (`steps: yes` was one step), also in a mapping or list of numbers (`quality.min.canny: yes`)."""
+        where = _yes_no_number(value, cls.model_fields[info.field_name].annotation)
+        if where is not None:
+            raise ValueError(f"{where}{str(_leaf(value, where)).lower()} is a yes/no value, not a number")
         return value
+
+
+def _yes_no_number(value: Any, annotation: Any) -> str | None:
+    """Where in `value` a boolean stands for a number of `annotation`: "" (the value itself), "key: " or "0: "
+    inside a mapping or list of numbers; None where there is none."""
+    kinds = _options(annotation)
+    if isinstance(value, bool):
+        return "" if bool not in kinds and Any not in kinds and (int in kinds or float in kinds) else None
+    for kind in kinds:
+        args = get_args(kind)
+        items = value.items() if get_origin(kind) is dict and isinstance(value, dict) else \
+            enumerate(value) if get_origin(kind) is list and isinstance(value, list) else ()
+        for key, item in items:
+            if _yes_no_number(item, args[-1]) == "":
+                return f"{key}: "
+    return None
+
+
+def _leaf(value: Any, where: str) -> Any:
+    """The value at `where` (see _yes_no_number)."""
+    if not where:
+        return value
+    key = where.removesuffix(": ")
+    return value[int(key)] if isinstance(value, list) else value[key]
 
 
 class SourceConfig(Strict):

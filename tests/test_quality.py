@@ -280,6 +280,7 @@ def test_a_scoring_actor_on_cpu_runs_torch_on_the_threads_of_its_config(tmp_path
     ({"min": {"clip": 25}, "clip_model": "x"}, ("quality.min.clip: 25 is outside the score's range -1..1 (torchmetrics' "
                                                 "CLIPScore is 100 times this score), so every sample would fail")),
     ({"min": {"hed": -2}}, "quality.min.hed: -2 is outside the score's range -1..1, so every sample would pass"),
+    ({"min": {"canny": True}}, "quality.min: canny: true is a yes/no value, not a number"),  # YAML's `yes`
 ])
 def test_quality_config_errors_name_the_key(tmp_path, quality, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
