@@ -207,8 +207,8 @@ def test_a_re_run_resumes_only_the_same_training(trained, tmp_path):
     (copy / "train.json").unlink()  # as an earlier version left it: resumed, with a note
     said = []
     claim(said, learning_rate=2e-3)
-    assert said == [f"note: {copy} holds checkpoints of a training that did not record its config (an earlier "
-                    f"version): resumed as this config's"]
+    assert said == [(f"note: {copy} holds checkpoints of a training that did not record its config (an earlier "
+                     f"version): resumed as this config's")]
     claim(learning_rate=1e-3, output={"path": str(copy), "overwrite": True})
     assert sorted(os.listdir(copy)) == ["train.json"]  # checkpoints, validation images and the ControlNet removed
     assert json.loads((copy / "train.json").read_text())["learning_rate"] == 1e-3
