@@ -21,11 +21,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import AnnotatorConfig, ConfigError, QualityConfig, apply_override, check_quality, error_lines
+from pipeline.config import (
+    AnnotatorConfig,
+    ConfigError,
+    JobConfig,
+    QualityConfig,
+    apply_override,
+    check_quality,
+    error_lines,
+)
 from pipeline.generators import DEFAULT_FAMILY
 from pipeline.io.output import RunOutput, write_parquet
 from pipeline.models import ModelUnavailable, ResolvedModel, resolve_model
-from pipeline.schema import normalized, IMAGE, samples_schema
+from pipeline.schema import IMAGE, normalized, samples_schema
 from pipeline.scorers.stage import Gate
 
 REDACTED = "<redacted>"
@@ -62,7 +70,7 @@ def _config(manifest: dict[str, Any], overrides: list[str]) -> Scoring:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. quality.min.canny=0.3")
         if not assignment.strip().startswith("quality."):
             raise ConfigError(f"--set {assignment!r}: only keys of the quality section can change when scoring")
-        apply_override(data, assignment)
+        apply_override(data, assignment, JobConfig)
     if not data.get("quality"):
         raise NotScorable("the run has no quality section: give one with --set, e.g. --set quality.min.canny=0.3 "
                           "--set quality.action=drop")
