@@ -223,10 +223,10 @@ class RunOutput:
         import hashlib
 
         stamps = []
-        for path in (p for kind in kinds for p in self.files(kind)):
-            info = self.fs.info(path)
-            stamps.append([posixpath.relpath(path, self.root), info.get("size"),
-                           str(info.get("mtime") or info.get("ETag") or info.get("LastModified"))])
+        for kind in kinds:  # one listing with the files' details (a request per file on S3 otherwise)
+            for path, info in sorted(self.fs.glob(self.path(f"{kind}/*.parquet"), detail=True).items()):
+                stamps.append([posixpath.relpath(path, self.root), info.get("size"),
+                               str(info.get("mtime") or info.get("ETag") or info.get("LastModified"))])
         return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
 
     @cached_property

@@ -26,6 +26,7 @@ class TableRows(FileBasedDatasource):
                  allowed_roots: list[str] | None, **kwargs):
         super().__init__(paths, **kwargs)
         self.fs, self.columns, self.allowed_roots = fs, columns, allowed_roots
+        self.read = list(dict.fromkeys(columns.values()))  # the Parquet columns read (a column may serve two keys)
         schema = SOURCE_SCHEMA.append(pa.field("source_path", pa.string()))
         if "prompt_column" in columns:  # the image's own prompt (source.prompt_column), for variant expansion
             schema = schema.append(pa.field("source_prompt", pa.string()))
@@ -38,7 +39,7 @@ class TableRows(FileBasedDatasource):
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         table, n = full_uri(self.fs, path), 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK, columns=list(dict.fromkeys(self.columns.values()))):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK, columns=self.read):
             rows = [self.row(table, n + i, cells) for i, cells in enumerate(batch.to_pylist())]
             n += len(rows)
             yield pa.Table.from_pylist(rows, schema=self.schema)
