@@ -407,9 +407,19 @@ def test_score_command_regates_an_existing_output_in_place_with_nothing_lost(fla
     from pipeline.cli import main
     from pipeline.io.output import RunOutput
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     source, result, _ = flagged
     out = tmp_path / "scored"
     shutil.copytree(source, out)
+    for path in (out / "samples").glob("*.parquet"):  # as a run with a captioner writes them: its record per row
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("captioner", pa.array(['{"kind": "blip"}'] * len(table))), path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["captioner"] = {"kind": "blip"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    columns = set(pq.read_schema(next((out / "samples").glob("*.parquet"))).names)
     before = {r["sample_id"]: r["score_canny"] for r in scores_of(out)}
     threshold = float(np.median(list(before.values())))
     assert main(["score", str(out), "--set", "quality.action=drop", "--set", f"quality.min.canny={threshold}"]) == 0
@@ -428,6 +438,9 @@ def test_score_command_regates_an_existing_output_in_place_with_nothing_lost(fla
     prov = json.loads(read_one(out / "rejected", "score_provenance"))
     assert prov["scored_by"] == "python -m pipeline score" and prov["action"] == "drop"
     assert f"| `canny` | ≥ {threshold} |" in (out / "README.md").read_text()
+    for kind in ("samples", "rejected"):  # every column kept, the captioner's record too
+        assert {r["captioner"] for r in scores_of(out, kind, ["captioner"])} == {'{"kind": "blip"}'}
+        assert set(pq.read_schema(next((out / kind).glob("*.parquet"))).names) == columns
 
     # flagging again brings the rejected samples back: rejected/ goes away, nothing is lost
     assert main(["score", str(out), "--set", "quality.action=flag"]) == 0

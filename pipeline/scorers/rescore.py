@@ -53,6 +53,7 @@ class Scoring:
     family: str
     variants: int
     local_files_only: bool
+    captioner: bool  # the rows carry the captioner's record (a column the rewritten files keep)
 
 
 def _config(manifest: dict[str, Any], overrides: list[str]) -> Scoring:
@@ -83,7 +84,8 @@ def _config(manifest: dict[str, Any], overrides: list[str]) -> Scoring:
     except ValueError as e:
         raise ConfigError(f"invalid quality settings: {e}") from None
     return Scoring(Gate(quality, annotators), generation.get("family") or DEFAULT_FAMILY,
-                   int(generation.get("variants_per_image") or 1), bool(generation.get("local_files_only")))
+                   int(generation.get("variants_per_image") or 1), bool(generation.get("local_files_only")),
+                   data.get("captioner") is not None)
 
 
 def _unredacted(value: Any) -> Any:
@@ -147,7 +149,7 @@ def score_output(url: str, overrides: list[str] = (), storage_options: dict[str,
                     scored_by="python -m pipeline score")
     control_ids = [a.key for a in cfg.gate.annotators]
     keypoint_ids = [a.key for a in cfg.gate.annotators if ANNOTATORS[a.name].keypoints]
-    schema = samples_schema(control_ids, keypoint_ids, cfg.family, score_columns(cfg.gate))
+    schema = samples_schema(control_ids, keypoint_ids, cfg.family, score_columns(cfg.gate), captioner=cfg.captioner)
     images = {f.name for f in schema if f.type == IMAGE}
     if out.normalized:  # the rows are read with their sources' columns; written back without them
         schema = normalized(schema)[0]
