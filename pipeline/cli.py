@@ -275,9 +275,16 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from pipeline.testing import make_tiny
 
     annotators = None if args.annotators is None else args.annotators.split(",")
-    paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed, annotators=annotators,
-                      families=args.families.split(","),
-                      captioners=[c for c in args.captioners.split(",") if c] if args.captioners != "all" else "all")
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        print(f"error: {args.dir} is a file, not a directory", file=sys.stderr)
+        return 2
+    try:
+        paths = make_tiny(args.dir, conditions=args.conditions.split(","), seed=args.seed, annotators=annotators,
+                          families=args.families.split(","),
+                          captioners=[c for c in args.captioners.split(",") if c] if args.captioners != "all" else "all")
+    except ValueError as e:  # an unknown annotator, family or captioner: named before anything is written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -190,3 +190,24 @@ def test_deterministic(tiny: dict[str, str], tmp_path: Path) -> None:
         a = Path(tiny["base_model"]).parent / rel
         b = Path(again["base_model"]).parent / rel
         assert a.read_bytes() == b.read_bytes(), rel
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--captioners", "nope"], "no tiny models for captioners ['nope']; known: ['blip', 'florence2']"),
+    (["--families", "nope"], "no tiny models for families ['nope']"),
+    (["--annotators", "nope"], "unknown annotators ['nope']"),
+])
+def test_make_tiny_names_an_unknown_model_before_writing_anything(tmp_path, capsys, args, message) -> None:
+    from pipeline.cli import main
+
+    assert main(["models", "make-tiny", str(tmp_path / "models"), *args]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()  # the captioners were checked once every other model was written
+
+
+def test_make_tiny_into_a_file_is_refused(tmp_path, capsys) -> None:
+    from pipeline.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    assert main(["models", "make-tiny", str(tmp_path / "a-file")]) == 2
+    assert f"error: {tmp_path / 'a-file'} is a file, not a directory" in capsys.readouterr().err

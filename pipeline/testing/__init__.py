@@ -81,6 +81,8 @@ def make_tiny(out_dir: str | Path, conditions: Sequence[str] = ("canny", "hed"),
     wanted = {"seed": seed, "conditions": conditions, "annotators": annotators}
     wanted |= {"families": families} if families != ["sd15"] else {}
     captioners = list(CAPTIONER_WRITERS) if captioners == "all" else list(captioners)
+    if unknown := [c for c in captioners if c not in CAPTIONER_WRITERS]:  # before anything is written
+        raise ValueError(f"no tiny models for captioners {unknown}; known: {list(CAPTIONER_WRITERS)}")
     paths.update({f"captioner/{kind}": str(out / f"captioner-{kind}") for kind in captioners})
     wanted |= {"captioners": captioners}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
