@@ -62,8 +62,7 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
         raise ExportError(f"--image {target!r}: {src} has {[c for c in ('generated', 'image') if c in columns]}")
     text = "prompt" if target == "generated" else "caption"
     sources = out.files("samples")
-    empty = sum(pc.sum(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(out.read_file(p, [text]).column(text), "")), ""))
-                .as_py() or 0 for p in sources)
+    kept, empty = _rows_kept(out, sources, target, text)
     if empty and require_text:
         raise ExportError(empty_text_message(empty, text))
 
@@ -85,8 +84,11 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
         export.fs.rm(export.path(name), recursive=True)
     export.fs.makedirs(export.path("train"), exist_ok=True)
     files, rows = [], 0
-    for i, path in enumerate(sources):
+    for i, (path, keep) in enumerate(zip(sources, kept)):
         table = out.read_file(path, [target, f"control_{control}", text])
+        table = table if keep is None else table.filter(keep)
+        if not table.num_rows:  # every row a variant of a source exported from an earlier file
+            continue
         captions = pc.fill_null(table.column(text), "")
         train = pa.Table.from_arrays([table.column(target), table.column(f"control_{control}"), captions], schema=TRAIN_SCHEMA)
         name = f"train/part-{i:05d}.parquet"
@@ -106,6 +108,23 @@ def export_controlnet_train(src: str, dest: str, control: str | None = None, tar
     export.write_text("README.md", CARD.format(source=src, run_id=manifest.get("run_id"), target=target, control=control,
                                                text=text, description=json.dumps(description)))
     return record
+
+
+def _rows_kept(out: RunOutput, files: list[str], target: str, text: str) -> tuple[list[pa.Array | None], int]:
+    """Which rows of each part file the export writes (None: all), and how many of those have an empty `text`.
+    Pairs of source images keep one row per source: a run's variants of a source repeat its image, control map
+    and caption, and each copy would weigh that pair once more in training."""
+    seen: set[str] = set()
+    kept, empty = [], 0
+    for path in files:
+        table = out.read_file(path, [text, "source_sha256"] if target == "image" else [text])
+        keep = None
+        if target == "image":
+            keep = pa.array([not (sha in seen or seen.add(sha)) for sha in table.column("source_sha256").to_pylist()])
+            table = table.filter(keep)
+        kept.append(keep)
+        empty += pc.sum(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(table.column(text), "")), "")).as_py() or 0
+    return kept, empty
 
 
 EXPORT_NAMES = ("train", "export.json", "README.md")  # what an export writes in its directory

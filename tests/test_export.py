@@ -153,7 +153,7 @@ def test_an_output_with_the_earlier_names_of_parquet_rows_is_not_resumed(annotat
 
 
 def test_export_from_a_generation_run_pairs_generated_images_with_prompts(ray_session, tiny_models, photos_dir, tmp_path):
-    data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models, variants_per_image=1)
+    data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models, variants_per_image=2)
     data["annotators"] = data["annotators"][:1]
     data["generation"]["controlnets"] = data["generation"]["controlnets"][:1]
     run(load_config(data=data))
@@ -164,6 +164,17 @@ def test_export_from_a_generation_run_pairs_generated_images_with_prompts(ray_se
     want = read_parquet_dir(tmp_path / "out" / "samples")
     assert sorted(exported["text"].to_pylist()) == sorted(want["prompt"].to_pylist())
     assert sorted(r["bytes"] for r in exported["image"].to_pylist()) == sorted(r["bytes"] for r in want["generated"].to_pylist())
+
+    # the source images: one pair per source, not one per variant (each copy would weigh it once more)
+    proc = cli("export", tmp_path / "out", tmp_path / "sources", "--format", "controlnet-train", "--image", "image")
+    assert proc.returncode == 0, proc.stderr
+    pairs = read_parquet_dir(tmp_path / "sources" / "train")
+    by_source = {r["source_sha256"]: r for r in want.to_pylist()}
+    assert want.num_rows == 2 * len(by_source) and pairs.num_rows == len(by_source)
+    assert sorted(r["bytes"] for r in pairs["image"].to_pylist()) == sorted(r["image"]["bytes"] for r in by_source.values())
+    assert sorted(r["bytes"] for r in pairs["conditioning_image"].to_pylist()) == sorted(
+        r["control_canny"]["bytes"] for r in by_source.values())
+    assert json.loads((tmp_path / "sources" / "export.json").read_text())["rows"] == len(by_source)
 
     proc = cli("export", tmp_path / "out", tmp_path / "t2", "--format", "controlnet-train", "--control", "depth")
     assert proc.returncode == 2
