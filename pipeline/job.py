@@ -311,7 +311,21 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False,
         raise
     if target.path != cfg.output.path:
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": target.path})})
+    if target.resuming and (gate := regated(target.manifest)) is not None:
+        quality = QualityConfig.model_validate({**(cfg.quality.model_dump() if cfg.quality else {}), **gate})
+        cfg = cfg.model_copy(update={"quality": quality})
+        models = replace(models, scorers=scorer_models(quality, cfg.generation.local_files_only))
     return Plan(cfg, models, identity, listing, target, lock)
+
+
+def regated(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The quality settings `python -m pipeline score` last gated an output with, if it did (else None). A resume
+    gates its new samples the same way: with the job's own settings (other thresholds, or no gate at all) the
+    output would hold samples kept by two rules, and part files with and without the score columns."""
+    last = (manifest or {}).get("quality") or {}
+    if last.get("scored_by", "run") == "run":
+        return None
+    return {k: v for k, v in last.items() if k not in ("scored_by", "scored_at")}
 
 
 def check_row_names(target: Output, path: str) -> None:
@@ -392,6 +406,11 @@ def execute(plan: Plan, echo: Callable[[str], None] = print, bar: bool = False) 
     if target.resuming:
         echo(f"run {run_id}: resuming {cfg.output.path}: {len(target.written.done_samples)} samples and "
              f"{len(target.written.done_sources)} rejected inputs already written are skipped")
+        if regated(target.manifest) is not None:
+            q = cfg.quality
+            bounds = [f"{k} >= {v}" for k, v in q.min.items()] + [f"{k} <= {v}" for k, v in q.max.items()]
+            echo(f"  new samples are gated as `score` last gated the output ({', '.join(bounds) or 'no thresholds'}, "
+                 f"{q.action}), not as the job's quality section says")
     else:
         echo(f"run {run_id}: {cfg.source.path} -> {cfg.output.path}")
 

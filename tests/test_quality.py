@@ -499,6 +499,43 @@ def test_drop_routes_failing_samples_to_rejected_with_exact_accounting_and_a_res
     assert again.manifest["counts"] == counts
 
 
+def test_a_resume_gates_its_new_samples_as_score_last_gated_the_output(flagged, ray_session, tiny_models, photos_dir,
+                                                                       tmp_path, capsys):
+    """A job without a quality section, gated afterwards by `score`: the inputs added later are scored and gated
+    with score's thresholds, so the output keeps one rule and one schema."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+    from pipeline.io.output import RunOutput
+    from pipeline.job import run
+
+    threshold = float(np.median([r["score_canny"] for r in scores_of(flagged[0])]))
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    names = sorted(p.name for p in photos_dir.iterdir())
+    for name in names[:3]:
+        shutil.copy(photos_dir / name, photos / name)
+    cfg = load_config(data=job_dict(str(photos), str(out), tiny_models))
+    run(cfg, echo=lambda s: None)
+    assert main(["score", str(out), "--set", f"quality.min.canny={threshold}", "--set", "quality.action=drop"]) == 0
+    for name in names[3:]:  # more inputs: the same job resumes
+        shutil.copy(photos_dir / name, photos / name)
+    lines = []
+    again = run(cfg, echo=lines.append)
+
+    assert f"new samples are gated as `score` last gated the output (canny >= {threshold}, drop)" in "\n".join(lines)
+    kept, rejected = scores_of(out), scores_of(out, "rejected")
+    assert len(kept) + len(rejected) == 2 * len(names) and again.manifest["this_run"]["samples"] > 0
+    assert all(r["passed"] and r["score_canny"] >= threshold for r in kept)
+    assert all(r["passed"] is False and r["score_canny"] < threshold for r in rejected)
+    schemas = {tuple(pq.read_schema(f).names) for kind in ("samples", "rejected") for f in (out / kind).glob("*.parquet")}
+    assert len(schemas) == 1  # every part file with the score columns
+    quality = RunOutput(str(out)).manifest()["quality"]
+    assert (quality["min"], quality["action"]) == ({"canny": threshold}, "drop")
+
+
 def test_models_fetch_knows_the_clip_model(tiny_models, photos_dir, clip_dir, tmp_path):
     from pipeline.fetch import fetch
 
