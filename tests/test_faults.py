@@ -41,6 +41,8 @@ def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tmp
     save(d / "too-small.png", Image.new("RGB", (10, 10), "red"))
     save(d / "panorama.jpg", Image.new("RGB", (2000, 100), "blue"))
     (d / "dangling.jpg").symlink_to(d / "deleted-before-read.jpg")
+    (d / "loop-a.jpg").symlink_to(d / "loop-b.jpg")  # links to each other: listed, and an error row
+    (d / "loop-b.jpg").symlink_to(d / "loop-a.jpg")
 
     result = run(load_config(data=canny_job(str(d), str(tmp_path / "out"))))  # all decided at decode: no models
 
@@ -57,7 +59,7 @@ def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tmp
     errors = {Path(r["source_uri"]).name: r for r in read_parquet_dir(tmp_path / "out" / "errors").to_pylist()}
     reasons = {name: e["error_message"] for name, e in errors.items()}
     assert set(reasons) == {"truncated.jpg", "empty.png", "text.jpg", "bomb.png", "too-small.png", "panorama.jpg",
-                            "dangling.jpg"}
+                            "dangling.jpg", "loop-a.jpg", "loop-b.jpg"}
     assert reasons["empty.png"] == "empty file (0 bytes)"
     assert reasons["truncated.jpg"].startswith("not a decodable image")
     assert reasons["text.jpg"].startswith("not a decodable image")
@@ -65,8 +67,9 @@ def test_good_and_bad_files_are_each_accounted_for_exactly_once(ray_session, tmp
     assert reasons["too-small.png"] == "10x10 is smaller than image.min_side=16"
     assert reasons["panorama.jpg"] == "2000x100 has an aspect ratio over image.max_aspect_ratio=4"
     assert "No such file" in reasons["dangling.jpg"] and errors["dangling.jpg"]["error_type"] == "FileNotFoundError"
+    assert "Too many levels of symbolic links" in reasons["loop-a.jpg"]
     assert all(e["stage"] == "decode" for e in errors.values())
 
     counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
-    assert counts["inputs"] == 15 == samples.num_rows + len(errors)
-    assert (result.samples, result.errors, counts["duplicate_sample_ids"]) == (8, 7, 0)
+    assert counts["inputs"] == 17 == samples.num_rows + len(errors)
+    assert (result.samples, result.errors, counts["duplicate_sample_ids"]) == (8, 9, 0)

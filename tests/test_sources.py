@@ -82,6 +82,17 @@ def test_webdataset_members_and_captions(ray_session, photos, tmp_path):
     assert {k: r["caption"] for k, r in rows.items()} == {
         "a": "from txt", "b": "default key", "c": None, "dir/d": None, "e": None}
     assert all(r["source_bytes"] == image for r in rows.values())
+    # a member name in Latin-1 (not UTF-8) and a JSON caption escaping a lone surrogate: rows, not a failed read
+    with tarfile.open(tmp_path / "latin.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name, data in (("été.png", image), ("b.png", image), ("b.json", b'{"caption": "bad \\udce9 text"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    latin = {r["source_uri"].split("#")[1]: r for r in
+             read_source(SourceConfig(type="webdataset", path=str(tmp_path / "latin.tar"))).take_all()}
+    assert sorted(latin) == [r"\xe9t\xe9", "b"] and latin["b"]["caption"] == "bad ? text"
+    assert all(r["source_bytes"] == image for r in latin.values())
+    (tmp_path / "latin.tar").unlink()
     limited = SourceConfig(type="webdataset", path=str(tmp_path / "shard.tar"), extensions=["jpg", "png"], limit=1)
     assert len(read_source(limited).take_all()) == 1
     only_jpg_png = SourceConfig(type="webdataset", path=str(tmp_path / "shard.tar"), extensions=["jpg", "png"])
@@ -189,5 +200,14 @@ def test_parquet_columns_are_checked_in_every_file_before_any_work(photos, tmp_p
     pq.write_table(pa.table({"image": [photos["rocket.jpg"]], "text": [["a", "rocket"]]}), tmp_path / "b.parquet")
     assert "b.parquet: source.caption_column 'text' holds list<element: string>, not text (one string per image)" in \
         refused(caption_column="text")
+    (tmp_path / "b.parquet").unlink()  # an image column of numbers is no images
+    pq.write_table(pa.table({"image": [1]}), tmp_path / "b.parquet")
+    assert ("b.parquet: source.image_column 'image' holds int64, not images (encoded bytes, a path, or a struct of "
+            "bytes and path)") in refused()
+    (tmp_path / "b.parquet").unlink()
+    pq.write_table(pa.table({"image": [photos["rocket.jpg"]]}), tmp_path / "b.parquet")
+    (tmp_path / "b.parquet").rename(tmp_path / "caf\udce9.parquet")  # a name that is not UTF-8
+    assert r"caf\xe9.parquet: a parquet file is read through pyarrow, which needs file names in UTF-8" in refused()
+    (tmp_path / "caf\udce9.parquet").unlink()
     (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
     assert "c.parquet is not a readable Parquet file" in refused()

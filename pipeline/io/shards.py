@@ -37,6 +37,8 @@ class Shards(FileBasedDatasource):
         try:
             tar = tarfile.open(fileobj=f, mode="r|*")  # noqa: SIM115 - closed with `f`, which Ray Data opened
             for member in tar:
+                # a name that is not UTF-8 (tarfile keeps its bytes as surrogate escapes) shows them as \xNN
+                member.name = member.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                 stem, dot, ext = posixpath.basename(member.name).partition(".")
                 if not member.isreg() or not stem or not dot:
                     continue
@@ -93,5 +95,6 @@ def caption(members: dict[str, bytes], json_key: str) -> str | None:
             value = json.loads(members["json"]).get(json_key)
         except (ValueError, AttributeError):  # not JSON, or not a JSON object
             return None
-        return value if isinstance(value, str) else None
+        # JSON may escape a lone surrogate ("\udce9"), which is no UTF-8 text: replaced
+        return value.encode("utf-8", "replace").decode("utf-8") if isinstance(value, str) else None
     return None

@@ -100,11 +100,14 @@ def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
         for p, info in candidates.items():
             if posixpath.splitext(p)[1].lower() not in extensions:
                 continue
+            if cfg.type != "images" and not utf8(p):  # an image file's name may be any bytes; these go to pyarrow
+                raise SourceError(f"{repr(p.encode('utf-8', 'surrogateescape'))[2:-1]}: a {cfg.type} file is read through pyarrow, which needs file "
+                                  f"names in UTF-8: rename it")
             dangling = False
             if info.get("islink"):  # find() describes a link itself, info() its target
                 try:
                     info = fs.info(p)
-                except FileNotFoundError:
+                except OSError:  # a dangling link, or a loop of links
                     dangling = True  # listed: its read fails, an error row says so
             if info.get("type") != "file" and not dangling:  # a FIFO, a device or a link to one: a read would hang
                 skipped += 1
@@ -119,6 +122,15 @@ def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
         log.warning("source.path %r: %d entries are not regular files (FIFOs, devices, links to them); skipped",
                     cfg.path, skipped)
     return Listing(uris, digest, skipped)
+
+
+def utf8(text: str) -> bool:
+    """Whether `text` is valid UTF-8 (a name that is not keeps its bytes as surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def list_files(cfg: SourceConfig, extensions: list[str]) -> list[str]:
@@ -183,12 +195,28 @@ def check_columns(cfg: SourceConfig, listing: Listing) -> None:
         missing = [f"source.{key} {column!r}" for key, column in wanted.items() if column not in schema.names]
         if missing:
             raise SourceError(f"{uri} has no column for {', '.join(missing)}; its columns: {schema.names}")
+        kind = schema.field(wanted["image_column"]).type
+        if not image_cells(kind):
+            raise SourceError(f"{uri}: source.image_column {wanted['image_column']!r} holds {kind}, not images (encoded "
+                              f"bytes, a path, or a struct of bytes and path)")
         for key in ("caption_column", "prompt_column"):  # read as one string per image
             column = wanted.get(key)
             kind = schema.field(column).type if column else None
             text = kind is None or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
             if not text:
                 raise SourceError(f"{uri}: source.{key} {column!r} holds {kind}, not text (one string per image)")
+
+
+def image_cells(kind: pa.DataType) -> bool:
+    """Whether a Parquet column of this type holds images as the reader takes them: encoded bytes, a path, or a
+    struct of `bytes` and `path` (a Hugging Face `datasets` Image feature)."""
+    scalar = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) \
+        or pa.types.is_large_string(t) or pa.types.is_null(t)  # noqa: E731
+    if pa.types.is_struct(kind):
+        fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+        known = [fields[f] for f in ("bytes", "path") if f in fields]
+        return bool(known) and all(map(scalar, known))
+    return scalar(kind)
 
 
 def _parquet_columns(cfg: SourceConfig) -> dict[str, str]:
