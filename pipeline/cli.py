@@ -183,10 +183,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg, variants = plan.cfg, cfg.generation.variants_per_image if cfg.generation else 1
-    listed = len(plan.listing.uris)
-    inputs = len(plan.listing.limited(cfg.source.limit)) if cfg.source.type == "images" else listed
+    listed, limit = len(plan.listing.uris), cfg.source.limit
     what = {"images": "image files", "parquet": "Parquet files", "webdataset": "tar shards"}[cfg.source.type]
-    print(f"source: {cfg.source.path}: {listed} {what}" + (f", {inputs} read (source.limit)" if inputs != listed else "")
+    found = listed  # the inputs, where the source says before reading: image files, or Parquet rows (footers)
+    if cfg.source.type == "parquet":
+        from pipeline.io.sources import parquet_rows
+
+        found = parquet_rows(cfg.source, plan.listing)
+        what += f" ({found} rows)"
+    inputs = None if cfg.source.type == "webdataset" else min(found, limit or found)
+    print(f"source: {cfg.source.path}: {listed} {what}"
+          + (f", {inputs} read (source.limit)" if inputs is not None and inputs != found else "")
           + (f"; {plan.listing.skipped} entries that are not regular files skipped" if plan.listing.skipped else ""))
     overwrite = cfg.output.overwrite and not plan.target.resuming and plan.target.path == cfg.output.path
     print(f"output: {cfg.output.path}: " + ("complete: nothing to do" if plan.complete else
@@ -196,12 +203,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if plan.target.resuming:
         print(f"  a resume skips {len(written.done_samples)} written samples and {len(written.done_sources)} "
               f"rejected inputs")
-    todo = 0 if plan.complete else plan.expected_inputs
+    todo = 0 if plan.complete else None if inputs is None else plan.remaining(inputs)
     if todo is not None:
         print(f"to do: {todo} inputs -> {todo * variants} {'samples' if cfg.generation else 'rows'} "
               f"({variants} per input)")
-    else:
-        print(f"to do: every image in the {listed} {what} ({variants} samples per image)")
+    else:  # a tar shard's samples are counted by reading it
+        print(f"to do: every sample{' not yet written' if plan.target.resuming else ''} in the {listed} {what}"
+              + (f", at most {limit} in all (source.limit)" if limit else "") + f" ({variants} per sample)")
     print("models:")
     for key, model in models.annotators.items():
         print(f"  annotator {key}: " + (f"{model.model} @ {model.commit}" if model else "(no weights)"))

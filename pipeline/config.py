@@ -64,6 +64,14 @@ class SourceConfig(Strict):
                                                             "secret. Without them, the AWS_* environment variables apply.")
     limit: int | None = Field(None, gt=0, description="Read at most this many inputs.")
 
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, path: str | list[str]) -> str | list[str]:
+        """An empty path was the current directory: a run read whatever files it held."""
+        if not path or any(not p.strip() for p in ([path] if isinstance(path, str) else path)):
+            raise ValueError("an empty path; give the directory, glob or file(s) to read")
+        return path
+
     @field_validator("extensions")
     @classmethod
     def _decodable(cls, extensions: list[str]) -> list[str]:

@@ -87,12 +87,16 @@ def resolve_models(cfg: JobConfig) -> Models:
     for a in cfg.annotators:
         cls = ANNOTATORS[a.name]
         model = a.model or cls.default_model
-        annotators[a.key] = resolve_model(model, a.revision, cls.files[0], local_only, cls.files) if model else None
+        with named(f"annotator {a.key}"):
+            annotators[a.key] = resolve_model(model, a.revision, cls.files[0], local_only, cls.files) if model else None
     captioner = captioner_model(cfg)
     if gen is None:
         return Models(annotators, {}, captioner=captioner)
     pickles = ("*.bin", "*.ckpt", "*.pt", "*.pth") if gen.allow_pickle else ()
-    resolve = lambda ref: resolve_model(ref.model, ref.revision, ref.probe, local_only, (*ref.patterns, *pickles))  # noqa: E731
+    def resolve(ref):
+        with named(f"generation {ref.role}"):
+            return resolve_model(ref.model, ref.revision, ref.probe, local_only, (*ref.patterns, *pickles))
+
     refs = generator_class(gen.family).model_refs(gen)
     models = Models(annotators, {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()},
                     scorer_models(cfg.quality, local_only), captioner)
@@ -104,6 +108,15 @@ def resolve_models(cfg: JobConfig) -> Models:
                     f"loaded. Convert them to safetensors, or set generation.allow_pickle=true if you trust the source"
                 )
     return models
+
+
+@contextlib.contextmanager
+def named(role: str):
+    """A model that cannot be resolved is named by its role in the job (`annotator hed`, `generation base_model`)."""
+    try:
+        yield
+    except ModelUnavailable as e:
+        raise ModelUnavailable(f"{role}: {e}") from None
 
 
 def scorer_models(quality: QualityConfig | None, local_only: bool = False) -> dict[str, ResolvedModel]:
@@ -265,7 +278,11 @@ class Plan:
         counts the inputs with nothing written yet as whole ones)."""
         if self.cfg.source.type != "images":
             return None
-        inputs = len(self.listing.limited(self.cfg.source.limit))
+        return self.remaining(len(self.listing.limited(self.cfg.source.limit)))
+
+    def remaining(self, inputs: int) -> int:
+        """Of the `inputs` the job reads, those without anything written yet (a resume counts the inputs with
+        nothing written as whole ones)."""
         variants = self.cfg.generation.variants_per_image if self.cfg.generation else 1
         written = self.target.written
         return max(0, inputs - len(written.done_sources) - len(written.done_samples) // variants)

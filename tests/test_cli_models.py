@@ -62,3 +62,16 @@ def test_fetch_from_an_unreachable_hub_fails_with_one_line(tmp_path, tiny_models
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1
     assert "annotator hed: could not fetch ControlNetHED.pth of model 'lllyasviel/Annotators'" in lines[0]
+
+
+def test_a_missing_model_is_named_by_its_role_in_the_job(tmp_path, tiny_models):
+    import pytest
+
+    from pipeline.config import load_config
+    from pipeline.job import resolve_models
+    from pipeline.models import ModelUnavailable
+
+    cfg = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
+    cfg["generation"]["controlnets"][1]["model"] = str(tmp_path / "missing")
+    with pytest.raises(ModelUnavailable, match=r"^generation controlnet hed: model directory .*/missing does not exist"):
+        resolve_models(load_config(data=cfg))

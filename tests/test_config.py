@@ -101,6 +101,7 @@ CONFIG_ERRORS = [
      lambda data: data["generation"]["controlnets"][0].update(guidance_start=0.9, guidance_end=0.2),
      r"generation\.controlnets\.0: guidance_start must be smaller"),
     ("empty-output-path", SetArgs("output.path="), r"output\.path: String should have at least 1 character"),
+    ("empty-source-path", SetArgs("source.path="), r"source\.path: .*an empty path; give the directory"),
     ("overwrite-and-new-version", {"output.overwrite": True, "output.new_version": True},
      "output: set at most one of overwrite and new_version"),
     ("aspect-ratio-below-1", {"image": {"max_aspect_ratio": 0.5}},

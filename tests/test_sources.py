@@ -211,3 +211,24 @@ def test_parquet_columns_are_checked_in_every_file_before_any_work(photos, tmp_p
     (tmp_path / "caf\udce9.parquet").unlink()
     (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
     assert "c.parquet is not a readable Parquet file" in refused()
+
+
+def test_plan_counts_parquet_rows_and_says_what_the_limit_reads(photos, tmp_path, capsys):
+    import pyarrow as pa
+    import yaml
+
+    from pipeline.cli import main
+
+    pq.write_table(pa.table({"image": [photos["coffee.jpg"]] * 3}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"image": [photos["rocket.jpg"]] * 2}), tmp_path / "b.parquet")
+    write_tar(tmp_path / "s.tar", [("rocket.jpg", photos["rocket.jpg"])])
+    data = canny_job(str(tmp_path), str(tmp_path / "out"))
+    for source, lines in (
+            ({"type": "parquet", "path": str(tmp_path / "*.parquet"), "limit": 4},
+             ["2 Parquet files (5 rows), 4 read (source.limit)", "to do: 4 inputs -> 4 rows (1 per input)"]),
+            ({"type": "webdataset", "path": str(tmp_path / "s.tar"), "limit": 3},  # its samples: counted by reading
+             ["to do: every sample in the 1 tar shards, at most 3 in all (source.limit) (1 per sample)"])):
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump({**data, "source": source}))
+        assert main(["plan", str(tmp_path / "job.yaml")]) == 0
+        out = capsys.readouterr().out
+        assert all(line in out for line in lines), out

@@ -207,6 +207,18 @@ def check_columns(cfg: SourceConfig, listing: Listing) -> None:
                 raise SourceError(f"{uri}: source.{key} {column!r} holds {kind}, not text (one string per image)")
 
 
+def parquet_rows(cfg: SourceConfig, listing: Listing) -> int:
+    """The rows of the listed Parquet files (each an input), from their footers."""
+    import pyarrow.parquet as pq
+
+    fs, paths, _ = _arrow_files(cfg, listing)
+    rows = 0
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            rows += pq.read_metadata(f).num_rows
+    return rows
+
+
 def image_cells(kind: pa.DataType) -> bool:
     """Whether a Parquet column of this type holds images as the reader takes them: encoded bytes, a path, or a
     struct of `bytes` and `path` (a Hugging Face `datasets` Image feature)."""
