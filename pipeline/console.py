@@ -171,6 +171,9 @@ def quiet_ray() -> dict[str, Any]:
     context.enable_operator_progress_bars = False
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:  # a failed stage's error and stack trace (100 lines):
+        if handler.get_name() == "console":  # the command's own error line says it; Ray Data's log file keeps them
+            handler.setLevel(logging.CRITICAL)
     return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
