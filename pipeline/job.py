@@ -93,6 +93,7 @@ def resolve_models(cfg: JobConfig) -> Models:
     if gen is None:
         return Models(annotators, {}, captioner=captioner)
     pickles = ("*.bin", "*.ckpt", "*.pt", "*.pth") if gen.allow_pickle else ()
+
     def resolve(ref):
         with named(f"generation {ref.role}"):
             return resolve_model(ref.model, ref.revision, ref.probe, local_only, (*ref.patterns, *pickles))
@@ -266,6 +267,7 @@ class Plan:
     listing: Listing
     target: Output
     lock: RunLock
+    regated: bool = False  # the quality settings are those the output was last gated with, not the job's
 
     @property
     def inputs_key(self) -> str:
@@ -328,21 +330,22 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False,
         raise
     if target.path != cfg.output.path:
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": target.path})})
-    if target.resuming and (gate := regated(target.manifest)) is not None:
+    gate = regated(target.manifest, cfg.quality) if target.resuming else None
+    if gate is not None:
         quality = QualityConfig.model_validate({**(cfg.quality.model_dump() if cfg.quality else {}), **gate})
         cfg = cfg.model_copy(update={"quality": quality})
         models = replace(models, scorers=scorer_models(quality, cfg.generation.local_files_only))
-    return Plan(cfg, models, identity, listing, target, lock)
+    return Plan(cfg, models, identity, listing, target, lock, regated=gate is not None)
 
 
-def regated(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The quality settings `python -m pipeline score` last gated an output with, if it did (else None). A resume
-    gates its new samples the same way: with the job's own settings (other thresholds, or no gate at all) the
-    output would hold samples kept by two rules, and part files with and without the score columns."""
-    last = (manifest or {}).get("quality") or {}
-    if last.get("scored_by", "run") == "run":
-        return None
-    return {k: v for k, v in last.items() if k not in ("scored_by", "scored_at")}
+def regated(manifest: dict[str, Any] | None, quality: QualityConfig | None) -> dict[str, Any] | None:
+    """The quality settings an output was last gated with, where they are not the job's own `quality` (`python -m
+    pipeline score` re-gated it, and the runs that resumed it since kept that), else None. A resume gates its new
+    samples the same way: with the job's settings (other thresholds, or no gate at all) the output would hold
+    samples kept by two rules, and part files with and without the score columns."""
+    last = {k: v for k, v in ((manifest or {}).get("quality") or {}).items() if k not in ("scored_by", "scored_at")}
+    own = {k: v for k, v in quality_record(quality, "").items() if k not in ("scored_by", "scored_at")} if quality else {}
+    return last if last and last != own else None
 
 
 def check_row_names(target: Output, path: str) -> None:
@@ -423,7 +426,7 @@ def execute(plan: Plan, echo: Callable[[str], None] = print, bar: bool = False) 
     if target.resuming:
         echo(f"run {run_id}: resuming {cfg.output.path}: {len(target.written.done_samples)} samples and "
              f"{len(target.written.done_sources)} rejected inputs already written are skipped")
-        if regated(target.manifest) is not None:
+        if plan.regated:
             q = cfg.quality
             bounds = [f"{k} >= {v}" for k, v in q.min.items()] + [f"{k} <= {v}" for k, v in q.max.items()]
             echo(f"  new samples are gated as `score` last gated the output ({', '.join(bounds) or 'no thresholds'}, "

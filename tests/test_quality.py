@@ -515,19 +515,21 @@ def test_a_resume_gates_its_new_samples_as_score_last_gated_the_output(flagged, 
     photos, out = tmp_path / "photos", tmp_path / "out"
     photos.mkdir()
     names = sorted(p.name for p in photos_dir.iterdir())
-    for name in names[:3]:
+    for name in names[:2]:
         shutil.copy(photos_dir / name, photos / name)
     cfg = load_config(data=job_dict(str(photos), str(out), tiny_models))
     run(cfg, echo=lambda s: None)
     assert main(["score", str(out), "--set", f"quality.min.canny={threshold}", "--set", "quality.action=drop"]) == 0
-    for name in names[3:]:  # more inputs: the same job resumes
-        shutil.copy(photos_dir / name, photos / name)
-    lines = []
-    again = run(cfg, echo=lines.append)
-
-    assert f"new samples are gated as `score` last gated the output (canny >= {threshold}, drop)" in "\n".join(lines)
+    for added in (names[2:4], names[4:]):  # more inputs, twice: the same job resumes, and again
+        for name in added:
+            shutil.copy(photos_dir / name, photos / name)
+        lines = []
+        again = run(cfg, echo=lines.append)
+        assert f"new samples are gated as `score` last gated the output (canny >= {threshold}, drop)" in \
+            "\n".join(lines)
     kept, rejected = scores_of(out), scores_of(out, "rejected")
-    assert len(kept) + len(rejected) == 2 * len(names) and again.manifest["this_run"]["samples"] > 0
+    assert len(kept) + len(rejected) == 2 * len(names)
+    assert again.manifest["this_run"]["samples"] + again.manifest["this_run"]["rejected"] == 2  # the last input's
     assert all(r["passed"] and r["score_canny"] >= threshold for r in kept)
     assert all(r["passed"] is False and r["score_canny"] < threshold for r in rejected)
     schemas = {tuple(pq.read_schema(f).names) for kind in ("samples", "rejected") for f in (out / kind).glob("*.parquet")}

@@ -101,8 +101,9 @@ def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
             if posixpath.splitext(p)[1].lower() not in extensions:
                 continue
             if cfg.type != "images" and not utf8(p):  # an image file's name may be any bytes; these go to pyarrow
-                raise SourceError(f"{repr(p.encode('utf-8', 'surrogateescape'))[2:-1]}: a {cfg.type} file is read through pyarrow, which needs file "
-                                  f"names in UTF-8: rename it")
+                name = repr(p.encode("utf-8", "surrogateescape"))[2:-1]
+                raise SourceError(f"{name}: a {cfg.type} file is read through pyarrow, which needs file names in UTF-8: "
+                                  f"rename it")
             dangling = False
             if info.get("islink"):  # find() describes a link itself, info() its target
                 try:
