@@ -223,8 +223,10 @@ def parquet_rows(cfg: SourceConfig, listing: Listing) -> int:
 def image_cells(kind: pa.DataType) -> bool:
     """Whether a Parquet column of this type holds images as the reader takes them: encoded bytes, a path, or a
     struct of `bytes` and `path` (a Hugging Face `datasets` Image feature)."""
-    scalar = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) \
-        or pa.types.is_large_string(t) or pa.types.is_null(t)  # noqa: E731
+    def scalar(t: pa.DataType) -> bool:
+        return any(test(t) for test in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string,
+                                        pa.types.is_large_string, pa.types.is_null))
+
     if pa.types.is_struct(kind):
         fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
         known = [fields[f] for f in ("bytes", "path") if f in fields]
