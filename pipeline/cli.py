@@ -185,12 +185,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg, variants = plan.cfg, cfg.generation.variants_per_image if cfg.generation else 1
     listed, limit = len(plan.listing.uris), cfg.source.limit
     what = {"images": "image files", "parquet": "Parquet files", "webdataset": "tar shards"}[cfg.source.type]
-    found = listed  # the inputs, where the source says before reading: image files, or Parquet rows (footers)
-    if cfg.source.type == "parquet":
-        from pipeline.io.sources import parquet_rows
-
-        found = parquet_rows(cfg.source, plan.listing)
-        what += f" ({found} rows)"
+    found = listed if plan.rows is None else plan.rows  # the inputs, where the source says before reading
+    if plan.rows is not None:
+        what += f" ({plan.rows} rows)"
     inputs = None if cfg.source.type == "webdataset" else min(found, limit or found)
     print(f"source: {cfg.source.path}: {listed} {what}"
           + (f", {inputs} read (source.limit)" if inputs is not None and inputs != found else "")

@@ -33,7 +33,7 @@ from pipeline.io.sources import Listing, check_columns, list_inputs, read_source
 from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
 from pipeline.provenance import code_version, library_versions, new_run_id, redacted
 from pipeline.schema import samples_schema
-from pipeline.scorers.stage import Score, needs_actor, quality_record, score_columns
+from pipeline.scorers.stage import Score, gate_settings, needs_actor, quality_record, score_columns
 from pipeline.variants import ExpandVariants, load_prompt_file
 
 DECODE_BATCH = 4  # inputs per decode task, and so per block through the actor stages
@@ -268,6 +268,7 @@ class Plan:
     target: Output
     lock: RunLock
     regated: bool = False  # the quality settings are those the output was last gated with, not the job's
+    rows: int | None = None  # a Parquet source's rows (its footers'), each an input
 
     @property
     def inputs_key(self) -> str:
@@ -303,7 +304,7 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False,
     the same job's earlier run are removed, so their inputs and samples are done again (see `retry`)."""
     models = models or resolve_models(cfg)
     listing = list_inputs(cfg.source, source_extensions(cfg.source))  # SourceError: nothing is touched
-    check_columns(cfg.source, listing)
+    rows = check_columns(cfg.source, listing)
     prompts = None
     if cfg.generation and cfg.generation.prompt.file:  # a prompts file that cannot be used: also nothing
         prompts = load_prompt_file(cfg.generation.prompt, cfg.source.storage_options)
@@ -335,7 +336,7 @@ def prepare(cfg: JobConfig, models: Models | None = None, dry_run: bool = False,
         quality = QualityConfig.model_validate({**(cfg.quality.model_dump() if cfg.quality else {}), **gate})
         cfg = cfg.model_copy(update={"quality": quality})
         models = replace(models, scorers=scorer_models(quality, cfg.generation.local_files_only))
-    return Plan(cfg, models, identity, listing, target, lock, regated=gate is not None)
+    return Plan(cfg, models, identity, listing, target, lock, regated=gate is not None, rows=rows)
 
 
 def regated(manifest: dict[str, Any] | None, quality: QualityConfig | None) -> dict[str, Any] | None:
@@ -343,8 +344,8 @@ def regated(manifest: dict[str, Any] | None, quality: QualityConfig | None) -> d
     pipeline score` re-gated it, and the runs that resumed it since kept that), else None. A resume gates its new
     samples the same way: with the job's settings (other thresholds, or no gate at all) the output would hold
     samples kept by two rules, and part files with and without the score columns."""
-    last = {k: v for k, v in ((manifest or {}).get("quality") or {}).items() if k not in ("scored_by", "scored_at")}
-    own = {k: v for k, v in quality_record(quality, "").items() if k not in ("scored_by", "scored_at")} if quality else {}
+    last = gate_settings((manifest or {}).get("quality"))
+    own = gate_settings(quality_record(quality, "")) if quality else {}
     return last if last and last != own else None
 
 

@@ -257,11 +257,11 @@ def report_section(out: RunOutput, manifest: dict[str, Any], thumbnail) -> dict[
 def manifest_score_columns(manifest: dict[str, Any]) -> list[tuple[str, pa.DataType, str]]:
     """The quality columns of a scored output's samples, from its manifest (none when never scored)."""
     from pipeline.config import AnnotatorConfig, QualityConfig
-    from pipeline.scorers.stage import Gate, score_columns
+    from pipeline.scorers.stage import Gate, gate_settings, score_columns
 
     record = manifest.get("quality")
     if not record:
         return []
-    quality = QualityConfig.model_validate({k: v for k, v in record.items() if k not in ("scored_by", "scored_at")})
+    quality = QualityConfig.model_validate(gate_settings(record))
     annotators = [AnnotatorConfig.model_validate(a) for a in (manifest.get("config") or {}).get("annotators", [])]
     return score_columns(Gate(quality, annotators))

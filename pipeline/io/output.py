@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.sources import filesystem
+from pipeline.io.sources import filesystem, modified
 from pipeline.schema import IMAGE
 
 # rejected/: samples below the quality gate (quality.action drop); sources/: output.layout normalized
@@ -226,7 +226,7 @@ class RunOutput:
         for kind in kinds:  # one listing with the files' details (a request per file on S3 otherwise)
             for path, info in sorted(self.fs.glob(self.path(f"{kind}/*.parquet"), detail=True).items()):
                 stamps.append([posixpath.relpath(path, self.root), info.get("size"),
-                               str(info.get("mtime") or info.get("ETag") or info.get("LastModified"))])
+                               str(modified(info))])
         return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
 
     @cached_property

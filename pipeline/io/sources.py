@@ -55,11 +55,21 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def local_uri(path: str) -> str:
     """A local path as recorded in rows: the path itself, or where its name is not valid UTF-8 (any bytes
     are allowed in file names), a `file://` URL of its percent-encoded bytes, which `read_bytes` opens."""
+    return path if utf8(path) else "file://" + quote(os.fsencode(path), safe="/")
+
+
+def utf8(text: str) -> bool:
+    """Whether `text` is valid UTF-8 (a name that is not keeps its bytes as surrogate escapes)."""
     try:
-        path.encode("utf-8")
-        return path
+        text.encode("utf-8")
     except UnicodeEncodeError:
-        return "file://" + quote(os.fsencode(path), safe="/")
+        return False
+    return True
+
+
+def modified(info: dict[str, Any]) -> Any:
+    """What tells a file's versions apart in an fsspec listing: its modification time, or its ETag (object stores)."""
+    return info.get("mtime") or info.get("ETag") or info.get("LastModified")
 
 
 def local_path(uri: str) -> str:
@@ -114,7 +124,7 @@ def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
                 skipped += 1
                 continue
             uri = full_uri(fs, p)
-            found[uri] = f"{uri}\0{info.get('size')}\0{info.get('mtime') or info.get('ETag') or info.get('LastModified')}"
+            found[uri] = f"{uri}\0{info.get('size')}\0{modified(info)}"
     if not found:
         raise SourceError(f"source.path {cfg.path!r} holds no files with extensions {sorted(extensions)}")
     uris = sorted(found)
@@ -123,15 +133,6 @@ def list_inputs(cfg: SourceConfig, extensions: list[str]) -> Listing:
         log.warning("source.path %r: %d entries are not regular files (FIFOs, devices, links to them); skipped",
                     cfg.path, skipped)
     return Listing(uris, digest, skipped)
-
-
-def utf8(text: str) -> bool:
-    """Whether `text` is valid UTF-8 (a name that is not keeps its bytes as surrogate escapes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def list_files(cfg: SourceConfig, extensions: list[str]) -> list[str]:
@@ -177,22 +178,26 @@ def read_source(cfg: SourceConfig, listing: Listing | None = None, max_bytes: in
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
-def check_columns(cfg: SourceConfig, listing: Listing) -> None:
+def check_columns(cfg: SourceConfig, listing: Listing) -> int | None:
     """Parquet: every listed file is Parquet and has the configured columns, read from the footers before any
     work (SourceError naming the file and the key). Otherwise a typo in `image_column` failed the run midway
-    with Ray's "UDF failed", and a file without `caption_column` stopped it without naming the file."""
+    with Ray's "UDF failed", and a file without `caption_column` stopped it without naming the file. Returns the
+    files' rows (each an input), from the same footers; None for other sources."""
     if cfg.type != "parquet":
-        return
+        return None
     import pyarrow.parquet as pq
 
     fs, paths, _ = _arrow_files(cfg, listing)
     wanted = _parquet_columns(cfg)
+    rows = 0
     for uri, path in zip(listing.uris, paths):
         try:
             with fs.open(path, "rb") as f:
-                schema = pq.read_schema(f)
+                footer = pq.read_metadata(f)
+            schema = footer.schema.to_arrow_schema()
         except (OSError, pa.ArrowException) as e:
             raise SourceError(f"{uri} is not a readable Parquet file ({type(e).__name__}: {e})") from None
+        rows += footer.num_rows
         missing = [f"source.{key} {column!r}" for key, column in wanted.items() if column not in schema.names]
         if missing:
             raise SourceError(f"{uri} has no column for {', '.join(missing)}; its columns: {schema.names}")
@@ -206,17 +211,6 @@ def check_columns(cfg: SourceConfig, listing: Listing) -> None:
             text = kind is None or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
             if not text:
                 raise SourceError(f"{uri}: source.{key} {column!r} holds {kind}, not text (one string per image)")
-
-
-def parquet_rows(cfg: SourceConfig, listing: Listing) -> int:
-    """The rows of the listed Parquet files (each an input), from their footers."""
-    import pyarrow.parquet as pq
-
-    fs, paths, _ = _arrow_files(cfg, listing)
-    rows = 0
-    for path in paths:
-        with fs.open(path, "rb") as f:
-            rows += pq.read_metadata(f).num_rows
     return rows
 
 

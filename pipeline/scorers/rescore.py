@@ -34,7 +34,7 @@ from pipeline.generators import DEFAULT_FAMILY
 from pipeline.io.output import RunOutput, write_parquet
 from pipeline.models import ModelUnavailable, ResolvedModel, resolve_model
 from pipeline.schema import IMAGE, normalized, samples_schema
-from pipeline.scorers.stage import Gate
+from pipeline.scorers.stage import Gate, gate_settings
 
 REDACTED = "<redacted>"
 
@@ -63,7 +63,7 @@ def _config(manifest: dict[str, Any], overrides: list[str]) -> Scoring:
     generation = data.get("generation")
     if not generation:
         raise NotScorable("the output holds no generated images (an annotate-only run): nothing to score")
-    last = {k: v for k, v in (manifest.get("quality") or {}).items() if k not in ("scored_by", "scored_at")}
+    last = gate_settings(manifest.get("quality"))
     if last:  # the output was scored: start from the thresholds it was last gated with
         data["quality"] = {**(data.get("quality") or {}), **last}
     for assignment in overrides:

@@ -110,6 +110,11 @@ def quality_record(quality: QualityConfig, scored_by: str) -> dict[str, Any]:
             "scored_by": scored_by, "scored_at": datetime.now(timezone.utc).isoformat()}
 
 
+def gate_settings(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The quality settings of a manifest's `quality` record (`quality_record`), without who scored and when."""
+    return {k: v for k, v in (record or {}).items() if k not in ("scored_by", "scored_at")}
+
+
 class Scorer:
     """Scores rows that hold `generated`, `prompt` and the scored `control_<id>` / `keypoints_<id>`."""
 
