@@ -108,6 +108,7 @@ def resolve_models(cfg: JobConfig) -> Models:
                     f"model {m.model!r} has pickle weights only ({', '.join(pickled[:3])}); pickle can run code when "
                     f"loaded. Convert them to safetensors, or set generation.allow_pickle=true if you trust the source"
                 )
+    generator_class(gen.family).check_models(gen, models.generation)
     return models
 
 

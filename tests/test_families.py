@@ -17,7 +17,8 @@ from pipeline.generators import generator_class
 from pipeline.generators._controlnet import make_scheduler
 from pipeline.ids import sample_identity
 from pipeline.io.images import array_to_png, png_to_array
-from pipeline.models import resolve_model
+from pipeline.job import resolve_models
+from pipeline.models import ModelUnavailable, resolve_model
 from tests.helpers import photo, read_parquet_dir
 
 MODES = ("text2img", "img2img", "inpaint")
@@ -315,9 +316,54 @@ def test_flux_union_shares_one_network_with_a_mode_per_condition_and_true_cfg(fa
     assert plain["control_modes"] == [0] and plain["true_cfg_scale"] == 1.0
 
 
-def test_flux_union_without_a_mode_is_refused_when_it_loads(family_models):
-    with pytest.raises(ValueError, match="generation.controlnets.1.control_mode: .* is a Union ControlNet"):
-        generator(family_models, "flux", union=True)  # scribble has no Flux Union mode
+def resolved(models, family, union=False, base=None, net=None):
+    """resolve_models of the test job (its openpose annotator left out: its weights are not here), with the
+    base model or the first ControlNet replaced by another family's."""
+    data = job(models, family, union=union)
+    data["annotators"] = data["annotators"][:2]
+    if base:
+        data["generation"]["base_model"] = models[base]
+    if net:
+        data["generation"]["controlnets"][0]["model"] = models[net]
+    return resolve_models(load_config(data=data))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sdxl_union", "flux", "sd3"])
+def test_each_familys_own_models_fit(family_models, family):
+    assert resolved(family_models, family).generation["base_model"].local_dir
+
+
+@pytest.mark.parametrize("family, base, net, message", [
+    ("sdxl", "base_model", None, ("generation.base_model: {base_model} is a StableDiffusionPipeline model; family "
+                                  "sdxl runs StableDiffusionXL models (family sd15 takes this one)")),
+    ("sd15", "sdxl/base_model", None, ("generation.base_model: {sdxl/base_model} is a StableDiffusionXLPipeline "
+                                       "model; family sd15 runs StableDiffusion models (families sdxl / sdxl_union "
+                                       "take this one)")),
+    ("sdxl", None, "controlnet/canny", ("generation.controlnets.0.model: {controlnet/canny} was made for another "
+                                        "base model than {sdxl/base_model}: its cross_attention_dim is 32, the base "
+                                        "model's unet has 64")),
+    ("flux", None, "sdxl/controlnet/canny", ("generation.controlnets.0.model: {sdxl/controlnet/canny} is a "
+                                             "ControlNetModel; family flux loads FluxControlNetModels (families sd15 "
+                                             "/ sdxl take this one)")),
+    ("sdxl", None, "sdxl_union/controlnet", ("generation.controlnets.0.model: {sdxl_union/controlnet} is a "
+                                             "ControlNetUnionModel; family sdxl loads ControlNetModels (family "
+                                             "sdxl_union takes this one)")),
+    ("sd3", None, "flux/controlnet/canny", ("generation.controlnets.0.model: {flux/controlnet/canny} is a "
+                                            "FluxControlNetModel; family sd3 loads SD3ControlNetModels (family flux "
+                                            "takes this one)")),
+    ("flux", None, "flux/controlnet", ("generation.controlnets: Union and single-condition Flux ControlNets cannot "
+                                       "be mixed")),
+])
+def test_a_model_of_another_family_is_refused_before_the_run(family_models, family, base, net, message):
+    """Without the check, the generator actors fail to load (a Ray traceback) or every sample is an error row."""
+    with pytest.raises(ModelUnavailable) as e:
+        resolved(family_models, family, base=base, net=net)
+    assert str(e.value) == message.format(**family_models)
+
+
+def test_flux_union_without_a_mode_is_refused_before_the_run(family_models):
+    with pytest.raises(ModelUnavailable, match="generation.controlnets.1.control_mode: .* is a Union ControlNet"):
+        resolved(family_models, "flux", union=True)  # scribble has no Flux Union mode
 
 
 @pytest.mark.parametrize("family, change, message", [
@@ -370,7 +416,7 @@ def test_inpaint_masks_from_segmentation_classes_and_pose_boxes():
     seg[20:40, 10:30] = palette[ADE_PERSON]
     seg[0:5, 60:64] = palette[ADE_PERSON + 1]
     row = {"width": 64, "height": 64, "control_seg": array_to_png(seg)}
-    as_array = lambda png: np.asarray(Image.open(io.BytesIO(png))) > 0  # noqa: E731
+    as_array = lambda png: np.asarray(Image.open(io.BytesIO(png))) > 0
     outside = as_array(inpaint_mask(row, MaskConfig(annotator="seg", classes=[ADE_PERSON])))
     person = np.zeros((64, 64), bool)
     person[20:40, 10:30] = True

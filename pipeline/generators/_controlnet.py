@@ -26,6 +26,7 @@ from pipeline.generators.base import (
     to_uint8,
     torch_dtype,
 )
+from pipeline.generators._fit import check_fit
 from pipeline.rows import Row
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class ControlNetGenerator(Generator):
         if mode is None:
             mode = ANNOTATOR_CONDITION.get(names[cn.condition], names[cn.condition])
             if mode not in table and not cls.union_modes_required:
-                return None  # checked when the network loads: only a Union checkpoint needs a mode
+                return None  # only a Union checkpoint needs a mode: checked when the models resolve
             if mode not in table:
                 raise ValueError(f"generation.controlnets.{i}.control_mode: annotator {names[cn.condition]!r} has no "
                                  f"{cls.family} control mode; set one of {table}")
@@ -178,6 +179,10 @@ class ControlNetGenerator(Generator):
             "controlnets": [ModelRef(f"controlnet {cn.condition}", cn.model, cn.revision, "config.json",
                                      CONTROLNET_FILES) for cn in cns],
         }
+
+    @classmethod
+    def check_models(cls, gen: GenerationConfig, models: Models) -> None:
+        check_fit(cls, models)
 
     # ---- the actor --------------------------------------------------------------------------------
     def load(self, models: Models) -> None:

@@ -140,6 +140,11 @@ class Generator:
         """The models this family loads for `gen`, by manifest key."""
         raise NotImplementedError
 
+    @classmethod
+    def check_models(cls, gen: GenerationConfig, models: Models) -> None:
+        """Checks of the resolved models against the family, in the driver before any data moves: raise
+        ModelUnavailable naming the key."""
+
     def load(self, models: Models) -> None:
         raise NotImplementedError
 

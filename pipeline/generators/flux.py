@@ -15,6 +15,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.generators._controlnet import CONTROL_MODES_COLUMN, ControlNetGenerator
+from pipeline.generators._fit import check_fit
+from pipeline.models import ModelUnavailable
 
 FLUX_UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "openpose": 4, "gray": 5, "lq": 6}
 
@@ -49,18 +51,23 @@ class FluxControlNet(ControlNetGenerator):
             return nets[0]
         return diffusers.FluxMultiControlNetModel(nets)  # one shared Union net, or one net per condition
 
+    @classmethod
+    def check_models(cls, gen, models: dict[str, Any]) -> None:
+        """A Flux ControlNet is a Union one when its config has `num_mode`: then every condition needs a mode."""
+        unions = [config.get("num_mode") is not None for config in check_fit(cls, models)]
+        if len(set(unions)) > 1:
+            raise ModelUnavailable("generation.controlnets: Union and single-condition Flux ControlNets cannot be "
+                                   "mixed")
+        modes = [cn.control_mode for cn in gen.controlnets]
+        if any(unions) and None in modes:
+            i = modes.index(None)
+            raise ModelUnavailable(f"generation.controlnets.{i}.control_mode: {gen.controlnets[i].model} is a "
+                                   f"Union ControlNet; set one of {FLUX_UNION_MODES}")
+
     def load(self, models: dict[str, Any]) -> None:
         super().load(models)
         controlnet = self.pipe.controlnet
-        nets = getattr(controlnet, "nets", [controlnet])
-        self.union = all(net.union for net in nets)
-        modes = [cn.control_mode for cn in self.gen.controlnets]
-        if self.union and None in modes:
-            i = modes.index(None)
-            raise ValueError(f"generation.controlnets.{i}.control_mode: {self.gen.controlnets[i].model} is a Union "
-                             f"ControlNet; set one of {FLUX_UNION_MODES}")
-        if len(nets) > 1 and len({n.union for n in nets}) > 1:
-            raise ValueError("generation.controlnets: Union and single-condition Flux ControlNets cannot be mixed")
+        self.union = all(net.union for net in getattr(controlnet, "nets", [controlnet]))
 
     def control_modes(self) -> list[int] | None:
         return super().control_modes() if getattr(self, "union", False) else None
