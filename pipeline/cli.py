@@ -255,7 +255,8 @@ def failure_reason(e: BaseException) -> str:
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours its process names
     lines = [line.strip() for line in text.splitlines()]
-    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:", line)
+              and not line.startswith("ray.exceptions.UserCodeException")]  # Ray Data's wrapper of the stage's error
     reason = causes[-1] if causes else (lines[0] if lines else type(e).__name__)
     where = re.search(r"ray::(\S+)", text)
     if where is None:

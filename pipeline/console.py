@@ -150,14 +150,27 @@ def timed(name: str, stage: Any, progress, before: Callable | None = None) -> An
     """`stage` (an actor class or a callable object) timed per batch and shown by Ray Data as `name`.
     `before` (an actor class's only): a stage of its own run in the actor on each batch first."""
     if isinstance(stage, type):  # an actor class: constructed on the worker, timed there
-        call = stage.__call__
+        init, call = stage.__init__, stage.__call__
+
+        def __init__(self, *args, **kwargs):
+            # A constructor that raises (a model that cannot load) kills the actor, and Ray core prints its retries
+            # of the actor's calls, each with the whole traceback, on the driver's console whatever the logging
+            # settings. Kept, the error fails the first batch instead: the stage fails with it, in one line.
+            self.failed = None
+            try:
+                init(self, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - raised again by __call__
+                self.failed = e
 
         def __call__(self, batch):
+            if self.failed is not None:
+                raise self.failed
             if before is not None:
                 batch = before(batch)
             return _report(progress, name, lambda b: call(self, b), batch)
 
-        return type(name, (stage,), {"__module__": stage.__module__, "__qualname__": name, "__call__": __call__})
+        return type(name, (stage,), {"__module__": stage.__module__, "__qualname__": name, "__init__": __init__,
+                                     "__call__": __call__})
     return type(name, (_Timed,), {"__module__": __name__, "__qualname__": name})(stage, progress)
 
 
