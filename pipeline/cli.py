@@ -26,6 +26,8 @@ def _init_ray(address: str | None, verbose: bool = False) -> None:
     join = joins_cluster(address)
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
+        if join:
+            _answers(address)
         with contextlib.nullcontext() if verbose else without_log_level_line():
             _start(address, join, options)
     except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
@@ -44,6 +46,21 @@ def _start(address: str | None, join: bool, options: dict) -> None:
         # OpenMP threads that sleep when idle, so stages sharing a few cores do not spin against each other
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         ray.init(address=address, include_dashboard=False, **options)
+
+
+def _answers(address: str) -> None:
+    """Raise OSError unless something takes a TCP connection at a cluster address (`host:port`, `ray://host:port`)
+    within 5 s: Ray's own attempts to reach an address where nothing listens go on for minutes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        target = urlsplit(address if "://" in address else f"//{address}")
+        host, port = target.hostname, target.port
+    except ValueError:  # not host:port: Ray judges it
+        return
+    if host and port is not None:
+        socket.create_connection((host, port), timeout=5).close()
 
 
 def joins_cluster(address: str | None) -> bool:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -242,6 +243,16 @@ def test_a_ray_that_cannot_start_says_so_without_the_resume_advice(job, tmp_path
     bad = cli("run", job[0], "--set", f"output.path={tmp_path / 'out'}", "--address", "not-an-address")
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: could not join Ray at not-an-address:") and "resume" not in bad.stderr
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once(job, tmp_path):
+    """Ray's own attempts to reach it go on for minutes, printing C++ warnings."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # free once closed: nothing listens there
+    bad = cli("run", job[0], "--set", f"output.path={tmp_path / 'out'}", "--address", address)
+    assert bad.returncode == 2
+    assert bad.stderr == f"error: could not join Ray at {address}: ConnectionRefusedError: [Errno 111] Connection refused\n"
 
 
 @pytest.mark.parametrize(("assignment", "key", "value"), [
