@@ -156,15 +156,15 @@ def timed(name: str, stage: Any, progress, before: Callable | None = None) -> An
             # A constructor that raises (a model that cannot load) kills the actor, and Ray core prints its retries
             # of the actor's calls, each with the whole traceback, on the driver's console whatever the logging
             # settings. Kept, the error fails the first batch instead: the stage fails with it, in one line.
-            self.failed = None
+            self._failed = None
             try:
                 init(self, *args, **kwargs)
             except Exception as e:  # noqa: BLE001 - raised again by __call__
-                self.failed = e
+                self._failed = e
 
         def __call__(self, batch):
-            if self.failed is not None:
-                raise self.failed
+            if self._failed is not None:
+                raise self._failed
             if before is not None:
                 batch = before(batch)
             return _report(progress, name, lambda b: call(self, b), batch)

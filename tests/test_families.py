@@ -4,6 +4,7 @@ Tiny models (64 px, 2 steps) are written once per session."""
 
 import io
 import json
+import shutil
 
 import diffusers
 import numpy as np
@@ -359,6 +360,20 @@ def test_a_model_of_another_family_is_refused_before_the_run(family_models, fami
     with pytest.raises(ModelUnavailable) as e:
         resolved(family_models, family, base=base, net=net)
     assert str(e.value) == message.format(**family_models)
+
+
+def test_what_the_fit_check_cannot_judge_is_left_to_diffusers(family_models, tmp_path):
+    """A pipeline class no family names (a community pipeline's), a per-block list of dims, an unreadable config."""
+    base, net = tmp_path / "base", tmp_path / "net"
+    shutil.copytree(family_models["base_model"], base)
+    shutil.copytree(family_models["controlnet/canny"], net)
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionLongPromptPipeline"}))
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    (base / "unet" / "config.json").write_text(json.dumps({**unet, "cross_attention_dim": [64, 64]}))
+    (net / "config.json").write_text("{not json")
+    models = {**family_models, "base_model": str(base), "controlnet/canny": str(net)}
+    assert resolved(models, "sd15").generation["base_model"].local_dir == str(base)
 
 
 def test_flux_union_without_a_mode_is_refused_before_the_run(family_models):

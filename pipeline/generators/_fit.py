@@ -28,11 +28,14 @@ def model_json(model: ResolvedModel, file: str) -> dict[str, Any] | None:
     """A JSON file of a resolved model (local directory or hub commit), or None where it cannot be had."""
     try:
         if model.local_dir:
-            return json.loads((Path(model.local_dir) / file).read_text())
-        path = huggingface_hub.hf_hub_download(model.model, file, revision=model.commit, local_files_only=offline())
-        return json.loads(Path(path).read_text())
+            data = json.loads((Path(model.local_dir) / file).read_text())
+        else:
+            path = huggingface_hub.hf_hub_download(model.model, file, revision=model.commit,
+                                                   local_files_only=offline())
+            data = json.loads(Path(path).read_text())
     except Exception:  # noqa: BLE001 - unreadable here: loading the model reports it
         return None
+    return data if isinstance(data, dict) else None
 
 
 def model_kind(pipeline_class: str) -> str:
@@ -47,7 +50,7 @@ def model_kind(pipeline_class: str) -> str:
 def net_class(config: dict[str, Any]) -> str | None:
     """A ControlNet's class. xinsir's SDXL Union checkpoints call theirs a `ControlNetModel`; their
     `num_control_type` says what they are."""
-    return "ControlNetUnionModel" if "num_control_type" in config else config.get("_class_name")
+    return "ControlNetUnionModel" if "num_control_type" in config else str(config.get("_class_name") or "") or None
 
 
 def takers(fits: Callable[[Any], bool]) -> str:
@@ -61,27 +64,30 @@ def takers(fits: Callable[[Any], bool]) -> str:
 
 def check_fit(family: Any, models: dict[str, Any]) -> list[dict[str, Any]]:
     """Raise ModelUnavailable naming the key where a model does not fit `family` (a ControlNetGenerator class);
-    return the ControlNets' configs (empty dicts where unreadable)."""
+    return the ControlNets' configs (None where unreadable)."""
     base = models["base_model"]
     index = model_json(base, "model_index.json") or {}
-    ours, theirs = model_kind(family.pipelines["text2img"]), model_kind(index.get("_class_name", ""))
+    ours, theirs = model_kind(family.pipelines["text2img"]), model_kind(str(index.get("_class_name") or ""))
     # a model of a kind no family runs (a community pipeline, say) is left to diffusers
     if theirs != ours and (hint := takers(lambda cls: model_kind(cls.pipelines["text2img"]) == theirs)):
         raise ModelUnavailable(f"generation.base_model: {base.model} is a {index['_class_name']} model; family "
                                f"{family.family} runs {ours} models{hint}")
-    denoiser = next((n for n in ("unet", "transformer") if isinstance(index.get(n), list) and index[n][0]), None)
+    denoiser = next((n for n in ("unet", "transformer") if isinstance(index.get(n), list) and any(index[n])), None)
     shared = (model_json(base, f"{denoiser}/config.json") or {}) if denoiser else {}
     configs = []
     for i, net in enumerate(models["controlnets"]):
-        config = model_json(net, "config.json") or {}
+        config = model_json(net, "config.json")
+        configs.append(config)
+        if config is None:
+            continue
         key = f"generation.controlnets.{i}.model"
         kind = net_class(config) or family.controlnet_class
         if kind != family.controlnet_class:
             raise ModelUnavailable(f"{key}: {net.model} is a {kind}; family {family.family} loads "
                                    f"{family.controlnet_class}s{takers(lambda cls, k=kind: cls.controlnet_class == k)}")
-        for k in SHARED_KEYS:
-            if config.get(k) is not None and shared.get(k) is not None and config[k] != shared[k]:
+        for k in SHARED_KEYS:  # numbers and names: a per-block list is not compared
+            value, wanted = config.get(k), shared.get(k)
+            if isinstance(value, (int, str)) and isinstance(wanted, (int, str)) and value != wanted:
                 raise ModelUnavailable(f"{key}: {net.model} was made for another base model than {base.model}: its "
-                                       f"{k} is {config[k]!r}, the base model's {denoiser} has {shared[k]!r}")
-        configs.append(config)
+                                       f"{k} is {value!r}, the base model's {denoiser} has {wanted!r}")
     return configs

@@ -54,7 +54,7 @@ class FluxControlNet(ControlNetGenerator):
     @classmethod
     def check_models(cls, gen, models: dict[str, Any]) -> None:
         """A Flux ControlNet is a Union one when its config has `num_mode`: then every condition needs a mode."""
-        unions = [config.get("num_mode") is not None for config in check_fit(cls, models)]
+        unions = [config.get("num_mode") is not None for config in check_fit(cls, models) if config is not None]
         if len(set(unions)) > 1:
             raise ModelUnavailable("generation.controlnets: Union and single-condition Flux ControlNets cannot be "
                                    "mixed")
