@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+import traceback
 
 from pipeline.config import ConfigError, load_config
 
@@ -25,8 +26,19 @@ def _init_ray(address: str | None, verbose: bool = False) -> None:
     options = {} if verbose else quiet_ray()
     join = joins_cluster(address)
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None and address.startswith("ray://"):
+        raise RayUnavailable(f"could not join Ray at {address}: Ray Data's executor needs the driver's core worker, "
+                             f"which a Ray Client (ray://) driver does not have; submit the job to the cluster with "
+                             f"`ray job submit`, or run it on a node of the cluster with --address HEAD:6379")
     try:
-        if join:
+        if address in (None, "auto") and (found := _recorded_cluster()) is not None:
+            try:
+                _answers(found)
+            except OSError:
+                if address is not None:
+                    raise
+                address = "local"  # Ray's record of a cluster on this machine that has stopped: start a new one
+        elif join:
             _answers(address)
         with contextlib.nullcontext() if verbose else without_log_level_line():
             _start(address, join, options)
@@ -49,18 +61,29 @@ def _start(address: str | None, join: bool, options: dict) -> None:
 
 
 def _answers(address: str) -> None:
-    """Raise OSError unless something takes a TCP connection at a cluster address (`host:port`, `ray://host:port`)
+    """Raise OSError unless something takes a TCP connection at a cluster address (`host:port`)
     within 5 s: Ray's own attempts to reach an address where nothing listens go on for minutes."""
     import socket
     from urllib.parse import urlsplit
 
     try:
         target = urlsplit(address if "://" in address else f"//{address}")
-        host, port = target.hostname, target.port
     except ValueError:  # not host:port: Ray judges it
         return
+    host, port = target.hostname, target.port  # ValueError: a port out of range
     if host and port is not None:
         socket.create_connection((host, port), timeout=5).close()
+
+
+def _recorded_cluster() -> str | None:
+    """The address of the cluster Ray joins given no address (or `auto`): the one `ray start` last recorded on this
+    machine (`/tmp/ray/ray_current_cluster`), which may have stopped since."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address() or None
+    except Exception:  # noqa: BLE001 - unreadable, or Ray's private helper changed: Ray decides
+        return None
 
 
 def joins_cluster(address: str | None) -> bool:
@@ -154,6 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("interrupted: what was written is kept; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - e.g. a model that cannot load in its actor: one readable line
+        if args.verbose:  # the stack trace too (Ray Data's log line before it promises one)
+            traceback.print_exception(e)
         print(f"error: the run stopped: {failure_reason(e)}; what was written is kept, and running the same "
               f"command again resumes it", file=sys.stderr)
         return 1
@@ -274,7 +299,7 @@ def failure_reason(e: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines()]
     causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:", line)
               and not line.startswith("ray.exceptions.UserCodeException")]  # Ray Data's wrapper of the stage's error
-    reason = causes[-1] if causes else (lines[0] if lines else type(e).__name__)
+    reason = (causes[-1] if causes else (lines[0] if lines else type(e).__name__)).rstrip(".")  # a clause of a line
     where = re.search(r"ray::(\S+)", text)
     if where is None:
         return reason

@@ -255,6 +255,51 @@ def test_an_address_where_nothing_listens_is_refused_at_once(job, tmp_path):
     assert bad.stderr == f"error: could not join Ray at {address}: ConnectionRefusedError: [Errno 111] Connection refused\n"
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_stopped_run_is_one_line_and_its_stack_trace_with_v(job, tmp_path, monkeypatch, capsys, verbose):
+    import pipeline.job
+    from pipeline import cli as commands
+
+    def execute(*args, **kwargs):
+        raise RuntimeError("a stage broke")
+
+    monkeypatch.setattr(commands, "_init_ray", lambda *args: None)
+    monkeypatch.setattr(commands, "_stop_ray", lambda: None)  # the session's Ray, if any, stays up
+    monkeypatch.setattr(pipeline.job, "execute", execute)
+    args = ["run", str(job[0]), "--set", f"output.path={tmp_path / 'out'}"] + (["-v"] if verbose else [])
+    assert commands.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("error: the run stopped: a stage broke; what was written is kept, and running "
+                        "the same command again resumes it\n")
+    assert ("Traceback (most recent call last)" in err) is verbose and ('raise RuntimeError("a stage broke")' in err) is verbose
+
+
+@pytest.mark.parametrize(("address", "recorded", "message"), [
+    ("127.0.0.1:99999", None, "could not join Ray at 127.0.0.1:99999: ValueError: Port out of range 0-65535"),
+    ("ray://127.0.0.1:10001", None, ("could not join Ray at ray://127.0.0.1:10001: Ray Data's executor needs the "
+                                     "driver's core worker, which a Ray Client (ray://) driver does not have")),
+    ("auto", "127.0.0.1:{port}", "could not join Ray at auto: ConnectionRefusedError"),
+    (None, "127.0.0.1:{port}", None),  # no address: the stopped cluster Ray recorded is passed over
+])
+def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, address, recorded, message):
+    from pipeline import cli as commands
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    started = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(commands, "_recorded_cluster", lambda: recorded and recorded.format(port=port))
+    monkeypatch.setattr(commands, "_start", lambda address, join, options: started.append((address, join)))
+    if message is None:
+        commands._init_ray(address, verbose=True)
+        assert started == [("local", False)]
+    else:
+        with pytest.raises(commands.RayUnavailable) as e:
+            commands._init_ray(address, verbose=True)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value) and not started
+
+
 @pytest.mark.parametrize(("assignment", "key", "value"), [
     ("generation.prompt.template={prompt}, {caption}", "template", "{prompt}, {caption}"),  # not YAML: text
     ("generation.prompt.negative=yes", "negative", "yes"),  # YAML would make it true: the schema wants text

@@ -5,6 +5,7 @@ Tiny models (64 px, 2 steps) are written once per session."""
 import io
 import json
 import shutil
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -335,25 +336,25 @@ def test_each_familys_own_models_fit(family_models, family):
 
 
 @pytest.mark.parametrize("family, base, net, message", [
-    ("sdxl", "base_model", None, ("generation.base_model: {base_model} is a StableDiffusionPipeline model; family "
+    ("sdxl", "base_model", None, ("generation.base_model: {base_model} is a model of StableDiffusionPipeline; family "
                                   "sdxl runs StableDiffusionXL models (family sd15 takes this one)")),
-    ("sd15", "sdxl/base_model", None, ("generation.base_model: {sdxl/base_model} is a StableDiffusionXLPipeline "
-                                       "model; family sd15 runs StableDiffusion models (families sdxl / sdxl_union "
-                                       "take this one)")),
+    ("sd15", "sdxl/base_model", None, ("generation.base_model: {sdxl/base_model} is a model of "
+                                       "StableDiffusionXLPipeline; family sd15 runs StableDiffusion models (families "
+                                       "sdxl / sdxl_union take this one)")),
     ("sdxl", None, "controlnet/canny", ("generation.controlnets.0.model: {controlnet/canny} was made for another "
                                         "base model than {sdxl/base_model}: its cross_attention_dim is 32, the base "
                                         "model's unet has 64")),
-    ("flux", None, "sdxl/controlnet/canny", ("generation.controlnets.0.model: {sdxl/controlnet/canny} is a "
-                                             "ControlNetModel; family flux loads FluxControlNetModels (families sd15 "
-                                             "/ sdxl take this one)")),
-    ("sdxl", None, "sdxl_union/controlnet", ("generation.controlnets.0.model: {sdxl_union/controlnet} is a "
-                                             "ControlNetUnionModel; family sdxl loads ControlNetModels (family "
-                                             "sdxl_union takes this one)")),
-    ("sd3", None, "flux/controlnet/canny", ("generation.controlnets.0.model: {flux/controlnet/canny} is a "
-                                            "FluxControlNetModel; family sd3 loads SD3ControlNetModels (family flux "
-                                            "takes this one)")),
-    ("flux", None, "flux/controlnet", ("generation.controlnets: Union and single-condition Flux ControlNets cannot "
-                                       "be mixed")),
+    ("flux", None, "sdxl/controlnet/canny", ("generation.controlnets.0.model: {sdxl/controlnet/canny} is a ControlNet "
+                                             "of class ControlNetModel; family flux loads class FluxControlNetModel "
+                                             "(families sd15 / sdxl take this one)")),
+    ("sdxl", None, "sdxl_union/controlnet", ("generation.controlnets.0.model: {sdxl_union/controlnet} is a ControlNet "
+                                             "of class ControlNetUnionModel; family sdxl loads class ControlNetModel "
+                                             "(family sdxl_union takes this one)")),
+    ("sd3", None, "flux/controlnet/canny", ("generation.controlnets.0.model: {flux/controlnet/canny} is a ControlNet "
+                                            "of class FluxControlNetModel; family sd3 loads class SD3ControlNetModel "
+                                            "(family flux takes this one)")),
+    ("flux", None, "flux/controlnet", ("generation.controlnets: Union ControlNets (0) and single-condition ones (1) "
+                                       "cannot be mixed in one flux job")),
 ])
 def test_a_model_of_another_family_is_refused_before_the_run(family_models, family, base, net, message):
     """Without the check, the generator actors fail to load (a Ray traceback) or every sample is an error row."""
@@ -363,7 +364,8 @@ def test_a_model_of_another_family_is_refused_before_the_run(family_models, fami
 
 
 def test_what_the_fit_check_cannot_judge_is_left_to_diffusers(family_models, tmp_path):
-    """A pipeline class no family names (a community pipeline's), a per-block list of dims, an unreadable config."""
+    """A pipeline or ControlNet class no family names (a community one), a per-block list of dims, an unreadable
+    config, a null `num_control_type`."""
     base, net = tmp_path / "base", tmp_path / "net"
     shutil.copytree(family_models["base_model"], base)
     shutil.copytree(family_models["controlnet/canny"], net)
@@ -374,6 +376,9 @@ def test_what_the_fit_check_cannot_judge_is_left_to_diffusers(family_models, tmp
     (net / "config.json").write_text("{not json")
     models = {**family_models, "base_model": str(base), "controlnet/canny": str(net)}
     assert resolved(models, "sd15").generation["base_model"].local_dir == str(base)
+    config = json.loads((Path(family_models["controlnet/canny"]) / "config.json").read_text())
+    (net / "config.json").write_text(json.dumps({**config, "_class_name": "MyControlNet", "num_control_type": None}))
+    assert resolved(models, "sd15").generation["controlnets"][0].local_dir == str(net)
 
 
 def test_flux_union_without_a_mode_is_refused_before_the_run(family_models):

@@ -215,6 +215,12 @@ def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(ray_addres
     assert "Traceback" not in proc.stderr  # Ray Data's own error log and stack trace stay in its log file
     assert "Traceback" not in proc.stdout and "(raylet)" not in proc.stdout  # nor Ray core's retries of the actor
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["completed"] is False
+    # the model mended (its fingerprint changes), the same command runs the job as promised: nothing was written
+    shutil.copyfile(Path(tiny_models["base_model"]) / "unet" / "diffusion_pytorch_model.safetensors", weights)
+    proc = cli("run", str(tmp_path / "job.yaml"), "--address", ray_address, "-q")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["completed"] is True and manifest["counts"]["samples"] > 0
 
 
 def test_cheap_stages_run_inside_the_cpu_actor_stage_after_them(ray_session, tiny_models, inputs, tmp_path, capsys,

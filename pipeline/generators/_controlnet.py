@@ -16,6 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.config import GenerationConfig
+from pipeline.generators._fit import check_fit
 from pipeline.generators.base import (
     WORKER_COLUMNS,
     Column,
@@ -26,7 +27,6 @@ from pipeline.generators.base import (
     to_uint8,
     torch_dtype,
 )
-from pipeline.generators._fit import check_fit
 from pipeline.rows import Row
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ def model_kind(pipeline_class: str) -> str:
 def net_class(config: dict[str, Any]) -> str | None:
     """A ControlNet's class. xinsir's SDXL Union checkpoints call theirs a `ControlNetModel`; their
     `num_control_type` says what they are."""
-    return "ControlNetUnionModel" if "num_control_type" in config else str(config.get("_class_name") or "") or None
+    return "ControlNetUnionModel" if config.get("num_control_type") is not None else str(config.get("_class_name") or "")
 
 
 def takers(fits: Callable[[Any], bool]) -> str:
@@ -70,7 +70,7 @@ def check_fit(family: Any, models: dict[str, Any]) -> list[dict[str, Any]]:
     ours, theirs = model_kind(family.pipelines["text2img"]), model_kind(str(index.get("_class_name") or ""))
     # a model of a kind no family runs (a community pipeline, say) is left to diffusers
     if theirs != ours and (hint := takers(lambda cls: model_kind(cls.pipelines["text2img"]) == theirs)):
-        raise ModelUnavailable(f"generation.base_model: {base.model} is a {index['_class_name']} model; family "
+        raise ModelUnavailable(f"generation.base_model: {base.model} is a model of {index['_class_name']}; family "
                                f"{family.family} runs {ours} models{hint}")
     denoiser = next((n for n in ("unet", "transformer") if isinstance(index.get(n), list) and any(index[n])), None)
     shared = (model_json(base, f"{denoiser}/config.json") or {}) if denoiser else {}
@@ -81,10 +81,10 @@ def check_fit(family: Any, models: dict[str, Any]) -> list[dict[str, Any]]:
         if config is None:
             continue
         key = f"generation.controlnets.{i}.model"
-        kind = net_class(config) or family.controlnet_class
-        if kind != family.controlnet_class:
-            raise ModelUnavailable(f"{key}: {net.model} is a {kind}; family {family.family} loads "
-                                   f"{family.controlnet_class}s{takers(lambda cls, k=kind: cls.controlnet_class == k)}")
+        kind = net_class(config)  # a class no family loads (a community one, say) is left to diffusers
+        if kind != family.controlnet_class and (hint := takers(lambda cls, k=kind: cls.controlnet_class == k)):
+            raise ModelUnavailable(f"{key}: {net.model} is a ControlNet of class {kind}; family {family.family} loads "
+                                   f"class {family.controlnet_class}{hint}")
         for k in SHARED_KEYS:  # numbers and names: a per-block list is not compared
             value, wanted = config.get(k), shared.get(k)
             if isinstance(value, (int, str)) and isinstance(wanted, (int, str)) and value != wanted:

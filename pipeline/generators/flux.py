@@ -54,15 +54,16 @@ class FluxControlNet(ControlNetGenerator):
     @classmethod
     def check_models(cls, gen, models: dict[str, Any]) -> None:
         """A Flux ControlNet is a Union one when its config has `num_mode`: then every condition needs a mode."""
-        unions = [config.get("num_mode") is not None for config in check_fit(cls, models) if config is not None]
-        if len(set(unions)) > 1:
-            raise ModelUnavailable("generation.controlnets: Union and single-condition Flux ControlNets cannot be "
-                                   "mixed")
-        modes = [cn.control_mode for cn in gen.controlnets]
-        if any(unions) and None in modes:
-            i = modes.index(None)
-            raise ModelUnavailable(f"generation.controlnets.{i}.control_mode: {gen.controlnets[i].model} is a "
-                                   f"Union ControlNet; set one of {FLUX_UNION_MODES}")
+        configs = check_fit(cls, models)
+        configs = configs * len(gen.controlnets) if len(configs) == 1 else configs  # one network shared
+        union = [None if c is None else c.get("num_mode") is not None for c in configs]  # None: unread
+        if True in union and False in union:
+            raise ModelUnavailable(f"generation.controlnets: Union ControlNets ({index(union, True)}) and "
+                                   f"single-condition ones ({index(union, False)}) cannot be mixed in one flux job")
+        for i, cn in enumerate(gen.controlnets):
+            if union[i] and cn.control_mode is None:
+                raise ModelUnavailable(f"generation.controlnets.{i}.control_mode: {cn.model} is a Union ControlNet; "
+                                       f"set one of {', '.join(f'{k} ({v})' for k, v in FLUX_UNION_MODES.items())}")
 
     def load(self, models: dict[str, Any]) -> None:
         super().load(models)
@@ -83,6 +84,11 @@ class FluxControlNet(ControlNetGenerator):
         """diffusers' Flux img2img/inpaint pipelines give a Union net one mode row for the whole batch
         (shape (conditions, 1)), which only fits a batch of one: such rows go one by one."""
         return self.union and self.gen.mode != "text2img"
+
+
+def index(values: list, value) -> str:
+    """`0, 2`: where `value` is in `values`."""
+    return ", ".join(str(i) for i, v in enumerate(values) if v is value)
 
 
 GENERATOR = FluxControlNet

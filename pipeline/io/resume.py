@@ -114,6 +114,10 @@ def open_output(cfg: JobConfig, identity: dict[str, Any], dry_run: bool = False)
         if not dry_run:
             target.remove_temporaries()
         return Output(out.path, manifest, target.written())
+    if manifest and existing == ["manifest.json"] and not manifest.get("completed"):
+        # a run that stopped before it wrote a row (a model that could not load, fixed since: its fingerprint
+        # changed): nothing to keep apart, so this run starts afresh here
+        return Output(out.path, None, Written())
     if out.new_version:
         base, n = _version_base(out.path), 2
         while True:
