@@ -4,6 +4,7 @@ Parquet files read as one table, and the `python -m pipeline` CLI in a subproces
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,13 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def cli_command(*args) -> list[str]:
     """The command line of `python -m pipeline ARGS` with this interpreter."""
     return [sys.executable, "-m", "pipeline", *map(str, args)]
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (free once the probing socket closes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> list:

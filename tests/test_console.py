@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from tests.helpers import ROOT, cli, job_dict
+from tests.helpers import ROOT, cli, free_port, job_dict
 
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
 
@@ -247,9 +246,7 @@ def test_a_ray_that_cannot_start_says_so_without_the_resume_advice(job, tmp_path
 
 def test_an_address_where_nothing_listens_is_refused_at_once(job, tmp_path):
     """Ray's own attempts to reach it go on for minutes, printing C++ warnings."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"  # free once closed: nothing listens there
+    address = f"127.0.0.1:{free_port()}"
     bad = cli("run", job[0], "--set", f"output.path={tmp_path / 'out'}", "--address", address)
     assert bad.returncode == 2
     assert bad.stderr == f"error: could not join Ray at {address}: ConnectionRefusedError: [Errno 111] Connection refused\n"
@@ -284,9 +281,7 @@ def test_a_stopped_run_is_one_line_and_its_stack_trace_with_v(job, tmp_path, mon
 def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, address, recorded, message):
     from pipeline import cli as commands
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there once closed
+    port = free_port()
     started = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(commands, "_recorded_cluster", lambda: recorded and recorded.format(port=port))

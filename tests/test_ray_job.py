@@ -4,7 +4,6 @@ CLI is its client), its output checked."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,15 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers import ROOT, job_dict, kill_tree
+from tests.helpers import ROOT, free_port, job_dict, kill_tree
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_cli(*args, timeout=120) -> subprocess.CompletedProcess:

@@ -55,7 +55,7 @@ class FluxControlNet(ControlNetGenerator):
     def check_models(cls, gen, models: dict[str, Any]) -> None:
         """A Flux ControlNet is a Union one when its config has `num_mode`: then every condition needs a mode."""
         configs = check_fit(cls, models)
-        configs = configs * len(gen.controlnets) if len(configs) == 1 else configs  # one network shared
+        configs = configs * len(gen.controlnets) if cls.shared_net(gen) else configs
         union = [None if c is None else c.get("num_mode") is not None for c in configs]  # None: unread
         if True in union and False in union:
             raise ModelUnavailable(f"generation.controlnets: Union ControlNets ({index(union, True)}) and "
