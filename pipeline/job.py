@@ -30,7 +30,7 @@ from pipeline.io.lock import RunLock
 from pipeline.io.resume import FirstCopy, Output, OutputExists, SkipWritten, fingerprint, job_identity, open_output
 from pipeline.io.sink import SplitParquetSink
 from pipeline.io.sources import Listing, check_columns, list_inputs, read_source, source_extensions
-from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model
+from pipeline.models import ModelUnavailable, ResolvedModel, pickle_only_weights, resolve_model, weights_problem
 from pipeline.provenance import code_version, library_versions, new_run_id, redacted
 from pipeline.schema import samples_schema
 from pipeline.scorers.stage import Score, gate_settings, needs_actor, quality_record, score_columns
@@ -90,6 +90,9 @@ def resolve_models(cfg: JobConfig) -> Models:
         with named(f"annotator {a.key}"):
             annotators[a.key] = resolve_model(model, a.revision, cls.files[0], local_only, cls.files) if model else None
     captioner = captioner_model(cfg)
+    if captioner is not None:
+        with named("captioner"):
+            check_weights(captioner)
     if gen is None:
         return Models(annotators, {}, captioner=captioner)
     pickles = ("*.bin", "*.ckpt", "*.pt", "*.pth") if gen.allow_pickle else ()
@@ -108,8 +111,21 @@ def resolve_models(cfg: JobConfig) -> Models:
                     f"model {m.model!r} has pickle weights only ({', '.join(pickled[:3])}); pickle can run code when "
                     f"loaded. Convert them to safetensors, or set generation.allow_pickle=true if you trust the source"
                 )
+    passed = ("controlnet", *getattr(generator_class(gen.family), "pipeline_kwargs", {}))  # given to the loader
+    for ref, m in zip(flat(refs), flat(models.generation)):
+        with named(f"generation {ref.role}"):
+            check_weights(m, gen.allow_pickle, passed)
+    for key, m in models.scorers.items():
+        with named(f"quality {key}_model"):
+            check_weights(m)
     generator_class(gen.family).check_models(gen, models.generation)
     return models
+
+
+def check_weights(model: ResolvedModel, allow_pickle: bool = False, passed: tuple[str, ...] = ()) -> None:
+    """Raise ModelUnavailable where a local model directory's weights cannot load (models.weights_problem)."""
+    if problem := weights_problem(model, allow_pickle, passed):
+        raise ModelUnavailable(f"model {model.model!r} cannot load: {problem}")
 
 
 @contextlib.contextmanager

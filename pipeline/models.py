@@ -99,6 +99,73 @@ def pickle_only_weights(model: ResolvedModel) -> list[str]:
                   for f in group if f.endswith(PICKLE_SUFFIXES))
 
 
+# The weights `from_pretrained` reads in a model folder (diffusers' names, then transformers'), without a variant
+SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+def weights_problem(model: ResolvedModel, allow_pickle: bool = False, passed: Sequence[str] = ()) -> str | None:
+    """Why a local model directory's weights cannot load, or None: a model folder (one with a config.json: the
+    directory itself, or a component its model_index.json names, but those in `passed`, which the loader is given
+    instead) without weights under the names `from_pretrained` reads, a shard its index names that is not there,
+    or a safetensors file that is a Git LFS pointer or cut short (an interrupted copy). Judged from names, sizes
+    and headers: a few bytes of each file, before any data moves, where the loader would fail in every worker."""
+    if not model.local_dir:
+        return None
+    root = Path(model.local_dir)
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = None
+    folders = [root] if not isinstance(index, dict) else [
+        root / name for name, value in index.items()
+        if not name.startswith("_") and name not in passed and isinstance(value, list) and all(value)]
+    names = SAFETENSORS_NAMES + (PICKLE_NAMES if allow_pickle else ())
+    for folder in folders:
+        if not (folder / "config.json").is_file():
+            continue  # a tokenizer, a scheduler: no weights; a missing folder: the loader names it
+        where = f"{folder.relative_to(root).as_posix()}/" if folder != root else ""
+        files = [folder / n for n in names if (folder / n).is_file()]
+        for n in names:
+            if not files and (folder / f"{n}.index.json").is_file():
+                try:
+                    shards = sorted(set(json.loads((folder / f"{n}.index.json").read_text())["weight_map"].values()))
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    return f"{where}{n}.index.json is not a weight index"
+                if missing := [s for s in shards if not (folder / s).is_file()]:
+                    return f"{where}{n}.index.json names {missing[0]}, which is not there"
+                files = [folder / s for s in shards]
+        if not files:
+            return f"{where or 'the directory'} has a config.json but no weights ({' or '.join(names)})"
+        for file in files:
+            if file.suffix == ".safetensors" and (problem := safetensors_problem(file)):
+                return f"{file.relative_to(root).as_posix()} {problem}"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, from its size and header: an 8-byte header length, the JSON header,
+    then exactly the bytes its tensors' offsets cover."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            return "is a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+        length = int.from_bytes(head[:8], "little") if len(head) >= 8 else size
+        if length > size - 8:
+            return f"is cut short ({size:,} bytes, not even its header): copy it again"
+        f.seek(8)
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "has no readable safetensors header: copy it again"
+    if 8 + length + end != size:
+        return (f"is {'cut short' if size < 8 + length + end else 'longer than its header says'} ({size:,} bytes, "
+                f"its header describes {8 + length + end:,}): copy it again")
+    return None
+
+
 def fingerprint(directory: Path, files: Sequence[str] = ("*",)) -> str:
     """sha256 over the relative path and content of every file matching one of the glob patterns `files`
     (matched against the relative path and the file name): the identity of a local model directory."""

@@ -1,7 +1,10 @@
 """`python -m pipeline annotators` and `python -m pipeline models fetch`, offline."""
 
+import json
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.annotators import ANNOTATORS
@@ -75,3 +78,85 @@ def test_a_missing_model_is_named_by_its_role_in_the_job(tmp_path, tiny_models):
     cfg["generation"]["controlnets"][1]["model"] = str(tmp_path / "missing")
     with pytest.raises(ModelUnavailable, match=r"^generation controlnet hed: model directory .*/missing does not exist"):
         resolve_models(load_config(data=cfg))
+
+
+def _cut_short(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def _lfs_pointer(path: Path) -> None:
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 159200\n")
+
+
+def _one_of_two_shards(folder: Path) -> None:
+    (folder / "diffusion_pytorch_model.safetensors").rename(folder / "part-1.safetensors")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "part-1.safetensors", "b": "part-2.safetensors"}}')
+
+
+# damage done to a copy of the tiny base model (or its hed ControlNet: `folder` None), what the check says of it
+DAMAGE = {
+    "no weights": (None, lambda d: (d / "diffusion_pytorch_model.safetensors").unlink(),
+                   (r"the directory has a config.json but no weights \(diffusion_pytorch_model.safetensors or "
+                    r"model.safetensors\)")),
+    "cut short": (None, lambda d: _cut_short(d / "diffusion_pytorch_model.safetensors"),
+                  (r"diffusion_pytorch_model.safetensors is cut short \([\d,]+ bytes, its header describes "
+                   r"[\d,]+\): copy it again")),
+    "git lfs pointer": ("text_encoder", lambda d: _lfs_pointer(d / "model.safetensors"),
+                        r"text_encoder/model.safetensors is a Git LFS pointer, not the weights: fetch them"),
+    "shard missing": ("unet", _one_of_two_shards,
+                      (r"unet/diffusion_pytorch_model.safetensors.index.json names part-2.safetensors, which is "
+                       r"not there")),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_weights_that_cannot_load_are_refused_at_start(tmp_path, tiny_models, damage):
+    """Weights missing, cut short or left as Git LFS pointers fail diffusers' loader in every generator actor; the
+    job says which file, before any data moves."""
+    from pipeline.config import load_config
+    from pipeline.job import resolve_models
+    from pipeline.models import ModelUnavailable
+
+    folder, harm, says = DAMAGE[damage]
+    cfg = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
+    copy = tmp_path / "model"
+    if folder is None:
+        shutil.copytree(tiny_models["controlnet/hed"], copy)
+        cfg["generation"]["controlnets"][1]["model"] = str(copy)
+        role = "controlnet hed"
+    else:
+        shutil.copytree(tiny_models["base_model"], copy)
+        cfg["generation"]["base_model"] = str(copy)
+        role = "base_model"
+    resolve_models(load_config(data=cfg))  # intact, it passes
+    harm(copy / (folder or ""))
+    with pytest.raises(ModelUnavailable, match=rf"^generation {role}: model '.*/model' cannot load: {says}"):
+        resolve_models(load_config(data=cfg))
+
+
+def test_the_weights_check_refuses_only_what_diffusers_cannot_load(tmp_path, tiny_models):
+    """The damage the check refuses fails diffusers' own loader; a component the family hands the loader itself
+    (the safety checker) is not judged."""
+    from diffusers import ControlNetModel
+
+    from pipeline.config import load_config
+    from pipeline.job import resolve_models
+
+    for damage in ("no weights", "cut short"):
+        net = tmp_path / damage
+        shutil.copytree(tiny_models["controlnet/hed"], net)
+        DAMAGE[damage][1](net)
+        with pytest.raises(OSError):
+            ControlNetModel.from_pretrained(net)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["base_model"], base)
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps(index | {"safety_checker": ["stable_diffusion",
+                                                                                  "StableDiffusionSafetyChecker"]}))
+    (base / "safety_checker").mkdir()
+    shutil.copy(base / "text_encoder" / "config.json", base / "safety_checker" / "config.json")  # no weights
+    cfg = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
+    cfg["generation"]["base_model"] = str(base)
+    assert resolve_models(load_config(data=cfg)).generation["base_model"].local_dir == str(base)
