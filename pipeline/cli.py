@@ -3,151 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 import traceback
 
+from pipeline.cluster import RayUnavailable, init_ray, joins_cluster, stops_ray
 from pipeline.config import ConfigError, load_config
-
-
-class RayUnavailable(RuntimeError):
-    """Ray could not be started or joined."""
-
-
-def _init_ray(address: str | None, verbose: bool = False) -> None:
-    """Start or join Ray. `run` reads its config, imports Ray Data, pyarrow and pandas and calls this with Python's
-    garbage collector paused, then freezes what that made out of later collections (`pipeline.cpus.loading`):
-    full collections walking those ~280,000 objects took ~0.5 s of the driver's CPU, most of it before any
-    actor started."""
-    from pipeline.console import quiet_ray, without_log_level_line
-
-    options = {} if verbose else quiet_ray()
-    join = joins_cluster(address)
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None and address.startswith("ray://"):
-        raise RayUnavailable(f"could not join Ray at {address}: Ray Data's executor needs the driver's core worker, "
-                             f"which a Ray Client (ray://) driver does not have; submit the job to the cluster with "
-                             f"`ray job submit`, or run it on a node of the cluster with --address HEAD:6379")
-    try:
-        if address in (None, "auto") and (found := _recorded_cluster()) is not None:
-            try:
-                _answers(found)
-            except OSError:
-                if address is not None:
-                    raise
-                address = "local"  # Ray's record of a cluster on this machine that has stopped: start a new one
-        elif join:
-            _answers(address)
-        with contextlib.nullcontext() if verbose else without_log_level_line():
-            _start(address, join, options)
-    except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
-        raise RayUnavailable(f"could not {'join Ray at ' + address if join else 'start a local Ray instance'}: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-
-
-def _start(address: str | None, join: bool, options: dict) -> None:
-    import ray
-
-    if join:
-        ray.init(address=address, **options)
-    else:
-        # the laptop default: a local Ray instance ('local': always a new one), without the dashboard's
-        # nine web modules (~5 CPU-s of a start on two cores). Its workers inherit this environment:
-        # OpenMP threads that sleep when idle, so stages sharing a few cores do not spin against each other
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        ray.init(address=address, include_dashboard=False, **options)
-
-
-def _answers(address: str) -> None:
-    """Raise OSError unless something takes a TCP connection at a cluster address (`host:port`)
-    within 5 s: Ray's own attempts to reach an address where nothing listens go on for minutes."""
-    import socket
-    from urllib.parse import urlsplit
-
-    try:
-        target = urlsplit(address if "://" in address else f"//{address}")
-    except ValueError:  # not host:port: Ray judges it
-        return
-    host, port = target.hostname, target.port  # ValueError: a port out of range
-    if host and port is not None:
-        socket.create_connection((host, port), timeout=5).close()
-
-
-def _recorded_cluster() -> str | None:
-    """The address of the cluster Ray joins given no address (or `auto`): the one `ray start` last recorded on this
-    machine (`/tmp/ray/ray_current_cluster`), which may have stopped since."""
-    try:
-        from ray._private.utils import read_ray_address
-
-        return read_ray_address() or None
-    except Exception:  # noqa: BLE001 - unreadable, or Ray's private helper changed: Ray decides
-        return None
-
-
-def joins_cluster(address: str | None) -> bool:
-    """Whether `--address` (else RAY_ADDRESS) names a running cluster to join; otherwise a local instance starts."""
-    return (address or os.environ.get("RAY_ADDRESS") or None) not in (None, "local")
-
-
-def _stop_ray() -> None:
-    """Stop (or leave) Ray now, not from its exit hook, which first sleeps half a second for late log lines."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            _settle_ray_data()
-            _kill_autoscaler_monitor()
-            ray.shutdown()
-
-
-def _settle_ray_data(timeout: float = 10.0) -> None:
-    """Before Ray is stopped: wait for Ray Data's scheduling thread (and the thread that fetches its blocks'
-    metadata) to end. When a run is interrupted or fails, Ray Data asks that thread to stop and waits 2 s for it; on
-    a loaded machine its step outlasted that, it called into Ray after `ray.shutdown`, and Ray ended the process with
-    exit code 1 and no message (7 of 7 interrupted runs beside two busy processes) instead of the interrupt's 130.
-    After a run that finished, the thread has ended already. The threads go by the names Ray Data gives them; if
-    those change, nothing waits, as before."""
-    import threading
-    import time
-
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread.name.startswith(("StreamingExecutor-", "ray-data-metadata-prefetch")):
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def _kill_autoscaler_monitor() -> None:
-    """A local instance's autoscaler monitor (it has nothing to scale) is killed first: Ray's shutdown stops
-    GCS before it, and its SIGTERM handler then waits on GCS until Ray kills it a second later (1.35 s
-    -> ~0.2 s for the whole shutdown). Ray's node object is private: if it changes, shutdown is as before."""
-    from ray._private import worker
-
-    try:
-        for info in worker._global_node.all_processes.get("monitor", ()):  # empty when joining a cluster
-            info.process.kill()
-    except Exception:  # noqa: BLE001 - an optimisation only
-        pass
-
-
-def stops_ray(command):
-    """A command that may start Ray: Ray is shut down when it returns, however it returns."""
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        finally:
-            _stop_ray()
-
-    wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
-    return wrapper
 
 
 @stops_ray
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.cpus import loading
 
-    with loading():  # the driver's start, as an actor's: see _init_ray
+    with loading():  # the driver's start, as an actor's: see init_ray
         try:
             cfg = load_config(args.config, args.set)  # config errors before anything heavy is imported
         except ConfigError as e:
@@ -168,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             finished(plan, say)  # says so; nothing is written
             return 0
         with loading():
-            _init_ray(args.address, args.verbose)
+            init_ray(args.address, args.verbose)
         result = execute(plan, say, bar=not args.quiet)
     except (ModelUnavailable, OutputExists, OutputLocked, SourceError, UnsafeParquet, RayUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -276,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import NotEnoughResources, TrainDataError, TrainOutputExists, run_training
 
     try:
-        _init_ray(args.address, args.verbose)
+        init_ray(args.address, args.verbose)
         run_training(cfg, cluster_grows=joins_cluster(args.address))
     except (ModelUnavailable, NotEnoughResources, TrainDataError, TrainOutputExists, RayUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -176,16 +176,16 @@ def test_a_command_stops_the_ray_it_started_however_it_ends():
     # stopped by the command, not by Ray's exit hook (which first sleeps half a second); every process of the
     # local instance has ended, and the autoscaler monitor before GCS was stopped (after, its SIGTERM handler
     # waits on GCS until Ray kills it a second later)
-    code = ("import ray; from ray._private.node import Node; from pipeline.cli import _init_ray, stops_ray\n"
+    code = ("import ray; from ray._private.node import Node; from pipeline.cluster import init_ray, stops_ray\n"
             "real, monitor_gone = Node._kill_process_impl, {}\n"
             "def kill(node, kind, **kw):\n"
             "    monitor_gone.setdefault(kind, procs['monitor'].poll() is not None); real(node, kind, **kw)\n"
             "Node._kill_process_impl = kill\n"
             "def ok(args):\n"
-            "    global procs; _init_ray(None)\n"
+            "    global procs; init_ray(None)\n"
             "    procs = {t: i[0].process for t, i in ray._private.worker._global_node.all_processes.items()}\n"
             "    return 0\n"
-            "def fails(args): _init_ray(None); raise RuntimeError('boom')\n"
+            "def fails(args): init_ray(None); raise RuntimeError('boom')\n"
             "print(stops_ray(ok)(None), ray.is_initialized())\n"
             "print(all(p.poll() is not None for p in procs.values()), monitor_gone['gcs_server'])\n"
             "try: stops_ray(fails)(None)\n"
@@ -198,7 +198,7 @@ def test_a_command_stops_the_ray_it_started_however_it_ends():
 def test_an_interrupt_waits_for_ray_datas_scheduling_thread_before_ray_stops(ray_session, monkeypatch):
     """On an interrupt Ray Data asks its scheduling thread to stop and waits 2 s for it; on a loaded machine the
     thread outlasted that, called into Ray after `ray.shutdown`, and Ray ended the process with exit code 1 instead
-    of 130. Here the thread lingers 3 s after its loop (what a slow last step does); `_settle_ray_data`, which a
+    of 130. Here the thread lingers 3 s after its loop (what a slow last step does); `settle_ray_data`, which a
     command calls before it stops Ray, waits for it."""
     import threading
     import time
@@ -206,7 +206,7 @@ def test_an_interrupt_waits_for_ray_datas_scheduling_thread_before_ray_stops(ray
     import ray
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
 
-    from pipeline.cli import _settle_ray_data
+    from pipeline.cluster import settle_ray_data
 
     loop = StreamingExecutor.run
     monkeypatch.setattr(StreamingExecutor, "run", lambda self: (loop(self), time.sleep(3)))
@@ -217,7 +217,7 @@ def test_an_interrupt_waits_for_ray_datas_scheduling_thread_before_ray_stops(ray
             raise KeyboardInterrupt  # a Ctrl-C while the dataset streams
     scheduling = [t for t in set(threading.enumerate()) - before if t.name.startswith("StreamingExecutor-")]
     assert scheduling and all(t.is_alive() for t in scheduling)  # Ray Data's own wait has returned
-    _settle_ray_data()
+    settle_ray_data()
     assert not any(t.is_alive() for t in scheduling)
 
 
@@ -227,10 +227,10 @@ def test_run_imports_ray_data_and_starts_ray_with_the_collector_paused(job, tmp_
     code = ("import gc, sys; from pipeline import cli\n"
             "full = []\n"
             "gc.callbacks.append(lambda phase, info: phase == 'start' and info['generation'] == 2 and full.append(1))\n"
-            "real = cli._init_ray\n"
+            "real = cli.init_ray\n"
             "def init(*args):\n"
             "    real(*args); print(len(full), gc.isenabled(), 'pandas' in sys.modules); raise RuntimeError('stop')\n"
-            "cli._init_ray = init\n"
+            "cli.init_ray = init\n"
             f"rc = cli.main(['run', {str(job[0])!r}, '--set', 'output.path={tmp_path / 'out'}', '-q'])\n"
             "print(rc, gc.isenabled(), gc.get_freeze_count() > 200_000)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -256,12 +256,13 @@ def test_an_address_where_nothing_listens_is_refused_at_once(job, tmp_path):
 def test_a_stopped_run_is_one_line_and_its_stack_trace_with_v(job, tmp_path, monkeypatch, capsys, verbose):
     import pipeline.job
     from pipeline import cli as commands
+    from pipeline import cluster
 
     def execute(*args, **kwargs):
         raise RuntimeError("a stage broke")
 
-    monkeypatch.setattr(commands, "_init_ray", lambda *args: None)
-    monkeypatch.setattr(commands, "_stop_ray", lambda: None)  # the session's Ray, if any, stays up
+    monkeypatch.setattr(commands, "init_ray", lambda *args: None)
+    monkeypatch.setattr(cluster, "stop_ray", lambda: None)  # the session's Ray, if any, stays up
     monkeypatch.setattr(pipeline.job, "execute", execute)
     args = ["run", str(job[0]), "--set", f"output.path={tmp_path / 'out'}"] + (["-v"] if verbose else [])
     assert commands.main(args) == 1
@@ -279,20 +280,46 @@ def test_a_stopped_run_is_one_line_and_its_stack_trace_with_v(job, tmp_path, mon
     (None, "127.0.0.1:{port}", None),  # no address: the stopped cluster Ray recorded is passed over
 ])
 def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, address, recorded, message):
-    from pipeline import cli as commands
+    from pipeline import cluster
 
     port = free_port()
     started = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(commands, "_recorded_cluster", lambda: recorded and recorded.format(port=port))
-    monkeypatch.setattr(commands, "_start", lambda address, join, options: started.append((address, join)))
+    monkeypatch.setattr(cluster, "recorded_cluster", lambda: recorded and recorded.format(port=port))
+    monkeypatch.setattr(cluster, "start_ray", lambda address, join, options: started.append((address, join)))
     if message is None:
-        commands._init_ray(address, verbose=True)
+        cluster.init_ray(address, verbose=True)
         assert started == [("local", False)]
     else:
-        with pytest.raises(commands.RayUnavailable) as e:
-            commands._init_ray(address, verbose=True)
+        with pytest.raises(cluster.RayUnavailable) as e:
+            cluster.init_ray(address, verbose=True)
         assert str(e.value).startswith(message) and "\n" not in str(e.value) and not started
+
+
+def test_a_dashboard_port_is_told_from_rays_gcs(monkeypatch, ray_address):
+    """The port `ray job submit` takes (the dashboard's, an HTTP server) given as a cluster address: one line at once,
+    where Ray retried for minutes. The session's real GCS passes the same check."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline import cluster
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(cluster, "start_ray", lambda *args: pytest.fail("Ray was started"))
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(cluster.RayUnavailable, match=rf"^could not join Ray at {address}: ConnectionError: it "
+                                                         r"answers HTTP: a dashboard's port, the address `ray job "
+                                                         r"submit` takes\? A driver joins the head's GCS port"):
+            cluster.init_ray(address, verbose=True)
+    finally:
+        server.shutdown()
+    cluster.answers(ray_address)
 
 
 @pytest.mark.parametrize(("assignment", "key", "value"), [
