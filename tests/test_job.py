@@ -200,18 +200,23 @@ def test_cli_missing_model_exits_nonzero_naming_it(tmp_path, tiny_models, photos
 
 
 def test_cli_model_that_cannot_load_stops_the_run_early_with_one_line(ray_address, tmp_path, tiny_models, photos_dir):
+    import safetensors.torch
+    import torch
+
     base = tmp_path / "broken-base"
     shutil.copytree(tiny_models["base_model"], base)
     weights = base / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # present, safetensors, but cut short
+    state = safetensors.torch.load_file(weights)
+    # whole and readable (the start-up checks pass it), but one tensor of another shape than the UNet's
+    safetensors.torch.save_file(state | {"conv_in.weight": torch.zeros(1)}, weights)
     data = job_dict(str(photos_dir), str(tmp_path / "out"), tiny_models)
     data["generation"]["base_model"] = str(base)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
     proc = cli("run", str(tmp_path / "job.yaml"), "--address", ray_address)  # the session's Ray: one fewer start
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the run stopped: stage generate failed: OSError: ")
-    assert "Unable to load weights" in last and "diffusion_pytorch_model.safetensors" in last and "resumes" in last
+    assert last.startswith("error: the run stopped: stage generate failed: ValueError: ")
+    assert "conv_in.weight expected shape" in last and "resumes" in last
     assert "Traceback" not in proc.stderr  # Ray Data's own error log and stack trace stay in its log file
     assert "Traceback" not in proc.stdout and "(raylet)" not in proc.stdout  # nor Ray core's retries of the actor
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["completed"] is False
