@@ -102,6 +102,7 @@ def pickle_only_weights(model: ResolvedModel) -> list[str]:
 # The weights `from_pretrained` reads in a model folder (diffusers' names, then transformers'), without a variant
 SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+MAX_HEADER = 100_000_000  # the safetensors format's bound on its JSON header
 
 
 def weights_problem(model: ResolvedModel, allow_pickle: bool = False, passed: Sequence[str] = ()) -> str | None:
@@ -152,6 +153,8 @@ def safetensors_problem(path: Path) -> str | None:
         if head.startswith(b"version https://git-lfs"):
             return "is a Git LFS pointer, not the weights: fetch them (git lfs pull)"
         length = int.from_bytes(head[:8], "little") if len(head) >= 8 else size
+        if length > MAX_HEADER:
+            return "has no readable safetensors header: copy it again"
         if length > size - 8:
             return f"is cut short ({size:,} bytes, not even its header): copy it again"
         f.seek(8)

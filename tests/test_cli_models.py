@@ -160,3 +160,24 @@ def test_the_weights_check_refuses_only_what_diffusers_cannot_load(tmp_path, tin
     cfg = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
     cfg["generation"]["base_model"] = str(base)
     assert resolve_models(load_config(data=cfg)).generation["base_model"].local_dir == str(base)
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (lambda data: data + b"\0" * 100, "is longer than its header says (260 bytes, its header describes 160)"),
+    (lambda data: (2**40).to_bytes(8, "little") + data[8:], "has no readable safetensors header"),
+    (lambda data: data[:8] + b"{not json" + data[17:], "has no readable safetensors header"),
+])
+def test_a_safetensors_file_is_judged_by_its_size_and_header_as_the_library_does(tmp_path, damage, says):
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    from pipeline.models import safetensors_problem
+
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file({"a": torch.zeros(4), "b": torch.ones(2, 3)}, path)
+    assert safetensors_problem(path) is None
+    path.write_bytes(damage(path.read_bytes()))
+    assert safetensors_problem(path).startswith(says)
+    with pytest.raises(safetensors.SafetensorError):
+        safetensors.torch.load_file(path)
