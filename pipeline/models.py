@@ -8,9 +8,11 @@ directories resolve to a sha256 fingerprint of their files.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,6 +169,37 @@ def safetensors_problem(path: Path) -> str | None:
         return (f"is {'cut short' if size < 8 + length + end else 'longer than its header says'} ({size:,} bytes, "
                 f"its header describes {8 + length + end:,}): copy it again")
     return None
+
+
+@contextlib.contextmanager
+def no_random_weights():
+    """Loading a diffusers model whose checkpoint lacks some of its weights only logs a warning ("Some weights of
+    UNet2DConditionModel were not initialized from the model checkpoint at ... and are newly initialized: [...]")
+    and goes on with those weights random: a checkpoint of another layout put under a diffusers config, say, and
+    every image of the run made by random numbers. Such a load raises OSError naming the model and a weight."""
+    lacking: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("Some weights of") and "newly initialized" in message:
+                lacking.append(message)
+
+    logger, catch = logging.getLogger("diffusers"), Catch(logging.WARNING)
+    level = logger.level
+    logger.setLevel(min(level or logging.WARNING, logging.WARNING))  # heard whatever DIFFUSERS_VERBOSITY says
+    logger.addHandler(catch)
+    try:
+        yield
+    finally:
+        logger.removeHandler(catch)
+        logger.setLevel(level)
+    if lacking:
+        head, _, keys = lacking[0].partition(" and are newly initialized: ")
+        model, _, path = head.removeprefix("Some weights of ").partition(" were not initialized from the model checkpoint at ")
+        keys = keys.split("\n")[0].strip("[]").replace("'", "").split(", ")
+        raise OSError(f"{path.strip()}: its checkpoint lacks {len(keys)} of the {model}'s weights ({keys[0]}, ...), "
+                      f"which diffusers would start at random: a checkpoint of another model or layout?")
 
 
 def fingerprint(directory: Path, files: Sequence[str] = ("*",)) -> str:

@@ -101,3 +101,23 @@ def test_output_names_cannot_be_steered_by_input_names(ray_session, photos_dir, 
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
     uris = sorted(r["source_uri"] for f in out.glob("samples/*.parquet") for r in pq.read_table(f, columns=["source_uri"]).to_pylist())
     assert uris == sorted(f"{source}#row={i}/{name}" for i, name in enumerate(HOSTILE))  # names kept as data, verbatim
+
+
+def test_a_checkpoint_that_lacks_weights_is_refused_not_loaded_at_random(tiny_models, tmp_path):
+    """diffusers only warns when a checkpoint lacks some of a model's weights, and starts those at random: every
+    image of the run would come from random numbers. The generator's load raises instead, naming model and weight."""
+    import safetensors.torch
+
+    net = tmp_path / "controlnet"
+    shutil.copytree(tiny_models["controlnet/hed"], net)
+    state = safetensors.torch.load_file(net / "diffusion_pytorch_model.safetensors")
+    del state["controlnet_mid_block.weight"]  # a whole, readable file: the start-up checks pass it
+    safetensors.torch.save_file(state, net / "diffusion_pytorch_model.safetensors")
+    data = job_dict("/nowhere", str(tmp_path / "out"), tiny_models)
+    data["generation"]["controlnets"][1]["model"] = str(net)
+    cfg = load_config(data=data)
+    models = resolve_models(cfg).generation
+    with pytest.raises(OSError, match=rf"^{re.escape(str(net))}: its checkpoint lacks 1 of the ControlNetModel's "
+                                      r"weights \(controlnet_mid_block.weight, \.\.\.\), which diffusers would start at "
+                                      r"random"):
+        load_pipeline(cfg.generation, models["base_model"], models["controlnets"], "cpu")

@@ -27,6 +27,7 @@ from pipeline.generators.base import (
     to_uint8,
     torch_dtype,
 )
+from pipeline.models import no_random_weights
 from pipeline.rows import Row
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,8 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
     common = {"dtype": torch_dtype(gen.dtype, device, family.auto_gpu_dtype), "local_files_only": gen.local_files_only,
               "use_safetensors": None if gen.allow_pickle else True}
     net_class = getattr(diffusers, family.controlnet_class)
-    nets = [net_class.from_pretrained(m.load_path, revision=m.load_revision, **common) for m in controlnets]
+    with no_random_weights():
+        nets = [net_class.from_pretrained(m.load_path, revision=m.load_revision, **common) for m in controlnets]
     if family.controlnet_class == "ControlNetModel":
         for net in nets:
             skip_outside_window(net)
@@ -331,8 +333,9 @@ def load_pipeline(family: type[ControlNetGenerator], gen: GenerationConfig, base
                 guidance_halves_once(net)
     controlnet = family.wrap_nets(nets, gen)
     pipe_class = getattr(diffusers, family.pipelines[gen.mode])
-    pipe = pipe_class.from_pretrained(base.load_path, revision=base.load_revision, controlnet=controlnet,
-                                      **family.pipeline_kwargs, **common)
+    with no_random_weights():
+        pipe = pipe_class.from_pretrained(base.load_path, revision=base.load_revision, controlnet=controlnet,
+                                          **family.pipeline_kwargs, **common)
     if gen.scheduler != "flow_match_euler":
         pipe.scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

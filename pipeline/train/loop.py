@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from pipeline.models import no_random_weights
 from pipeline.train.config import TrainConfig
 
 
@@ -35,9 +36,10 @@ def load_models(cfg: TrainConfig, device):
     common = {"revision": cfg.revision}
     scheduler = DDPMScheduler.from_pretrained(cfg.base_model, subfolder="scheduler", **common)
     text_encoder = CLIPTextModel.from_pretrained(cfg.base_model, subfolder="text_encoder", **common)
-    vae = AutoencoderKL.from_pretrained(cfg.base_model, subfolder="vae", **common)
-    unet = UNet2DConditionModel.from_pretrained(cfg.base_model, subfolder="unet", **common)
-    controlnet = ControlNetModel.from_pretrained(cfg.controlnet) if cfg.controlnet else ControlNetModel.from_unet(unet)
+    with no_random_weights():  # a checkpoint that lacks weights: one line, not a model trained from noise
+        vae = AutoencoderKL.from_pretrained(cfg.base_model, subfolder="vae", **common)
+        unet = UNet2DConditionModel.from_pretrained(cfg.base_model, subfolder="unet", **common)
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet) if cfg.controlnet else ControlNetModel.from_unet(unet)
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
         model.eval()
