@@ -102,6 +102,20 @@ def cli_command(*args) -> list[str]:
     return [sys.executable, "-m", "pipeline", *map(str, args)]
 
 
+def lacking_weight(model: str | Path, copy: Path, key: str = "controlnet_mid_block.weight") -> Path:
+    """A copy of a diffusers model folder whose checkpoint lacks one weight (a whole, readable file)."""
+    import shutil
+
+    import safetensors.torch
+
+    shutil.copytree(model, copy)
+    weights = copy / "diffusion_pytorch_model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    del state[key]
+    safetensors.torch.save_file(state, weights)
+    return copy
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (free once the probing socket closes)."""
     with socket.socket() as s:

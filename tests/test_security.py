@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.generators.sd15 import load_pipeline
 from pipeline.job import resolve_models, run
 from pipeline.models import ModelUnavailable
-from tests.helpers import canny_job, job_dict
+from tests.helpers import canny_job, job_dict, lacking_weight
 
 OUTPUT_NAMES = re.compile(r"^((samples|errors)/part-[0-9a-f]{32}\.parquet|manifest\.json|stats\.txt|report\.html|README\.md|croissant\.json)$")
 
@@ -106,13 +106,7 @@ def test_output_names_cannot_be_steered_by_input_names(ray_session, photos_dir, 
 def test_a_checkpoint_that_lacks_weights_is_refused_not_loaded_at_random(tiny_models, tmp_path):
     """diffusers only warns when a checkpoint lacks some of a model's weights, and starts those at random: every
     image of the run would come from random numbers. The generator's load raises instead, naming model and weight."""
-    import safetensors.torch
-
-    net = tmp_path / "controlnet"
-    shutil.copytree(tiny_models["controlnet/hed"], net)
-    state = safetensors.torch.load_file(net / "diffusion_pytorch_model.safetensors")
-    del state["controlnet_mid_block.weight"]  # a whole, readable file: the start-up checks pass it
-    safetensors.torch.save_file(state, net / "diffusion_pytorch_model.safetensors")
+    net = lacking_weight(tiny_models["controlnet/hed"], tmp_path / "controlnet")  # the start-up checks pass it
     data = job_dict("/nowhere", str(tmp_path / "out"), tiny_models)
     data["generation"]["controlnets"][1]["model"] = str(net)
     cfg = load_config(data=data)

@@ -34,7 +34,7 @@ from pipeline.train import (
 )
 from pipeline.train.data import inspect_source, training_dataset
 from pipeline.train.loop import diffusion_loss, first_batch_fetched_meanwhile, load_models
-from tests.helpers import ROOT, cli_command, cli_env, job_dict, kill_tree, read_parquet_dir
+from tests.helpers import ROOT, cli_command, cli_env, job_dict, kill_tree, lacking_weight, read_parquet_dir
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
 SIZE = 64
@@ -279,6 +279,14 @@ def test_training_refuses_to_start_where_it_could_not_finish(ray_session, tiny_m
     with pytest.raises(TrainDataError, match="has the normalized layout .* export it first"):
         run_training(load_train_config(data=train_dict(tiny_models, normalized, tmp_path / "c")))
     assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
+
+
+def test_a_controlnet_checkpoint_that_lacks_weights_is_not_trained_from_random_ones(tiny_models, tmp_path):
+    net = lacking_weight(tiny_models["controlnet/hed"], tmp_path / "controlnet")
+    cfg = load_train_config(data=train_dict(tiny_models, tmp_path, tmp_path / "out", controlnet=str(net)))
+    with pytest.raises(OSError, match=r"its checkpoint lacks 1 of the ControlNetModel's weights "
+                                      r"\(controlnet_mid_block.weight, \.\.\.\)"):
+        load_models(cfg, torch.device("cpu"))
 
 
 def test_unlocking_the_unet_decoder_trains_its_up_blocks_only(tiny_models, tmp_path):
