@@ -83,8 +83,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 2
     from pipeline.io.lock import OutputLocked
     from pipeline.io.sources import SourceError
-    from pipeline.generators import flat
-    from pipeline.job import OutputExists, prepare, resolve_models
+    from pipeline.job import OutputExists, model_roles, prepare, resolve_models
     from pipeline.models import ModelUnavailable
 
     try:
@@ -119,12 +118,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"to do: every sample{' not yet written' if plan.target.resuming else ''} in the {listed} {what}"
               + (f", at most {limit} in all (source.limit)" if limit else "") + f" ({variants} per sample)")
     print("models:")
-    for key, model in models.annotators.items():
-        print(f"  annotator {key}: " + (f"{model.model} @ {model.commit}" if model else "(no weights)"))
-    if models.captioner:
-        print(f"  captioner {cfg.captioner.kind}: {models.captioner.model} @ {models.captioner.commit}")
-    for model in flat(models.generation):
-        print(f"  {model.model} @ {model.commit}")
+    for role, model in model_roles(cfg, models):
+        print(f"  {role}: " + (f"{model.model} @ {model.commit}" if model else "(no weights)"))
     if cfg.generation and args.seconds_per_image and todo is not None:
         seconds = todo * variants * args.seconds_per_image / max(cfg.generation.actors, 1)
         print(f"estimate: {seconds / 3600:.2f} GPU-hours on {cfg.generation.actors} actor(s) at "

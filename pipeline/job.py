@@ -90,36 +90,38 @@ def resolve_models(cfg: JobConfig) -> Models:
         with named(f"annotator {a.key}"):
             annotators[a.key] = resolve_model(model, a.revision, cls.files[0], local_only, cls.files) if model else None
     captioner = captioner_model(cfg)
-    if captioner is not None:
-        with named("captioner"):
-            check_weights(captioner)
     if gen is None:
         return Models(annotators, {}, captioner=captioner)
     pickles = ("*.bin", "*.ckpt", "*.pt", "*.pth") if gen.allow_pickle else ()
+    passed = ("controlnet", *getattr(generator_class(gen.family), "pipeline_kwargs", {}))  # given to the loader
 
     def resolve(ref):
         with named(f"generation {ref.role}"):
-            return resolve_model(ref.model, ref.revision, ref.probe, local_only, (*ref.patterns, *pickles))
+            model = resolve_model(ref.model, ref.revision, ref.probe, local_only, (*ref.patterns, *pickles))
+            if not gen.allow_pickle and (pickled := pickle_only_weights(model)):
+                raise ModelUnavailable(
+                    f"model {model.model!r} has pickle weights only ({', '.join(pickled[:3])}); pickle can run code "
+                    f"when loaded. Convert them to safetensors, or set generation.allow_pickle=true if you trust the "
+                    f"source")
+            check_weights(model, gen.allow_pickle, passed)
+            return model
 
     refs = generator_class(gen.family).model_refs(gen)
     models = Models(annotators, {k: [resolve(r) for r in v] if isinstance(v, list) else resolve(v) for k, v in refs.items()},
                     scorer_models(cfg.quality, local_only), captioner)
-    if not gen.allow_pickle:
-        for m in flat(models.generation):
-            if pickled := pickle_only_weights(m):
-                raise ModelUnavailable(
-                    f"model {m.model!r} has pickle weights only ({', '.join(pickled[:3])}); pickle can run code when "
-                    f"loaded. Convert them to safetensors, or set generation.allow_pickle=true if you trust the source"
-                )
-    passed = ("controlnet", *getattr(generator_class(gen.family), "pipeline_kwargs", {}))  # given to the loader
-    for ref, m in zip(flat(refs), flat(models.generation)):
-        with named(f"generation {ref.role}"):
-            check_weights(m, gen.allow_pickle, passed)
-    for key, m in models.scorers.items():
-        with named(f"quality {key}_model"):
-            check_weights(m)
     generator_class(gen.family).check_models(gen, models.generation)
     return models
+
+
+def model_roles(cfg: JobConfig, models: Models) -> list[tuple[str, ResolvedModel | None]]:
+    """Every model of the job with its role, as start-up errors name it (`generation controlnet hed`)."""
+    roles: list[tuple[str, ResolvedModel | None]] = [(f"annotator {k}", m) for k, m in models.annotators.items()]
+    if models.captioner:
+        roles.append(("captioner", models.captioner))
+    if cfg.generation:
+        refs = flat(generator_class(cfg.generation.family).model_refs(cfg.generation))
+        roles += [(f"generation {r.role}", m) for r, m in zip(refs, flat(models.generation))]
+    return roles + [(f"quality {k}_model", m) for k, m in models.scorers.items()]
 
 
 def check_weights(model: ResolvedModel, allow_pickle: bool = False, passed: tuple[str, ...] = ()) -> None:
@@ -143,7 +145,10 @@ def scorer_models(quality: QualityConfig | None, local_only: bool = False) -> di
         return {}
     from pipeline.scorers.clip import FILES, PROBE
 
-    return {"clip": resolve_model(quality.clip_model, quality.clip_revision, PROBE, local_only, FILES)}
+    with named("quality clip_model"):
+        model = resolve_model(quality.clip_model, quality.clip_revision, PROBE, local_only, FILES)
+        check_weights(model)
+    return {"clip": model}
 
 
 def captioner_model(cfg: JobConfig) -> ResolvedModel | None:
@@ -152,7 +157,10 @@ def captioner_model(cfg: JobConfig) -> ResolvedModel | None:
     if c is None:
         return None
     cls = CAPTIONERS[c.kind]
-    return resolve_model(c.model, c.revision, cls.probe, c.local_files_only, cls.files)
+    with named("captioner"):
+        model = resolve_model(c.model, c.revision, cls.probe, c.local_files_only, cls.files)
+        check_weights(model)
+    return model
 
 
 def on_gpu(section, gpus: float) -> bool:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -101,48 +102,99 @@ def pickle_only_weights(model: ResolvedModel) -> list[str]:
                   for f in group if f.endswith(PICKLE_SUFFIXES))
 
 
-# The weights `from_pretrained` reads in a model folder (diffusers' names, then transformers'), without a variant
-SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+# The files `from_pretrained` reads in a model folder (without a variant), in the order it looks for them: the
+# safetensors weights (diffusers looks for a shard index before one file, transformers for one file first), then,
+# where pickle is allowed, the pickle ones
+WEIGHT_NAMES = {
+    "diffusers": (("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"),
+                  ("diffusion_pytorch_model.bin",)),
+    "transformers": (("model.safetensors", "model.safetensors.index.json"),
+                     ("pytorch_model.bin", "pytorch_model.bin.index.json")),
+}
+# A tokenizer's vocabulary, under the names transformers' tokenizers read: without one it builds an empty tokenizer,
+# and every prompt of the run becomes unknown tokens
+VOCABULARIES = ("vocab.json", "tokenizer.json", "spiece.model", "vocab.txt", "tokenizer.model", "sentencepiece.bpe.model")
 MAX_HEADER = 100_000_000  # the safetensors format's bound on its JSON header
 
 
 def weights_problem(model: ResolvedModel, allow_pickle: bool = False, passed: Sequence[str] = ()) -> str | None:
-    """Why a local model directory's weights cannot load, or None: a model folder (one with a config.json: the
-    directory itself, or a component its model_index.json names, but those in `passed`, which the loader is given
-    instead) without weights under the names `from_pretrained` reads, a shard its index names that is not there,
-    or a safetensors file that is a Git LFS pointer or cut short (an interrupted copy). Judged from names, sizes
-    and headers: a few bytes of each file, before any data moves, where the loader would fail in every worker."""
+    """Why a local model directory cannot load, or None. A pipeline's directory: a component its model_index.json
+    names (but those in `passed`, which the loader is given instead) whose folder is not there, a tokenizer without
+    a vocabulary, then each folder as below. A model folder (one with a config.json): no weights under the names
+    its library's `from_pretrained` reads, a shard its index names that is not there, or a weight file that is a
+    Git LFS pointer or cut short (an interrupted copy); weights without a config.json. Judged from names, sizes
+    and headers, before any data moves, where the loader would fail (or, for a tokenizer, quietly go wrong) in
+    every worker."""
     if not model.local_dir:
         return None
     root = Path(model.local_dir)
+    index = read_json(root / "model_index.json")
+    if not isinstance(index, dict):
+        return folder_problem(root, root, None, allow_pickle)
+    for name, value in index.items():
+        if name.startswith("_") or name in passed or not (isinstance(value, list) and len(value) == 2 and all(value)):
+            continue
+        library, cls = value
+        folder = root / name
+        if not folder.is_dir():
+            return f"its model_index.json names a {name} ({cls}), but there is no {name}/ folder"
+        if "Tokenizer" in str(cls) and not any((folder / v).is_file() for v in VOCABULARIES):
+            return f"{name}/ holds no vocabulary ({', '.join(VOCABULARIES)}), which its {cls} reads"
+        if problem := folder_problem(root, folder, library, allow_pickle):
+            return problem
+    return None
+
+
+def folder_problem(root: Path, folder: Path, library: str | None, allow_pickle: bool) -> str | None:
+    """What keeps one model folder's weights from loading (`weights_problem`), by its library's names (read from
+    its config.json where the caller does not say)."""
+    where = f"{folder.relative_to(root).as_posix()}/" if folder != root else "the directory"
+    config = read_json(folder / "config.json")
+    if library not in WEIGHT_NAMES:
+        library = "diffusers" if isinstance(config, dict) and "_diffusers_version" in config else "transformers"
+    safe, pickled = WEIGHT_NAMES[library]
+    names = safe + (pickled if allow_pickle else ())
+    found = next((folder / n for n in names if (folder / n).is_file()), None)
+    if config is None:
+        return f"{where} has weights ({found.name}) but no readable config.json" if found else None  # a scheduler
+    if found is None:
+        return f"{where} has a config.json but no weights ({' or '.join(n for n in names if '.index' not in n)})"
+    files = [found]
+    if found.name.endswith(".index.json"):
+        index = read_json(found)
+        shards = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(shards, dict) and isinstance(index.get("metadata"), dict) and all(
+                isinstance(s, str) and s and (library != "diffusers" or os.path.basename(s) == s)
+                for s in shards.values())):  # what the loaders read of it (diffusers: file names without a folder)
+            return f"{found.relative_to(root).as_posix()} is not a weight index (a metadata entry, a weight_map of files)"
+        files = [folder / s for s in sorted(set(shards.values()))]
+        if missing := [f for f in files if not f.is_file()]:
+            return f"{found.relative_to(root).as_posix()} names {missing[0].name}, which is not there"
+    for file in files:
+        if problem := file_problem(file):
+            return f"{file.relative_to(root).as_posix()} {problem}"
+    return None
+
+
+def read_json(path: Path):
+    """A JSON file's content, or None where it is missing or unreadable."""
     try:
-        index = json.loads((root / "model_index.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        index = None
-    folders = [root] if not isinstance(index, dict) else [
-        root / name for name, value in index.items()
-        if not name.startswith("_") and name not in passed and isinstance(value, list) and all(value)]
-    names = SAFETENSORS_NAMES + (PICKLE_NAMES if allow_pickle else ())
-    for folder in folders:
-        if not (folder / "config.json").is_file():
-            continue  # a tokenizer, a scheduler: no weights; a missing folder: the loader names it
-        where = f"{folder.relative_to(root).as_posix()}/" if folder != root else ""
-        files = [folder / n for n in names if (folder / n).is_file()]
-        for n in names:
-            if not files and (folder / f"{n}.index.json").is_file():
-                try:
-                    shards = sorted(set(json.loads((folder / f"{n}.index.json").read_text())["weight_map"].values()))
-                except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                    return f"{where}{n}.index.json is not a weight index"
-                if missing := [s for s in shards if not (folder / s).is_file()]:
-                    return f"{where}{n}.index.json names {missing[0]}, which is not there"
-                files = [folder / s for s in shards]
-        if not files:
-            return f"{where or 'the directory'} has a config.json but no weights ({' or '.join(names)})"
-        for file in files:
-            if file.suffix == ".safetensors" and (problem := safetensors_problem(file)):
-                return f"{file.relative_to(root).as_posix()} {problem}"
+        return None
+
+
+def file_problem(path: Path) -> str | None:
+    """What is wrong with a weight file, from its first bytes, size and header: a Git LFS pointer, a safetensors
+    file whose size is not what its header describes, a zip (torch's pickle format) without its directory."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return "is a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+    if path.suffix == ".safetensors":
+        return safetensors_problem(path)
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"is cut short ({path.stat().st_size:,} bytes, without the directory that ends a torch file): copy it again"
     return None
 
 
@@ -151,15 +203,12 @@ def safetensors_problem(path: Path) -> str | None:
     then exactly the bytes its tensors' offsets cover."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(64)
-        if head.startswith(b"version https://git-lfs"):
-            return "is a Git LFS pointer, not the weights: fetch them (git lfs pull)"
-        length = int.from_bytes(head[:8], "little") if len(head) >= 8 else size
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
         if length > MAX_HEADER:
             return "has no readable safetensors header: copy it again"
         if length > size - 8:
             return f"is cut short ({size:,} bytes, not even its header): copy it again"
-        f.seek(8)
         try:
             header = json.loads(f.read(length))
             end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)

@@ -92,14 +92,13 @@ def _lfs_pointer(path: Path) -> None:
 def _one_of_two_shards(folder: Path) -> None:
     (folder / "diffusion_pytorch_model.safetensors").rename(folder / "part-1.safetensors")
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        '{"weight_map": {"a": "part-1.safetensors", "b": "part-2.safetensors"}}')
+        '{"metadata": {}, "weight_map": {"a": "part-1.safetensors", "b": "part-2.safetensors"}}')
 
 
 # damage done to a copy of the tiny base model (or its hed ControlNet: `folder` None), what the check says of it
 DAMAGE = {
     "no weights": (None, lambda d: (d / "diffusion_pytorch_model.safetensors").unlink(),
-                   (r"the directory has a config.json but no weights \(diffusion_pytorch_model.safetensors or "
-                    r"model.safetensors\)")),
+                   r"the directory has a config.json but no weights \(diffusion_pytorch_model.safetensors\)"),
     "cut short": (None, lambda d: _cut_short(d / "diffusion_pytorch_model.safetensors"),
                   (r"diffusion_pytorch_model.safetensors is cut short \([\d,]+ bytes, its header describes "
                    r"[\d,]+\): copy it again")),
@@ -108,6 +107,17 @@ DAMAGE = {
     "shard missing": ("unet", _one_of_two_shards,
                       (r"unet/diffusion_pytorch_model.safetensors.index.json names part-2.safetensors, which is "
                        r"not there")),
+    "not an index": ("unet", lambda d: (d / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "diffusion_pytorch_model.safetensors"}}'),
+                     r"unet/diffusion_pytorch_model.safetensors.index.json is not a weight index"),
+    "component missing": ("tokenizer", shutil.rmtree,
+                          r"its model_index.json names a tokenizer \(CLIPTokenizer\), but there is no tokenizer/ folder"),
+    "no vocabulary": ("tokenizer", lambda d: [(d / n).unlink() for n in ("vocab.json", "tokenizer.json")],
+                      r"tokenizer/ holds no vocabulary \(vocab.json, tokenizer.json, .*\), which its CLIPTokenizer reads"),
+    "no config": ("unet", lambda d: (d / "config.json").unlink(),
+                  r"unet/ has weights \(diffusion_pytorch_model.safetensors\) but no readable config.json"),
+    "the other library's name": ("text_encoder", lambda d: (d / "model.safetensors").rename(
+        d / "diffusion_pytorch_model.safetensors"), r"text_encoder/ has a config.json but no weights \(model.safetensors\)"),
 }
 
 
@@ -137,9 +147,12 @@ def test_weights_that_cannot_load_are_refused_at_start(tmp_path, tiny_models, da
 
 
 def test_the_weights_check_refuses_only_what_diffusers_cannot_load(tmp_path, tiny_models):
-    """The damage the check refuses fails diffusers' own loader; a component the family hands the loader itself
-    (the safety checker) is not judged."""
-    from diffusers import ControlNetModel
+    """The damage the check refuses fails diffusers' own loader, or (a tokenizer's folder gone) makes an empty
+    tokenizer of it; what diffusers loads passes: a component the family hands the loader itself (the safety
+    checker), a shard index beside a single file (diffusers reads the shards)."""
+    import safetensors
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
     from pipeline.config import load_config
     from pipeline.job import resolve_models
@@ -152,6 +165,17 @@ def test_the_weights_check_refuses_only_what_diffusers_cannot_load(tmp_path, tin
             ControlNetModel.from_pretrained(net)
     base = tmp_path / "base"
     shutil.copytree(tiny_models["base_model"], base)
+    assert len(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")) > 2
+    shutil.rmtree(base / "tokenizer")
+    assert len(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")) == 2  # no vocabulary: every word unknown
+    shutil.copytree(Path(tiny_models["base_model"]) / "tokenizer", base / "tokenizer")
+    unet = base / "unet"
+    shutil.copy(unet / "diffusion_pytorch_model.safetensors", unet / "part-1.safetensors")
+    with safetensors.safe_open(unet / "part-1.safetensors", "pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "part-1.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _cut_short(unet / "diffusion_pytorch_model.safetensors")  # the single file diffusers does not read
+    UNet2DConditionModel.from_pretrained(unet)
     index = json.loads((base / "model_index.json").read_text())
     (base / "model_index.json").write_text(json.dumps(index | {"safety_checker": ["stable_diffusion",
                                                                                   "StableDiffusionSafetyChecker"]}))

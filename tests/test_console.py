@@ -89,7 +89,8 @@ def test_plan_says_what_a_run_would_do_and_changes_nothing(first_run, job, photo
     assert f"source: {photos_dir}: {inputs} image files" in plan.stdout
     assert f"to do: {inputs} inputs -> {3 * inputs} samples (3 per input)" in plan.stdout
     assert f"estimate: {3 * inputs:.2f} GPU-hours on 1 actor(s)" in plan.stdout
-    assert "annotator canny: (no weights)" in plan.stdout and "@ sha256:" in plan.stdout
+    assert "annotator canny: (no weights)" in plan.stdout
+    assert "generation base_model: " in plan.stdout and "generation controlnet hed: " in plan.stdout
     assert sorted(p.name for p in out.iterdir()) == before
     same = cli("plan", path)
     assert f"output: {out}: complete: nothing to do" in same.stdout and "to do: 0 inputs" in same.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -538,12 +539,23 @@ def test_a_resume_gates_its_new_samples_as_score_last_gated_the_output(flagged, 
     assert (quality["min"], quality["action"]) == ({"canny": threshold}, "drop")
 
 
-def test_models_fetch_knows_the_clip_model(tiny_models, photos_dir, clip_dir, tmp_path):
+def test_the_clip_model_is_fetched_listed_and_checked_by_its_role(tiny_models, photos_dir, clip_dir, tmp_path):
+    import shutil
+
     from pipeline.fetch import fetch
+    from pipeline.job import model_roles, resolve_models
+    from pipeline.models import ModelUnavailable
 
     cfg = load_config(data=quality_job(photos_dir, tmp_path / "out", tiny_models, clip_dir, min={"clip": 0.1}))
     fetched = {f.role: f for f in fetch(cfg, tmp_path / "models")}
     assert fetched["scorer clip"].path == clip_dir and not fetched["scorer clip"].downloaded
+    assert dict(model_roles(cfg, resolve_models(cfg)))["quality clip_model"].local_dir == str(Path(clip_dir).resolve())
+    shutil.copytree(clip_dir, tmp_path / "clip")
+    (tmp_path / "clip" / "model.safetensors").unlink()
+    damaged = load_config(data=quality_job(photos_dir, tmp_path / "out", tiny_models, str(tmp_path / "clip")))
+    with pytest.raises(ModelUnavailable, match=r"^quality clip_model: model .* cannot load: the directory has a "
+                                               r"config.json but no weights \(model.safetensors\)"):
+        resolve_models(damaged)
 
 
 def test_score_command_scores_an_output_written_before_the_gate_existed(flagged, tmp_path, capsys):

@@ -36,11 +36,18 @@ def pickled_base(tiny_models, tmp_path_factory) -> Path:
 def test_pickle_weights_are_refused_at_start_unless_allowed(tiny_models, pickled_base, tmp_path):
     data = job_dict("/nowhere", str(tmp_path / "out"), tiny_models)
     data["generation"]["base_model"] = str(pickled_base)
-    with pytest.raises(ModelUnavailable, match=r"pickle weights only \(unet/diffusion_pytorch_model.bin\).*allow_pickle=true"):
+    with pytest.raises(ModelUnavailable, match=r"^generation base_model: model '.*' has pickle weights only "
+                                               r"\(unet/diffusion_pytorch_model.bin\).*allow_pickle=true"):
         resolve_models(load_config(data=data))
     cfg = load_config(data=data)
-    models = resolve_models(cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"allow_pickle": True})}))
-    assert models.generation["base_model"].local_dir == str(pickled_base)
+    allowed = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"allow_pickle": True})})
+    assert resolve_models(allowed).generation["base_model"].local_dir == str(pickled_base)
+    cut = tmp_path / "cut"
+    shutil.copytree(pickled_base, cut)
+    weights = cut / "unet" / "diffusion_pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted copy: torch's zip lacks its directory
+    with pytest.raises(ModelUnavailable, match=r"^generation base_model: .* unet/diffusion_pytorch_model.bin is cut short"):
+        resolve_models(allowed.model_copy(update={"generation": allowed.generation.model_copy(update={"base_model": str(cut)})}))
 
 
 def test_the_loader_itself_refuses_pickle_and_loads_it_when_allowed(tiny_models, pickled_base):
