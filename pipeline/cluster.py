@@ -57,10 +57,10 @@ def start_ray(address: str | None, join: bool, options: dict) -> None:
         ray.init(address=address, include_dashboard=False, **options)
 
 
-def answers(address: str) -> None:
-    """Raise OSError unless something takes a TCP connection at a cluster address (`host:port`) within 5 s, and
-    is not an HTTP server: Ray's own attempts to reach an address where nothing listens, or where the dashboard
-    does (the address `ray job submit` takes), go on for minutes."""
+def answers(address: str, wait: float = 5.0) -> None:
+    """Raise OSError unless Ray's GCS could be at a cluster address (`host:port`): something takes a TCP connection
+    within 5 s and speaks first, as a gRPC server does (`not_a_gcs`). Ray's own attempts to reach an address where
+    nothing listens, or something else does, go on for minutes."""
     import socket
     from urllib.parse import urlsplit
 
@@ -71,28 +71,57 @@ def answers(address: str) -> None:
     host, port = target.hostname, target.port  # ValueError: a port out of range
     if host and port is not None:
         with socket.create_connection((host, port), timeout=5) as conn:
-            if speaks_http(conn):
-                raise ConnectionError("it answers HTTP: a dashboard's port, the address `ray job submit` takes? A "
-                                      "driver joins the head's GCS port (6379 unless `ray start --port` set another)")
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS server waits for the client's hello: nothing to tell by
+            if reason := not_a_gcs(conn, wait):
+                raise ConnectionError(reason)
 
 
-def speaks_http(conn) -> bool:
-    """Whether the server at the other end of a new connection is an HTTP/1 one: it says nothing first (Ray's GCS,
-    a gRPC server, sends its HTTP/2 settings at once) and answers a request with `HTTP/`. Anything else (a server
-    that stays silent, or closes) is Ray's to judge."""
-    conn.settimeout(1)
-    try:
-        conn.recv(1)  # a first word, or the end of the connection: not an HTTP/1 server
-        return False
-    except TimeoutError:
-        pass
-    except OSError:
-        return False
-    try:
-        conn.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
-        return conn.recv(5) == b"HTTP/"
-    except OSError:
-        return False
+def not_a_gcs(conn, wait: float) -> str | None:
+    """Why the server at the other end of a new connection is not Ray's GCS, or None. The GCS, a gRPC server, sends
+    its HTTP/2 settings as soon as a connection opens (a frame whose header's fourth byte is 4, SETTINGS); an HTTP/1
+    server (the dashboard, the address `ray job submit` takes) waits for a request and answers it with `HTTP/`; a
+    tunnel with nothing behind it closes the connection; other services say something else first."""
+    first = receive(conn, 4, wait)
+    if first is None:  # silent: is it waiting for an HTTP request?
+        with contextlib.suppress(OSError):
+            conn.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+        first = receive(conn, 5, 1.0)
+        if first and first.startswith(b"HTTP/"):
+            return ("it answers HTTP: a dashboard's port, the address `ray job submit` takes? A driver joins the "
+                    "head's GCS port (6379 unless `ray start --port` set another)")
+        if first is None:
+            return (f"it says nothing in {wait:g} s, where Ray's GCS speaks at once: not a Ray head's GCS port "
+                    f"(6379 unless `ray start --port` set another)")
+    if len(first) >= 4 and first[3] == 4:
+        return None
+    if not first:
+        return "it closes the connection at once, where Ray's GCS speaks: a tunnel or forward with nothing behind it?"
+    said = first[:32].decode("ascii", "replace").strip()
+    return f"it speaks another protocol (it says {said!r} first), not Ray's GCS: a port of another service?"
+
+
+def receive(conn, size: int, wait: float) -> bytes | None:
+    """What a connection sends within `wait` seconds, once it is `size` bytes or more: less where it closes first
+    (b"" at once, or when it resets), None where it sends nothing in that time."""
+    import time
+
+    data, deadline = b"", time.monotonic() + wait
+    while len(data) < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(256)
+        except TimeoutError:
+            break
+        except OSError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    return data or None
 
 
 def recorded_cluster() -> str | None:

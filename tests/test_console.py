@@ -323,6 +323,30 @@ def test_a_dashboard_port_is_told_from_rays_gcs(monkeypatch, ray_address):
     cluster.answers(ray_address)
 
 
+@pytest.mark.parametrize(("serve", "says"), [
+    (None, r"it says nothing in 0.2 s, where Ray's GCS speaks at once"),  # listening, never answering
+    (lambda conn: conn.close(), r"it closes the connection at once, where Ray's GCS speaks"),  # a dead tunnel
+    (lambda conn: conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n"),
+     r"it speaks another protocol \(it says 'SSH-2.0-OpenSSH_9.6' first\), not Ray's GCS"),
+])
+def test_a_server_that_is_not_a_gcs_is_told_at_once(serve, says):
+    """Ray retries for minutes where a server takes the connection but is not its GCS (which speaks first)."""
+    import socket
+    import threading
+
+    from pipeline import cluster
+
+    server = socket.create_server(("127.0.0.1", 0))
+    if serve is not None:
+        accepted = []
+        threading.Thread(target=lambda: accepted.append(server.accept()[0]) or serve(accepted[0]), daemon=True).start()
+    try:
+        with pytest.raises(ConnectionError, match=f"^{says}"):
+            cluster.answers(f"127.0.0.1:{server.getsockname()[1]}", wait=0.2 if serve is None else 60)
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(("assignment", "key", "value"), [
     ("generation.prompt.template={prompt}, {caption}", "template", "{prompt}, {caption}"),  # not YAML: text
     ("generation.prompt.negative=yes", "negative", "yes"),  # YAML would make it true: the schema wants text
