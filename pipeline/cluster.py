@@ -21,7 +21,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     from pipeline.console import quiet_ray, without_log_level_line
 
     options = {} if verbose else quiet_ray()
-    join = joins_cluster(address)
+    join, tokenless = joins_cluster(address), False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None and address.startswith("ray://"):
         raise RayUnavailable(f"could not join Ray at {address}: Ray Data's executor needs the driver's core worker, "
@@ -37,11 +37,18 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
                 address = "local"  # Ray's record of a cluster on this machine that has stopped: start a new one
         elif join:
             answers(address)
+            if (found := recorded_cluster()) is not None and same_cluster(address, found):
+                token_as_for_auto()
+        # a GCS answered: where Ray then cannot join it without a token, say how to give one
+        tokenless = join and address != "auto" and os.environ.get("RAY_AUTH_MODE") is None
         with contextlib.nullcontext() if verbose else without_log_level_line():
             start_ray(address, join, options)
     except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
+        hint = (" (a cluster with token authentication? Ray presents a token to an address only with "
+                "RAY_AUTH_MODE=token, and the token in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                if tokenless and isinstance(e, ConnectionError) else "")
         raise RayUnavailable(f"could not {'join Ray at ' + address if join else 'start a local Ray instance'}: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from None
 
 
 def start_ray(address: str | None, join: bool, options: dict) -> None:
@@ -122,6 +129,38 @@ def receive(conn, size: int, wait: float) -> bytes | None:
             return data
         data += chunk
     return data or None
+
+
+def same_cluster(address: str, found: str) -> bool:
+    """Whether `address` names the cluster recorded on this machine (`found`): the same port, on the same host or
+    on this machine's loopback."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        given, recorded = (urlsplit(a if "://" in a else f"//{a}") for a in (address, found))
+        if given.port != recorded.port or given.port is None:
+            return False
+        host = socket.gethostbyname(given.hostname or "")
+        return host == socket.gethostbyname(recorded.hostname or "") or ipaddress.ip_address(host).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def token_as_for_auto() -> None:
+    """Join the cluster `ray start` recorded on this machine, given its address, as Ray joins it given none (`auto`):
+    with this machine's token where one exists. Ray 2.60 starts a cluster with token authentication where a token
+    exists (~/.ray/auth_token, which a local `ray.init` writes), and presents it to the recorded cluster, but to an
+    address given explicitly only with RAY_AUTH_MODE=token: `--address 127.0.0.1:6379` to this machine's own head
+    failed after 20 s of "InvalidAuthToken" warnings. Ray's helper is private: if it moves, joining is as before."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def recorded_cluster() -> str | None:

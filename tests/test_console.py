@@ -297,6 +297,28 @@ def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, add
         assert str(e.value).startswith(message) and "\n" not in str(e.value) and not started
 
 
+@pytest.mark.parametrize("mode", [None, "token"])
+def test_a_gcs_ray_cannot_join_without_a_token_says_how_to_give_one(monkeypatch, ray_address, mode):
+    """Ray joins an address given explicitly without a token unless RAY_AUTH_MODE=token, and a cluster with token
+    authentication then refuses it: the line says how to give the token (not where the mode is set already)."""
+    from pipeline import cluster
+
+    def refused(address, join, options):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}.")
+
+    monkeypatch.setattr(cluster, "recorded_cluster", lambda: None)
+    monkeypatch.setattr(cluster, "start_ray", refused)
+    if mode is None:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    with pytest.raises(cluster.RayUnavailable) as e:
+        cluster.init_ray(ray_address, verbose=True)
+    hint = " (a cluster with token authentication? Ray presents a token to an address only with RAY_AUTH_MODE=token"
+    assert str(e.value).startswith(f"could not join Ray at {ray_address}: ConnectionError: Failed to connect")
+    assert (hint in str(e.value)) is (mode is None)
+
+
 def test_a_dashboard_port_is_told_from_rays_gcs(monkeypatch, ray_address):
     """The port `ray job submit` takes (the dashboard's, an HTTP server) given as a cluster address: one line at once,
     where Ray retried for minutes. The session's real GCS passes the same check."""
