@@ -21,7 +21,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     from pipeline.console import quiet_ray, without_log_level_line
 
     options = {} if verbose else quiet_ray()
-    join, tokenless = joins_cluster(address), False
+    join = joins_cluster(address)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None and address.startswith("ray://"):
         raise RayUnavailable(f"could not join Ray at {address}: Ray Data's executor needs the driver's core worker, "
@@ -39,16 +39,13 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
             answers(address)
             if (found := recorded_cluster()) is not None and same_cluster(address, found):
                 token_as_for_auto()
-        # a GCS answered: where Ray then cannot join it without a token, say how to give one
-        tokenless = join and address != "auto" and os.environ.get("RAY_AUTH_MODE") is None
+            if reason := gcs_refusal(address):
+                raise ConnectionError(reason)
         with contextlib.nullcontext() if verbose else without_log_level_line():
             start_ray(address, join, options)
     except Exception as e:  # noqa: BLE001 - any failure to start or connect is one line
-        hint = (" (a cluster with token authentication? Ray presents a token to an address only with "
-                "RAY_AUTH_MODE=token, and the token in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
-                if tokenless and isinstance(e, ConnectionError) else "")
         raise RayUnavailable(f"could not {'join Ray at ' + address if join else 'start a local Ray instance'}: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def start_ray(address: str | None, join: bool, options: dict) -> None:
@@ -106,6 +103,39 @@ def not_a_gcs(conn, wait: float) -> str | None:
         return "it closes the connection at once, where Ray's GCS speaks: a tunnel or forward with nothing behind it?"
     said = first[:32].decode("ascii", "replace").strip()
     return f"it speaks another protocol (it says {said!r} first), not Ray's GCS: a port of another service?"
+
+
+def gcs_refusal(address: str, wait: float = 5.0) -> str | None:
+    """Why Ray's driver could not join the gRPC server at `address`, asked what Ray asks a GCS first (the cluster's
+    id), or None: a gRPC server without Ray's GCS service (the Ray Client server's port, 10001 by default), or a
+    cluster with token authentication where this process would present no token (Ray presents one to an address
+    given explicitly only with RAY_AUTH_MODE=token). Ray retried either for 20 s or more, then blamed a crashed
+    instance. Anything else (no answer in `wait` seconds, TLS) is Ray's to judge."""
+    from urllib.parse import urlsplit
+
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    try:
+        import grpc
+    except ImportError:
+        return None
+    target = urlsplit(address if "://" in address else f"//{address}")
+    channel = grpc.insecure_channel(target.netloc)
+    try:
+        ask = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId", request_serializer=bytes,
+                                  response_deserializer=bytes)
+        ask(b"", timeout=wait)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return ("it is a gRPC server without Ray's GCS service: the Ray Client server's port (10001 unless `ray "
+                    "start --ray-client-server-port` set another)? A driver joins the head's GCS port (6379 unless "
+                    "`ray start --port` set another)")
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            return ("the cluster uses token authentication, and Ray presents a token to an address only with "
+                    "RAY_AUTH_MODE=token: set it, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+    finally:
+        channel.close()
+    return None
 
 
 def receive(conn, size: int, wait: float) -> bytes | None:

@@ -298,25 +298,45 @@ def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, add
 
 
 @pytest.mark.parametrize("mode", [None, "token"])
-def test_a_gcs_ray_cannot_join_without_a_token_says_how_to_give_one(monkeypatch, ray_address, mode):
-    """Ray joins an address given explicitly without a token unless RAY_AUTH_MODE=token, and a cluster with token
-    authentication then refuses it: the line says how to give the token (not where the mode is set already)."""
+def test_a_cluster_with_token_authentication_is_told_at_once_without_a_token(monkeypatch, ray_address, mode):
+    """Ray presents a token to an address given explicitly only with RAY_AUTH_MODE=token; a cluster with token
+    authentication (the session's) then refused it for 20 s. Without the mode: one line at once; with it, Ray joins."""
     from pipeline import cluster
 
-    def refused(address, join, options):
-        raise ConnectionError(f"Failed to connect to Ray cluster at {address}.")
-
+    joined = []
     monkeypatch.setattr(cluster, "recorded_cluster", lambda: None)
-    monkeypatch.setattr(cluster, "start_ray", refused)
+    monkeypatch.setattr(cluster, "start_ray", lambda address, join, options: joined.append(address))
     if mode is None:
         monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        with pytest.raises(cluster.RayUnavailable, match=rf"^could not join Ray at {ray_address}: ConnectionError: "
+                                                         r"the cluster uses token authentication, .* only with "
+                                                         r"RAY_AUTH_MODE=token: set it"):
+            cluster.init_ray(ray_address, verbose=True)
     else:
         monkeypatch.setenv("RAY_AUTH_MODE", mode)
-    with pytest.raises(cluster.RayUnavailable) as e:
         cluster.init_ray(ray_address, verbose=True)
-    hint = " (a cluster with token authentication? Ray presents a token to an address only with RAY_AUTH_MODE=token"
-    assert str(e.value).startswith(f"could not join Ray at {ray_address}: ConnectionError: Failed to connect")
-    assert (hint in str(e.value)) is (mode is None)
+    assert joined == ([] if mode is None else [ray_address])
+
+
+def test_a_grpc_server_without_rays_gcs_is_told_at_once(monkeypatch):
+    """The Ray Client server's port (gRPC too, for `ray://` addresses) given as a cluster address."""
+    from concurrent import futures
+
+    import grpc
+
+    from pipeline import cluster
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setattr(cluster, "start_ray", lambda *args: pytest.fail("Ray was started"))
+    try:
+        cluster.answers(f"127.0.0.1:{port}")  # it speaks first, as a gRPC server does
+        with pytest.raises(cluster.RayUnavailable, match=r"ConnectionError: it is a gRPC server without Ray's GCS "
+                                                         r"service: the Ray Client server's port"):
+            cluster.init_ray(f"127.0.0.1:{port}", verbose=True)
+    finally:
+        server.stop(None)
 
 
 def test_a_dashboard_port_is_told_from_rays_gcs(monkeypatch, ray_address):
