@@ -8,6 +8,8 @@ import contextlib
 import os
 import sys
 
+SPEAKS_WITHIN = 5.0  # seconds a server at a cluster address has to speak first, as Ray's GCS does at once
+
 
 class RayUnavailable(RuntimeError):
     """Ray could not be started or joined."""
@@ -30,7 +32,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     try:
         if address in (None, "auto") and (found := recorded_cluster()) is not None:
             try:
-                answers(found)
+                answers(found, silent_ok=True)  # silent: a GCS slow to speak, or something else: Ray judges
             except OSError:
                 if address is not None:
                     raise
@@ -61,7 +63,7 @@ def start_ray(address: str | None, join: bool, options: dict) -> None:
         ray.init(address=address, include_dashboard=False, **options)
 
 
-def answers(address: str, wait: float = 5.0) -> None:
+def answers(address: str, wait: float | None = None, silent_ok: bool = False) -> None:
     """Raise OSError unless Ray's GCS could be at a cluster address (`host:port`): something takes a TCP connection
     within 5 s and speaks first, as a gRPC server does (`not_a_gcs`). Ray's own attempts to reach an address where
     nothing listens, or something else does, go on for minutes."""
@@ -77,15 +79,16 @@ def answers(address: str, wait: float = 5.0) -> None:
         with socket.create_connection((host, port), timeout=5) as conn:
             if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
                 return  # a TLS server waits for the client's hello: nothing to tell by
-            if reason := not_a_gcs(conn, wait):
+            if reason := not_a_gcs(conn, SPEAKS_WITHIN if wait is None else wait, silent_ok):
                 raise ConnectionError(reason)
 
 
-def not_a_gcs(conn, wait: float) -> str | None:
+def not_a_gcs(conn, wait: float, silent_ok: bool = False) -> str | None:
     """Why the server at the other end of a new connection is not Ray's GCS, or None. The GCS, a gRPC server, sends
     its HTTP/2 settings as soon as a connection opens (a frame whose header's fourth byte is 4, SETTINGS); an HTTP/1
     server (the dashboard, the address `ray job submit` takes) waits for a request and answers it with `HTTP/`; a
-    tunnel with nothing behind it closes the connection; other services say something else first."""
+    tunnel with nothing behind it closes the connection; other services say something else first. `silent_ok`: a
+    server that says nothing in `wait` seconds is not judged (a GCS on a loaded head may be slow)."""
     first = receive(conn, 4, wait)
     if first is None:  # silent: is it waiting for an HTTP request?
         with contextlib.suppress(OSError):
@@ -95,8 +98,8 @@ def not_a_gcs(conn, wait: float) -> str | None:
             return ("it answers HTTP: a dashboard's port, the address `ray job submit` takes? A driver joins the "
                     "head's GCS port (6379 unless `ray start --port` set another)")
         if first is None:
-            return (f"it says nothing in {wait:g} s, where Ray's GCS speaks at once: not a Ray head's GCS port "
-                    f"(6379 unless `ray start --port` set another)")
+            return None if silent_ok else (f"it says nothing in {wait:g} s, where Ray's GCS speaks at once: not a Ray "
+                                           f"head's GCS port (6379 unless `ray start --port` set another)?")
     if len(first) >= 4 and first[3] == 4:
         return None
     if not first:
@@ -119,18 +122,32 @@ def gcs_refusal(address: str, wait: float = 5.0) -> str | None:
         import grpc
     except ImportError:
         return None
+    token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    try:  # the header Ray sends with the token where RAY_AUTH_MODE=token (none otherwise)
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            _get_authentication_metadata_tuple,
+        )
+
+        metadata = _get_authentication_metadata_tuple()
+    except Exception:  # noqa: BLE001 - Ray's private helper moved: with a token, Ray judges
+        if token:
+            return None
+        metadata = ()
     target = urlsplit(address if "://" in address else f"//{address}")
     channel = grpc.insecure_channel(target.netloc)
     try:
         ask = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId", request_serializer=bytes,
                                   response_deserializer=bytes)
-        ask(b"", timeout=wait)
+        ask(b"", timeout=wait, metadata=metadata)
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.UNIMPLEMENTED:
             return ("it is a gRPC server without Ray's GCS service: the Ray Client server's port (10001 unless `ray "
                     "start --ray-client-server-port` set another)? A driver joins the head's GCS port (6379 unless "
                     "`ray start --port` set another)")
-        if e.code() == grpc.StatusCode.UNAUTHENTICATED and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED and metadata:
+            return ("the cluster refuses the token this machine presents (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                    "~/.ray/auth_token): it is not the cluster's; `ray get-auth-token` on the head prints that one")
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED and not token:
             return ("the cluster uses token authentication, and Ray presents a token to an address only with "
                     "RAY_AUTH_MODE=token: set it, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
     finally:
@@ -172,8 +189,9 @@ def same_cluster(address: str, found: str) -> bool:
         given, recorded = (urlsplit(a if "://" in a else f"//{a}") for a in (address, found))
         if given.port != recorded.port or given.port is None:
             return False
-        host = socket.gethostbyname(given.hostname or "")
-        return host == socket.gethostbyname(recorded.hostname or "") or ipaddress.ip_address(host).is_loopback
+        hosts, recorded_hosts = ({info[4][0] for info in socket.getaddrinfo(u.hostname or "", u.port)}
+                                 for u in (given, recorded))
+        return bool(hosts & recorded_hosts) or all(ipaddress.ip_address(h).is_loopback for h in hosts)
     except (OSError, ValueError):
         return False
 

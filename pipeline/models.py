@@ -111,38 +111,59 @@ WEIGHT_NAMES = {
     "transformers": (("model.safetensors", "model.safetensors.index.json"),
                      ("pytorch_model.bin", "pytorch_model.bin.index.json")),
 }
-# A tokenizer's vocabulary, under the names transformers' tokenizers read: without one it builds an empty tokenizer,
-# and every prompt of the run becomes unknown tokens
-VOCABULARIES = ("vocab.json", "tokenizer.json", "spiece.model", "vocab.txt", "tokenizer.model", "sentencepiece.bpe.model")
+# A tokenizer's vocabulary, as transformers' tokenizers read it (one of these sets of files): without one they build
+# an almost empty tokenizer, and every prompt of the run becomes unknown tokens
+VOCABULARIES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",), ("spiece.model",),
+                ("tokenizer.model",), ("sentencepiece.bpe.model",))
+VOCABULARY_NAMES = "tokenizer.json, vocab.json with merges.txt, vocab.txt or a sentencepiece model"
 MAX_HEADER = 100_000_000  # the safetensors format's bound on its JSON header
 
 
-def weights_problem(model: ResolvedModel, allow_pickle: bool = False, passed: Sequence[str] = ()) -> str | None:
-    """Why a local model directory cannot load, or None. A pipeline's directory: a component its model_index.json
+def weights_problem(model: ResolvedModel, allow_pickle: bool = False, passed: Sequence[str] = (),
+                    tokenizer: bool = False) -> str | None:
+    """Why a local model directory cannot load, or None. A pipeline's directory (model_index.json): a component it
     names (but those in `passed`, which the loader is given instead) whose folder is not there, a tokenizer without
-    a vocabulary, then each folder as below. A model folder (one with a config.json): no weights under the names
-    its library's `from_pretrained` reads, a shard its index names that is not there, or a weight file that is a
-    Git LFS pointer or cut short (an interrupted copy); weights without a config.json. Judged from names, sizes
-    and headers, before any data moves, where the loader would fail (or, for a tokenizer, quietly go wrong) in
-    every worker."""
+    a vocabulary, a scheduler without its config, a model folder as below. A model folder (a config.json; with
+    `tokenizer`, one whose loader reads a tokenizer from it too, which needs a vocabulary): no weights under the
+    names its library's `from_pretrained` reads, a shard its index names that is not there, a weight file that is a
+    Git LFS pointer or cut short (an interrupted copy); weights without a config.json. Judged from names, sizes and
+    headers, before any data moves, where the loader would fail (or, for a tokenizer, quietly go wrong) in every
+    worker."""
     if not model.local_dir:
         return None
     root = Path(model.local_dir)
     index = read_json(root / "model_index.json")
     if not isinstance(index, dict):
+        if (root / "model_index.json").exists():
+            return "its model_index.json is not readable JSON: copy it again"
+        if tokenizer and not has_vocabulary(root):
+            return f"the directory holds no tokenizer vocabulary ({VOCABULARY_NAMES})"
         return folder_problem(root, root, None, allow_pickle)
     for name, value in index.items():
         if name.startswith("_") or name in passed or not (isinstance(value, list) and len(value) == 2 and all(value)):
             continue
-        library, cls = value
-        folder = root / name
-        if not folder.is_dir():
-            return f"its model_index.json names a {name} ({cls}), but there is no {name}/ folder"
-        if "Tokenizer" in str(cls) and not any((folder / v).is_file() for v in VOCABULARIES):
-            return f"{name}/ holds no vocabulary ({', '.join(VOCABULARIES)}), which its {cls} reads"
-        if problem := folder_problem(root, folder, library, allow_pickle):
+        if problem := component_problem(root, name, *map(str, value), allow_pickle):
             return problem
     return None
+
+
+def component_problem(root: Path, name: str, library: str, cls: str, allow_pickle: bool) -> str | None:
+    """What keeps a pipeline's component (`name`, of `library`'s class `cls`) from loading (`weights_problem`)."""
+    folder = root / name
+    if not folder.is_dir():
+        return f"its model_index.json names a {name} ({cls}), but there is no {name}/ folder"
+    if "Tokenizer" in cls:
+        return None if has_vocabulary(folder) else f"{name}/ holds no vocabulary ({VOCABULARY_NAMES}), which its {cls} reads"
+    if cls.endswith("Scheduler"):
+        return None if (folder / "scheduler_config.json").is_file() else \
+            f"{name}/ has no scheduler_config.json, which its {cls} reads"
+    if cls.endswith(("Processor", "FeatureExtractor")):
+        return None
+    return folder_problem(root, folder, library, allow_pickle)  # a model
+
+
+def has_vocabulary(folder: Path) -> bool:
+    return any(all((folder / name).is_file() for name in names) for names in VOCABULARIES)
 
 
 def folder_problem(root: Path, folder: Path, library: str | None, allow_pickle: bool) -> str | None:
@@ -151,7 +172,8 @@ def folder_problem(root: Path, folder: Path, library: str | None, allow_pickle: 
     where = f"{folder.relative_to(root).as_posix()}/" if folder != root else "the directory"
     config = read_json(folder / "config.json")
     if library not in WEIGHT_NAMES:
-        library = "diffusers" if isinstance(config, dict) and "_diffusers_version" in config else "transformers"
+        library = "diffusers" if isinstance(config, dict) and ("_diffusers_version" in config or "_class_name" in config) \
+            else "transformers"
     safe, pickled = WEIGHT_NAMES[library]
     names = safe + (pickled if allow_pickle else ())
     found = next((folder / n for n in names if (folder / n).is_file()), None)

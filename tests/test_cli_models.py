@@ -112,8 +112,13 @@ DAMAGE = {
                      r"unet/diffusion_pytorch_model.safetensors.index.json is not a weight index"),
     "component missing": ("tokenizer", shutil.rmtree,
                           r"its model_index.json names a tokenizer \(CLIPTokenizer\), but there is no tokenizer/ folder"),
-    "no vocabulary": ("tokenizer", lambda d: [(d / n).unlink() for n in ("vocab.json", "tokenizer.json")],
-                      r"tokenizer/ holds no vocabulary \(vocab.json, tokenizer.json, .*\), which its CLIPTokenizer reads"),
+    "no vocabulary": ("tokenizer", lambda d: [(d / n).unlink() for n in ("merges.txt", "tokenizer.json")],  # vocab.json
+                      (r"tokenizer/ holds no vocabulary \(tokenizer.json, vocab.json with merges.txt, .*\), which its "
+                       r"CLIPTokenizer reads")),
+    "no scheduler config": ("scheduler", lambda d: (d / "scheduler_config.json").unlink(),
+                            r"scheduler/ has no scheduler_config.json, which its DDIMScheduler reads"),
+    "model index unreadable": (".", lambda d: (d / "model_index.json").write_text("{"),
+                               r"its model_index.json is not readable JSON"),
     "no config": ("unet", lambda d: (d / "config.json").unlink(),
                   r"unet/ has weights \(diffusion_pytorch_model.safetensors\) but no readable config.json"),
     "the other library's name": ("text_encoder", lambda d: (d / "model.safetensors").rename(
@@ -163,12 +168,19 @@ def test_the_weights_check_refuses_only_what_diffusers_cannot_load(tmp_path, tin
         DAMAGE[damage][1](net)
         with pytest.raises(OSError):
             ControlNetModel.from_pretrained(net)
+    net = tmp_path / "older"  # a config without _diffusers_version: still a diffusers model (its _class_name)
+    shutil.copytree(tiny_models["controlnet/hed"], net)
+    config = json.loads((net / "config.json").read_text())
+    del config["_diffusers_version"]
+    (net / "config.json").write_text(json.dumps(config))
+    ControlNetModel.from_pretrained(net)
     base = tmp_path / "base"
     shutil.copytree(tiny_models["base_model"], base)
     assert len(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")) > 2
     shutil.rmtree(base / "tokenizer")
     assert len(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")) == 2  # no vocabulary: every word unknown
     shutil.copytree(Path(tiny_models["base_model"]) / "tokenizer", base / "tokenizer")
+    (base / "tokenizer" / "config.json").write_text("{}")  # a stray file: a tokenizer folder holds no weights
     unet = base / "unet"
     shutil.copy(unet / "diffusion_pytorch_model.safetensors", unet / "part-1.safetensors")
     with safetensors.safe_open(unet / "part-1.safetensors", "pt") as f:
@@ -183,7 +195,9 @@ def test_the_weights_check_refuses_only_what_diffusers_cannot_load(tmp_path, tin
     shutil.copy(base / "text_encoder" / "config.json", base / "safety_checker" / "config.json")  # no weights
     cfg = job_dict(str(tmp_path), str(tmp_path / "out"), tiny_models)
     cfg["generation"]["base_model"] = str(base)
-    assert resolve_models(load_config(data=cfg)).generation["base_model"].local_dir == str(base)
+    cfg["generation"]["controlnets"][1]["model"] = str(net)
+    models = resolve_models(load_config(data=cfg)).generation
+    assert models["base_model"].local_dir == str(base) and models["controlnets"][1].local_dir == str(net)
 
 
 @pytest.mark.parametrize(("damage", "says"), [

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from tests.helpers import ROOT, cli, free_port, job_dict
+from tests.helpers import ROOT, cli, cli_command, cli_env, free_port, job_dict
 
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
 
@@ -279,43 +279,57 @@ def test_a_stopped_run_is_one_line_and_its_stack_trace_with_v(job, tmp_path, mon
                                      "driver's core worker, which a Ray Client (ray://) driver does not have")),
     ("auto", "127.0.0.1:{port}", "could not join Ray at auto: ConnectionRefusedError"),
     (None, "127.0.0.1:{port}", None),  # no address: the stopped cluster Ray recorded is passed over
+    (None, "127.0.0.1:{silent}", None),  # a recorded server that says nothing (a loaded GCS?): Ray judges
 ])
-def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, address, recorded, message):
+def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, request, address, recorded, message):
+    import socket
+
     from pipeline import cluster
 
     port = free_port()
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections (the kernel's backlog), never answers
+    request.addfinalizer(silent.close)
+    monkeypatch.setattr(cluster, "SPEAKS_WITHIN", 0.2)
+    template, recorded = recorded, recorded and recorded.format(port=port, silent=silent.getsockname()[1])
     started = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(cluster, "recorded_cluster", lambda: recorded and recorded.format(port=port))
+    monkeypatch.setattr(cluster, "recorded_cluster", lambda: recorded)
     monkeypatch.setattr(cluster, "start_ray", lambda address, join, options: started.append((address, join)))
     if message is None:
         cluster.init_ray(address, verbose=True)
-        assert started == [("local", False)]
+        assert started == [(None if "{silent}" in template else "local", False)]
     else:
         with pytest.raises(cluster.RayUnavailable) as e:
             cluster.init_ray(address, verbose=True)
         assert str(e.value).startswith(message) and "\n" not in str(e.value) and not started
 
 
-@pytest.mark.parametrize("mode", [None, "token"])
-def test_a_cluster_with_token_authentication_is_told_at_once_without_a_token(monkeypatch, ray_address, mode):
-    """Ray presents a token to an address given explicitly only with RAY_AUTH_MODE=token; a cluster with token
-    authentication (the session's) then refused it for 20 s. Without the mode: one line at once; with it, Ray joins."""
+@pytest.mark.parametrize(("env", "says"), [
+    ({}, ("the cluster uses token authentication, and Ray presents a token to an address only with "
+          "RAY_AUTH_MODE=token: set it, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")),
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
+     ("the cluster refuses the token this machine presents (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+      "~/.ray/auth_token): it is not the cluster's; `ray get-auth-token` on the head prints that one")),
+])
+def test_a_cluster_that_refuses_the_drivers_token_is_told_at_once(job, ray_address, env, says):
+    """The session's cluster uses token authentication. Ray presents a token to an address given explicitly only
+    with RAY_AUTH_MODE=token, and retried for 20 s where it had none, or one that is not the cluster's."""
+    path, _ = job
+    environment = {k: v for k, v in cli_env().items() if k != "RAY_AUTH_MODE"} | env
+    proc = subprocess.run(cli_command("run", path, "--address", ray_address), capture_output=True, text=True,
+                          env=environment, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"error: could not join Ray at {ray_address}: ConnectionError: {says}"]
+
+
+def test_with_the_clusters_token_ray_joins(monkeypatch, ray_address):
     from pipeline import cluster
 
     joined = []
     monkeypatch.setattr(cluster, "recorded_cluster", lambda: None)
     monkeypatch.setattr(cluster, "start_ray", lambda address, join, options: joined.append(address))
-    if mode is None:
-        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-        with pytest.raises(cluster.RayUnavailable, match=rf"^could not join Ray at {ray_address}: ConnectionError: "
-                                                         r"the cluster uses token authentication, .* only with "
-                                                         r"RAY_AUTH_MODE=token: set it"):
-            cluster.init_ray(ray_address, verbose=True)
-    else:
-        monkeypatch.setenv("RAY_AUTH_MODE", mode)
-        cluster.init_ray(ray_address, verbose=True)
-    assert joined == ([] if mode is None else [ray_address])
+    cluster.init_ray(ray_address, verbose=True)  # this process presents the session's token
+    assert joined == [ray_address]
 
 
 def test_a_grpc_server_without_rays_gcs_is_told_at_once(monkeypatch):

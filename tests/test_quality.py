@@ -556,6 +556,11 @@ def test_the_clip_model_is_fetched_listed_and_checked_by_its_role(tiny_models, p
     with pytest.raises(ModelUnavailable, match=r"^quality clip_model: model .* cannot load: the directory has a "
                                                r"config.json but no weights \(model.safetensors\)"):
         resolve_models(damaged)
+    shutil.copy(Path(clip_dir) / "model.safetensors", tmp_path / "clip")
+    for name in ("tokenizer.json", "vocab.json"):  # transformers would make a tokenizer that knows no word
+        (tmp_path / "clip" / name).unlink(missing_ok=True)
+    with pytest.raises(ModelUnavailable, match=r"^quality clip_model: .* the directory holds no tokenizer vocabulary"):
+        resolve_models(damaged)
 
 
 def test_score_command_scores_an_output_written_before_the_gate_existed(flagged, tmp_path, capsys):
