@@ -311,13 +311,13 @@ def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, req
      ("the cluster refuses the token this machine presents (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
       "~/.ray/auth_token): it is not the cluster's; `ray get-auth-token` on the head prints that one")),
 ])
-def test_a_cluster_that_refuses_the_drivers_token_is_told_at_once(job, ray_address, env, says):
+def test_a_cluster_that_refuses_the_drivers_token_is_told_at_once(job, ray_address, tmp_path, env, says):
     """The session's cluster uses token authentication. Ray presents a token to an address given explicitly only
     with RAY_AUTH_MODE=token, and retried for 20 s where it had none, or one that is not the cluster's."""
     path, _ = job
     environment = {k: v for k, v in cli_env().items() if k != "RAY_AUTH_MODE"} | env
-    proc = subprocess.run(cli_command("run", path, "--address", ray_address), capture_output=True, text=True,
-                          env=environment, timeout=300, check=False)
+    proc = subprocess.run(cli_command("run", path, "--address", ray_address, "--set", f"output.path={tmp_path / 'out'}"),
+                          capture_output=True, text=True, env=environment, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [f"error: could not join Ray at {ray_address}: ConnectionError: {says}"]
 
