@@ -125,9 +125,9 @@ def model_roles(cfg: JobConfig, models: Models) -> list[tuple[str, ResolvedModel
 
 
 def check_weights(model: ResolvedModel, allow_pickle: bool = False, passed: tuple[str, ...] = (),
-                  tokenizer: bool = False) -> None:
+                  processor: bool = False) -> None:
     """Raise ModelUnavailable where a local model directory cannot load (models.weights_problem)."""
-    if problem := weights_problem(model, allow_pickle, passed, tokenizer):
+    if problem := weights_problem(model, allow_pickle, passed, processor):
         raise ModelUnavailable(f"model {model.model!r} cannot load: {problem}")
 
 
@@ -148,7 +148,7 @@ def scorer_models(quality: QualityConfig | None, local_only: bool = False) -> di
 
     with named("quality clip_model"):
         model = resolve_model(quality.clip_model, quality.clip_revision, PROBE, local_only, FILES)
-        check_weights(model, tokenizer=True)  # it scores prompts
+        check_weights(model, processor=True)  # it reads prompts and images
     return {"clip": model}
 
 
@@ -160,7 +160,7 @@ def captioner_model(cfg: JobConfig) -> ResolvedModel | None:
     cls = CAPTIONERS[c.kind]
     with named("captioner"):
         model = resolve_model(c.model, c.revision, cls.probe, c.local_files_only, cls.files)
-        check_weights(model, tokenizer=True)  # it writes words
+        check_weights(model, processor=True)  # it reads images and writes words
     return model
 
 

@@ -120,11 +120,12 @@ MAX_HEADER = 100_000_000  # the safetensors format's bound on its JSON header
 
 
 def weights_problem(model: ResolvedModel, allow_pickle: bool = False, passed: Sequence[str] = (),
-                    tokenizer: bool = False) -> str | None:
+                    processor: bool = False) -> str | None:
     """Why a local model directory cannot load, or None. A pipeline's directory (model_index.json): a component it
     names (but those in `passed`, which the loader is given instead) whose folder is not there, a tokenizer without
     a vocabulary, a scheduler without its config, a model folder as below. A model folder (a config.json; with
-    `tokenizer`, one whose loader reads a tokenizer from it too, which needs a vocabulary): no weights under the
+    `processor`, one whose loader reads a processor from it too, which needs a tokenizer vocabulary and an image
+    processor config): no weights under the
     names its library's `from_pretrained` reads, a shard its index names that is not there, a weight file that is a
     Git LFS pointer or cut short (an interrupted copy); weights without a config.json. Judged from names, sizes and
     headers, before any data moves, where the loader would fail (or, for a tokenizer, quietly go wrong) in every
@@ -136,8 +137,10 @@ def weights_problem(model: ResolvedModel, allow_pickle: bool = False, passed: Se
     if not isinstance(index, dict):
         if (root / "model_index.json").exists():
             return "its model_index.json is not readable JSON: copy it again"
-        if tokenizer and not has_vocabulary(root):
+        if processor and not has_vocabulary(root):
             return f"the directory holds no tokenizer vocabulary ({VOCABULARY_NAMES})"
+        if processor and not any((root / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
+            return "the directory has no image processor config (preprocessor_config.json or processor_config.json)"
         return folder_problem(root, root, None, allow_pickle)
     for name, value in index.items():
         if name.startswith("_") or name in passed or not (isinstance(value, list) and len(value) == 2 and all(value)):

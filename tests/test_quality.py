@@ -561,6 +561,12 @@ def test_the_clip_model_is_fetched_listed_and_checked_by_its_role(tiny_models, p
         (tmp_path / "clip" / name).unlink(missing_ok=True)
     with pytest.raises(ModelUnavailable, match=r"^quality clip_model: .* the directory holds no tokenizer vocabulary"):
         resolve_models(damaged)
+    for name in ("tokenizer.json", "vocab.json"):
+        shutil.copy(Path(clip_dir) / name, tmp_path / "clip")
+    for name in ("preprocessor_config.json", "processor_config.json"):  # CLIPProcessor cannot load
+        (tmp_path / "clip" / name).unlink(missing_ok=True)
+    with pytest.raises(ModelUnavailable, match=r"^quality clip_model: .* the directory has no image processor config"):
+        resolve_models(damaged)
 
 
 def test_score_command_scores_an_output_written_before_the_gate_existed(flagged, tmp_path, capsys):
