@@ -125,11 +125,10 @@ def weights_problem(model: ResolvedModel, allow_pickle: bool = False, passed: Se
     names (but those in `passed`, which the loader is given instead) whose folder is not there, a tokenizer without
     a vocabulary, a scheduler without its config, a model folder as below. A model folder (a config.json; with
     `processor`, one whose loader reads a processor from it too, which needs a tokenizer vocabulary and an image
-    processor config): no weights under the
-    names its library's `from_pretrained` reads, a shard its index names that is not there, a weight file that is a
-    Git LFS pointer or cut short (an interrupted copy); weights without a config.json. Judged from names, sizes and
-    headers, before any data moves, where the loader would fail (or, for a tokenizer, quietly go wrong) in every
-    worker."""
+    processor config): no weights under the names its library's `from_pretrained` reads, a shard its index names
+    that is not there, a weight file that is a Git LFS pointer or cut short (an interrupted copy); weights without
+    a config.json. Judged from names, sizes and headers, before any data moves, where the loader would fail (or,
+    for a tokenizer, quietly go wrong) in every worker."""
     if not model.local_dir:
         return None
     root = Path(model.local_dir)
@@ -160,9 +159,11 @@ def component_problem(root: Path, name: str, library: str, cls: str, allow_pickl
     if cls.endswith("Scheduler"):
         return None if (folder / "scheduler_config.json").is_file() else \
             f"{name}/ has no scheduler_config.json, which its {cls} reads"
-    if cls.endswith(("Processor", "FeatureExtractor")):
+    if "Processor" in cls or "FeatureExtractor" in cls:
         return None
-    return folder_problem(root, folder, library, allow_pickle)  # a model
+    if library in WEIGHT_NAMES and not (folder / "config.json").is_file():  # a model
+        return f"{name}/ has no config.json, which its {cls} reads"
+    return folder_problem(root, folder, library, allow_pickle)
 
 
 def has_vocabulary(folder: Path) -> bool:

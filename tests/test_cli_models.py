@@ -120,7 +120,7 @@ DAMAGE = {
     "model index unreadable": (".", lambda d: (d / "model_index.json").write_text("{"),
                                r"its model_index.json is not readable JSON"),
     "no config": ("unet", lambda d: (d / "config.json").unlink(),
-                  r"unet/ has weights \(diffusion_pytorch_model.safetensors\) but no readable config.json"),
+                  r"unet/ has no config.json, which its UNet2DConditionModel reads"),
     "the other library's name": ("text_encoder", lambda d: (d / "model.safetensors").rename(
         d / "diffusion_pytorch_model.safetensors"), r"text_encoder/ has a config.json but no weights \(model.safetensors\)"),
 }
