@@ -116,6 +116,9 @@ WEIGHT_NAMES = {
 VOCABULARIES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",), ("spiece.model",),
                 ("tokenizer.model",), ("sentencepiece.bpe.model",))
 VOCABULARY_NAMES = "tokenizer.json, vocab.json with merges.txt, vocab.txt or a sentencepiece model"
+# The tokenizer classes of the pipelines' model_index.json whose vocabulary is of one kind (with or without Fast)
+CLASS_VOCABULARIES = {"CLIPTokenizer": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+                      "T5Tokenizer": (("tokenizer.json",), ("spiece.model",))}
 MAX_HEADER = 100_000_000  # the safetensors format's bound on its JSON header
 
 
@@ -155,7 +158,9 @@ def component_problem(root: Path, name: str, library: str, cls: str, allow_pickl
     if not folder.is_dir():
         return f"its model_index.json names a {name} ({cls}), but there is no {name}/ folder"
     if "Tokenizer" in cls:
-        return None if has_vocabulary(folder) else f"{name}/ holds no vocabulary ({VOCABULARY_NAMES}), which its {cls} reads"
+        kinds = CLASS_VOCABULARIES.get(cls.removesuffix("Fast"), VOCABULARIES)
+        names = VOCABULARY_NAMES if kinds is VOCABULARIES else " or ".join(" with ".join(k) for k in kinds)
+        return None if has_vocabulary(folder, kinds) else f"{name}/ holds no vocabulary ({names}), which its {cls} reads"
     if cls.endswith("Scheduler"):
         return None if (folder / "scheduler_config.json").is_file() else \
             f"{name}/ has no scheduler_config.json, which its {cls} reads"
@@ -166,8 +171,8 @@ def component_problem(root: Path, name: str, library: str, cls: str, allow_pickl
     return folder_problem(root, folder, library, allow_pickle)
 
 
-def has_vocabulary(folder: Path) -> bool:
-    return any(all((folder / name).is_file() for name in names) for names in VOCABULARIES)
+def has_vocabulary(folder: Path, kinds: tuple[tuple[str, ...], ...] = VOCABULARIES) -> bool:
+    return any(all((folder / name).is_file() for name in names) for names in kinds)
 
 
 def folder_problem(root: Path, folder: Path, library: str | None, allow_pickle: bool) -> str | None:

@@ -113,8 +113,11 @@ DAMAGE = {
     "component missing": ("tokenizer", shutil.rmtree,
                           r"its model_index.json names a tokenizer \(CLIPTokenizer\), but there is no tokenizer/ folder"),
     "no vocabulary": ("tokenizer", lambda d: [(d / n).unlink() for n in ("merges.txt", "tokenizer.json")],  # vocab.json
-                      (r"tokenizer/ holds no vocabulary \(tokenizer.json, vocab.json with merges.txt, .*\), which its "
+                      (r"tokenizer/ holds no vocabulary \(tokenizer.json or vocab.json with merges.txt\), which its "
                        r"CLIPTokenizer reads")),
+    "another kind of vocabulary": ("tokenizer", lambda d: [(d / n).rename(d / "vocab.txt") for n in ("vocab.json",)] + [
+        (d / n).unlink() for n in ("merges.txt", "tokenizer.json")],  # WordPiece's: CLIP's tokenizer knows no word
+                                   r"tokenizer/ holds no vocabulary \(tokenizer.json or vocab.json with merges.txt\)"),
     "no scheduler config": ("scheduler", lambda d: (d / "scheduler_config.json").unlink(),
                             r"scheduler/ has no scheduler_config.json, which its DDIMScheduler reads"),
     "model index unreadable": (".", lambda d: (d / "model_index.json").write_text("{"),
