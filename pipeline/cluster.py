@@ -68,19 +68,30 @@ def answers(address: str, wait: float | None = None, silent_ok: bool = False) ->
     within 5 s and speaks first, as a gRPC server does (`not_a_gcs`). Ray's own attempts to reach an address where
     nothing listens, or something else does, go on for minutes."""
     import socket
-    from urllib.parse import urlsplit
 
     try:
-        target = urlsplit(address if "://" in address else f"//{address}")
+        target = split(address)
     except ValueError:  # not host:port: Ray judges it
         return
     host, port = target.hostname, target.port  # ValueError: a port out of range
     if host and port is not None:
         with socket.create_connection((host, port), timeout=5) as conn:
-            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            if uses_tls():
                 return  # a TLS server waits for the client's hello: nothing to tell by
             if reason := not_a_gcs(conn, SPEAKS_WITHIN if wait is None else wait, silent_ok):
                 raise ConnectionError(reason)
+
+
+def split(address: str):
+    """A cluster address (`host:port`, or with a scheme) as urllib's parts (ValueError where it cannot be read)."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(address if "://" in address else f"//{address}")
+
+
+def uses_tls() -> bool:
+    """Whether Ray speaks TLS to its GCS (as Ray reads RAY_USE_TLS): its server then waits for the client's hello."""
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def not_a_gcs(conn, wait: float, silent_ok: bool = False) -> str | None:
@@ -114,9 +125,7 @@ def gcs_refusal(address: str, wait: float = 5.0) -> str | None:
     cluster with token authentication where this process would present no token (Ray presents one to an address
     given explicitly only with RAY_AUTH_MODE=token). Ray retried either for 20 s or more, then blamed a crashed
     instance. Anything else (no answer in `wait` seconds, TLS) is Ray's to judge."""
-    from urllib.parse import urlsplit
-
-    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+    if uses_tls():
         return None
     try:
         import grpc
@@ -133,8 +142,7 @@ def gcs_refusal(address: str, wait: float = 5.0) -> str | None:
         if token:
             return None
         metadata = ()
-    target = urlsplit(address if "://" in address else f"//{address}")
-    channel = grpc.insecure_channel(target.netloc)
+    channel = grpc.insecure_channel(split(address).netloc)
     try:
         ask = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId", request_serializer=bytes,
                                   response_deserializer=bytes)
@@ -183,10 +191,9 @@ def same_cluster(address: str, found: str) -> bool:
     on this machine's loopback."""
     import ipaddress
     import socket
-    from urllib.parse import urlsplit
 
     try:
-        given, recorded = (urlsplit(a if "://" in a else f"//{a}") for a in (address, found))
+        given, recorded = split(address), split(found)
         if given.port != recorded.port or given.port is None:
             return False
         hosts, recorded_hosts = ({info[4][0] for info in socket.getaddrinfo(u.hostname or "", u.port)}

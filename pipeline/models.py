@@ -187,7 +187,7 @@ def folder_problem(root: Path, folder: Path, library: str | None, allow_pickle: 
     names = safe + (pickled if allow_pickle else ())
     found = next((folder / n for n in names if (folder / n).is_file()), None)
     if config is None:
-        return f"{where} has weights ({found.name}) but no readable config.json" if found else None  # a scheduler
+        return f"{where} has weights ({found.name}) but no readable config.json" if found else None  # another library's
     if found is None:
         return f"{where} has a config.json but no weights ({' or '.join(n for n in names if '.index' not in n)})"
     files = [found]
