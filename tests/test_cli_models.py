@@ -95,6 +95,13 @@ def _one_of_two_shards(folder: Path) -> None:
         '{"metadata": {}, "weight_map": {"a": "part-1.safetensors", "b": "part-2.safetensors"}}')
 
 
+def _wordpiece_only(folder: Path) -> None:
+    """A vocabulary of another kind (BERT's vocab.txt): CLIP's tokenizer then knows no word."""
+    (folder / "vocab.json").rename(folder / "vocab.txt")
+    (folder / "merges.txt").unlink()
+    (folder / "tokenizer.json").unlink()
+
+
 # damage done to a copy of the tiny base model (or its hed ControlNet: `folder` None), what the check says of it
 DAMAGE = {
     "no weights": (None, lambda d: (d / "diffusion_pytorch_model.safetensors").unlink(),
@@ -115,8 +122,7 @@ DAMAGE = {
     "no vocabulary": ("tokenizer", lambda d: [(d / n).unlink() for n in ("merges.txt", "tokenizer.json")],  # vocab.json
                       (r"tokenizer/ holds no vocabulary \(tokenizer.json or vocab.json with merges.txt\), which its "
                        r"CLIPTokenizer reads")),
-    "another kind of vocabulary": ("tokenizer", lambda d: [(d / n).rename(d / "vocab.txt") for n in ("vocab.json",)] + [
-        (d / n).unlink() for n in ("merges.txt", "tokenizer.json")],  # WordPiece's: CLIP's tokenizer knows no word
+    "another kind of vocabulary": ("tokenizer", _wordpiece_only,
                                    r"tokenizer/ holds no vocabulary \(tokenizer.json or vocab.json with merges.txt\)"),
     "no scheduler config": ("scheduler", lambda d: (d / "scheduler_config.json").unlink(),
                             r"scheduler/ has no scheduler_config.json, which its DDIMScheduler reads"),
