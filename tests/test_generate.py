@@ -225,8 +225,8 @@ def test_lanes_run_calls_side_by_side_with_the_numbers_of_one(tiny_models, multi
 
 def test_a_second_lane_starts_a_call_only_while_the_rest_of_the_machine_leaves_it_a_core(tiny_models):
     """Two lanes of one thread beside another stage's busy thread (HED) are three threads on two cores: the
-    second lane waits while the rest of the machine keeps more than half of its core busy, and takes calls
-    beside the first once it does not."""
+    second lane waits while the rest of the machine keeps more than three quarters of its core busy, and takes
+    calls beside the first once it does not (the run's own processes keep ~0.6 of a core busy at times)."""
     import threading
 
     two = generator(tiny_models, batch_size=4, num_cpus=2, channels_last=False)
@@ -242,7 +242,7 @@ def test_a_second_lane_starts_a_call_only_while_the_rest_of_the_machine_leaves_i
     for _ in range(3):  # the second call has asked, and been refused, three times
         assert consulted.acquire(timeout=60)
     assert not second_running.is_set()
-    busy[0] = 0.3  # the other stage is done
+    busy[0] = 0.6  # the other stage is done; the driver, the writer and Ray's own processes are not
     assert second_running.wait(timeout=60) and not first_may_end.is_set()  # beside the first, still running
     first_may_end.set()
     first.join(), second.join()

@@ -182,8 +182,8 @@ class Generator:
 
     def admitted(self, fn, *args):
         """Run `fn(*args)` once the call may start: at once with no other call running, or beside one only while
-        the rest of the machine leaves half a lane's cores free (see `may_start_another`). Either way each call
-        runs on its lane's own thread count, so a row's numbers do not depend on how many ran at once."""
+        the rest of the machine leaves a quarter of a lane's cores free (see `may_start_another`). Either way each
+        call runs on its lane's own thread count, so a row's numbers do not depend on how many ran at once."""
         with self._calls:
             while self._running and not self.may_start_another():
                 self._calls.wait(timeout=0.25)
@@ -196,8 +196,12 @@ class Generator:
                 self._calls.notify()
 
     def may_start_another(self) -> bool:
+        """Another stage's thread (HED's, on a core of its own) keeps a whole core busy; the run's own processes
+        (the driver, the writer, Ray's) keep up to ~0.7 of one busy at the end of a job of small images, in bursts:
+        those left the second lane closed for a second after HED was done (the free share asked was half a lane's).
+        """
         busy = self.others_busy() if self.others_busy is not None else None
-        return busy is None or self.cores - busy - self._running * self.threads >= self.threads / 2
+        return busy is None or self.cores - busy - self._running * self.threads >= self.threads / 4
 
     def report_compile(self) -> None:
         """Tell the run how long torch.compile took since the last report (a new image or batch size compiles
