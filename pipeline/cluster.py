@@ -73,12 +73,13 @@ SOCKET_RETRIES = {"RAY_raylet_client_connect_timeout_milliseconds": "100", "RAY_
 
 
 @contextlib.contextmanager
-def raylet_polled_finely(every: float = 0.02, within: float = 30.0):
+def raylet_polled_finely(every: float = 0.02, within: float = 5.0):
     """While a local instance starts: `ray.init` waits for its raylet to register with GCS through a C++ call that
     looks again once a second (`GlobalStateAccessor::GetNode`), so a raylet that registered 0.7 s after it started
     was seen at 1.1 s, one at 1.2 s at 2.1 s; here the node table is read every 20 ms first, and Ray's own call then
-    finds the raylet at once (or, past `within`, reports as before). Ray's helper is private: if it moves, the start
-    is as before."""
+    finds the raylet at once. A raylet not registered within `within` seconds (a loaded machine, a raylet that died)
+    is left to Ray's own call, as before: a start that fails is reported at most `within` seconds later than Ray alone
+    would. Ray's helper is private: if it moves, the start is as before."""
     try:
         from ray._private import services, state
 
