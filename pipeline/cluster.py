@@ -69,7 +69,8 @@ def start_ray(address: str | None, join: bool, options: dict) -> None:
 
 # The raylet connects to its object store, which it starts on a thread a moment before, through Ray's socket retry:
 # the first attempt often comes too early, and the next waited Ray's 1 s. Retries every 0.1 s, as many seconds in all.
-SOCKET_RETRIES = {"RAY_raylet_client_connect_timeout_milliseconds": "100", "RAY_raylet_client_num_connect_attempts": "100"}
+SOCKET_RETRIES = {"RAY_raylet_client_connect_timeout_milliseconds": "100",
+                  "RAY_raylet_client_num_connect_attempts": "100"}
 
 
 @contextlib.contextmanager
