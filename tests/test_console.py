@@ -175,40 +175,50 @@ def test_batches_that_overlap_in_one_actor_share_their_stage_seconds():
 
 def test_a_command_stops_the_ray_it_started_however_it_ends():
     # stopped by the command, not by Ray's exit hook (which first sleeps half a second); every process of the
-    # local instance has ended, and the autoscaler monitor before GCS was stopped (after, its SIGTERM handler
-    # waits on GCS until Ray kills it a second later).
+    # local instance has ended, and the autoscaler monitor (started with -v) before GCS was stopped (after, its
+    # SIGTERM handler waits on GCS until Ray kills it a second later).
     # The start does not wait on Ray's once-a-second retries: Ray's own look for the new raylet (a C++ call that
     # looks again a second later) comes once the raylet has registered, and the raylet was started with socket
-    # retries every 0.1 s (as many seconds in all as Ray's ten of 1 s)
+    # retries every 0.1 s (as many seconds in all as Ray's ten of 1 s). Without -v, Ray's API server, autoscaler
+    # monitor and log monitor do not start (nothing shows what they report); with it, they do
     code = ("import ray; from ray._private.node import Node; from ray._private import services, state\n"
             "from pipeline.cluster import init_ray, stops_ray\n"
-            "real, monitor_gone = Node._kill_process_impl, {}\n"
+            "real, monitor_gone, started = Node._kill_process_impl, {}, []\n"
             "def kill(node, kind, **kw):\n"
             "    monitor_gone.setdefault(kind, procs['monitor'].poll() is not None); real(node, kind, **kw)\n"
-            "Node._kill_process_impl = kill\n"
             "real_get, registered = services.get_node, []\n"
             "def get_node(gcs, node_id):\n"
             "    table = state.GlobalState(); table._initialize_global_state(services._get_gcs_client_options(gcs))\n"
             "    registered.append(any(n['NodeID'] == node_id and n['Alive'] for n in table.node_table()))\n"
             "    return real_get(gcs, node_id)\n"
             "services.get_node = get_node\n"
-            "def ok(args):\n"
-            "    global procs, env; init_ray(None)\n"
+            "def start(verbose):\n"
+            "    global procs; init_ray(None, verbose)\n"
             "    procs = {t: i[0].process for t, i in ray._private.worker._global_node.all_processes.items()}\n"
+            "    started.append(','.join(sorted(procs)))\n"
+            "def ok(args):\n"
+            "    global env; start(False)\n"
             "    env = open(f'/proc/{procs[\"raylet\"].pid}/environ', 'rb').read().decode().split('\\0')\n"
             "    return 0\n"
-            "def fails(args): init_ray(None); raise RuntimeError('boom')\n"
-            "print(stops_ray(ok)(None), ray.is_initialized())\n"
-            "print(all(p.poll() is not None for p in procs.values()), monitor_gone['gcs_server'])\n"
-            "print(registered == [True], services.get_node is get_node)\n"
-            "print(*sorted(v for v in env if v.startswith('RAY_raylet_client_')))\n"
+            "def fails(args):\n"
+            "    start(True); Node._kill_process_impl = kill; raise RuntimeError('boom')\n"
+            "print('OK', stops_ray(ok)(None), ray.is_initialized(), all(p.poll() is not None for p in procs.values()))\n"
+            "print('REGISTERED', registered == [True], services.get_node is get_node)\n"
+            "print('ENV', *sorted(v for v in env if v.startswith('RAY_raylet_client_')))\n"
             "try: stops_ray(fails)(None)\n"
-            "except RuntimeError as e: print(e, ray.is_initialized())\n")
+            "except RuntimeError as e: print('FAILS', e, ray.is_initialized(), monitor_gone['gcs_server'],\n"
+            "                                  all(p.poll() is not None for p in procs.values()))\n"
+            "print('STARTED', *started)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "RAY_ADDRESS": ""})
-    assert proc.stdout.split() == ["0", "False", "True", "True", "True", "True",
-                                   "RAY_raylet_client_connect_timeout_milliseconds=100",
-                                   "RAY_raylet_client_num_connect_attempts=100", "boom", "False"], proc.stderr
+    lines = [line.split() for line in proc.stdout.splitlines()
+             if line.startswith(("OK", "REGISTERED", "ENV", "FAILS", "STARTED"))]  # -v: Ray's own lines too
+    assert lines == [["OK", "0", "False", "True"], ["REGISTERED", "True", "True"],
+                     ["ENV", "RAY_raylet_client_connect_timeout_milliseconds=100",
+                      "RAY_raylet_client_num_connect_attempts=100"],
+                     ["FAILS", "boom", "False", "True", "True"],
+                     ["STARTED", "gcs_server,raylet", "dashboard,gcs_server,log_monitor,monitor,raylet"]], \
+        proc.stdout + proc.stderr
 
 
 def test_an_interrupt_waits_for_ray_datas_scheduling_thread_before_ray_stops(ray_session, monkeypatch):
