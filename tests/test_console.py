@@ -319,7 +319,7 @@ def test_addresses_ray_would_retry_for_minutes_are_judged_first(monkeypatch, req
     started = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(cluster, "recorded_cluster", lambda: recorded)
-    monkeypatch.setattr(cluster, "start_ray", lambda address, join, options: started.append((address, join)))
+    monkeypatch.setattr(cluster, "start_ray", lambda address, join, options, verbose: started.append((address, join)))
     if message is None:
         cluster.init_ray(address, verbose=True)
         assert started == [(None if "{silent}" in template else "local", False)]
@@ -352,7 +352,7 @@ def test_with_the_clusters_token_ray_joins(monkeypatch, ray_address):
 
     joined = []
     monkeypatch.setattr(cluster, "recorded_cluster", lambda: None)
-    monkeypatch.setattr(cluster, "start_ray", lambda address, join, options: joined.append(address))
+    monkeypatch.setattr(cluster, "start_ray", lambda address, join, options, verbose: joined.append(address))
     cluster.init_ray(ray_address, verbose=True)  # this process presents the session's token
     assert joined == [ray_address]
 
