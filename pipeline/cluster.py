@@ -77,7 +77,7 @@ UNWATCHED = ("start_api_server", "start_monitor", "start_log_monitor")
 @contextlib.contextmanager
 def without_unwatched_processes():
     """While a local instance starts for a command that shows none of Ray's logs, Ray's node starts none of the
-    `UNWATCHED` processes: `ray.init` 1.16-1.17 s against 1.78-1.98 s, ~1 CPU-s less in the start (two cores),
+    `UNWATCHED` processes: `ray.init` 1.16-1.17 s against 1.90-2.06 s, ~1 CPU-s less in the start (two cores),
     a tiny 40-input run 11.70 s against 12.50 s. With `-v` (Ray's logs shown) the instance starts as Ray starts it.
     Ray's node object is private: if its methods move, the start is as before."""
     try:
